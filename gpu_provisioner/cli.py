@@ -1,0 +1,66 @@
+"""The `gpu-provisioner` command line."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from gpu_provisioner.devenv.controlplane import ControlPlane
+from gpu_provisioner.devenv.tools import ALL_TOOLS, ensure_tools
+
+app = typer.Typer(no_args_is_help=True, help="Kaito's GPU node provisioner for AKS.")
+devenv_app = typer.Typer(no_args_is_help=True, help="The local development environment.")
+app.add_typer(devenv_app, name="devenv")
+
+console = Console(stderr=True)
+
+
+def wait_for_interrupt() -> None:
+    """Block until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+@devenv_app.command("tools")
+def devenv_tools() -> None:
+    """Build the pinned kube-apiserver, kubectl, etcd and helm once into the cache, then print their paths."""
+    started = time.monotonic()
+    tools = ensure_tools(console)
+    for name, path in vars(tools).items():
+        typer.echo(f"{name.replace('_', '-')}: {path}")
+    versions = ", ".join(f"{tool.name} {tool.version}" for tool in ALL_TOOLS)
+    console.print(f"tools ready ({versions}) in {time.monotonic() - started:.1f}s")
+
+
+@devenv_app.command("up")
+def devenv_up(
+    kubeconfig: Annotated[
+        Path | None, typer.Option(help="Also write the admin kubeconfig here.")
+    ] = None,
+) -> None:
+    """Start etcd + kube-apiserver on loopback with the CRDs installed; stop with Ctrl-C."""
+    tools = ensure_tools(console)
+    started = time.monotonic()
+    plane = ControlPlane(tools)
+    with console.status("starting etcd and kube-apiserver ..."):
+        plane.start()
+    try:
+        path = plane.write_kubeconfig_to(kubeconfig) if kubeconfig else plane.kubeconfig
+        console.print(f"control plane ready in {time.monotonic() - started:.1f}s at {plane.server_url}")
+        console.print(f"  kubeconfig: {path}")
+        console.print(f"  try: {tools.kubectl} --kubeconfig {path} get crds")
+        console.print("Ctrl-C stops it and removes its files.")
+        wait_for_interrupt()
+    finally:
+        console.print("stopping the control plane ...")
+        plane.stop()
+        if kubeconfig:
+            kubeconfig.unlink(missing_ok=True)

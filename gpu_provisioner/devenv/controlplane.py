@@ -1,0 +1,282 @@
+"""A real Kubernetes control plane (etcd + kube-apiserver) on loopback, for tests and the sandbox.
+
+Only the kubelet (and the controllers of kube-controller-manager) are absent: the API server,
+its storage, authentication (client certificates, service-account tokens), RBAC, admission and
+CRD validation are the real ones.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import kubernetes
+import yaml
+
+from gpu_provisioner.devenv.tools import Toolset
+from gpu_provisioner.pki import CertificateAuthority, rsa_private_key_pem
+
+REPO_CRDS = Path(__file__).resolve().parents[2] / "crds"
+ADMIN_USER = "gpu-provisioner-admin"
+_READY_TIMEOUT_S = 90.0
+_STOP_GRACE_S = 15.0
+
+
+class ControlPlaneError(RuntimeError):
+    """The control plane did not come up; the message carries the tail of the failing log."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+class ControlPlane:
+    """etcd + kube-apiserver as child processes, with generated PKI and an admin kubeconfig.
+
+    Use as a context manager, or call start() and stop(). Everything lives in one temporary
+    directory that stop() removes, unless keep_logs_in names a place to copy the logs to first.
+    """
+
+    def __init__(self, tools: Toolset, crds_dir: Path | None = REPO_CRDS) -> None:
+        self.tools = tools
+        self.crds_dir = crds_dir
+        self.workdir = Path(tempfile.mkdtemp(prefix="gpu-provisioner-cp-"))
+        self.log_dir = self.workdir / "logs"
+        self.log_dir.mkdir()
+        self.kubeconfig = self.workdir / "kubeconfig"
+        self.server_url = ""
+        self.ca = CertificateAuthority("gpu-provisioner-devenv-ca")
+        self._processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    # lifecycle -------------------------------------------------------------------------------
+
+    def __enter__(self) -> ControlPlane:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        try:
+            etcd_url = self._start_etcd()
+            self._start_apiserver(etcd_url)
+            self._write_kubeconfig()
+            if self.crds_dir is not None:
+                self.install_crds(self.crds_dir)
+        except BaseException:
+            self.stop(keep_logs_in=None, remove_workdir=False)
+            raise
+
+    def stop(self, keep_logs_in: Path | None = None, remove_workdir: bool = True) -> None:
+        # API server first so it does not spin on a vanished etcd.
+        for _, proc in reversed(self._processes):
+            _terminate(proc)
+        self._processes.clear()
+        if keep_logs_in is not None:
+            shutil.copytree(self.log_dir, keep_logs_in, dirs_exist_ok=True)
+        if remove_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # processes -------------------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child process
+        # A new session so the whole process group can be signalled and none is left behind.
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self._processes.append((name, proc))
+        return proc
+
+    def _start_etcd(self) -> str:
+        client_port, peer_port = free_port(), free_port()
+        client_url = f"http://127.0.0.1:{client_port}"
+        peer_url = f"http://127.0.0.1:{peer_port}"
+        proc = self._spawn("etcd", [
+            str(self.tools.etcd),
+            "--name=devenv",
+            f"--data-dir={self.workdir / 'etcd'}",
+            f"--listen-client-urls={client_url}",
+            f"--advertise-client-urls={client_url}",
+            f"--listen-peer-urls={peer_url}",
+            f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=devenv={peer_url}",
+            "--log-level=warn",
+            # Throwaway data: skipping fsync makes the API server several times faster here.
+            "--unsafe-no-fsync",
+        ])
+        self._wait_until(lambda: _http_ok(f"{client_url}/health"), proc, "etcd")
+        return client_url
+
+    def _start_apiserver(self, etcd_url: str) -> None:
+        pki = self.workdir / "pki"
+        pki.mkdir()
+        ca_path = pki / "ca.crt"
+        ca_path.write_bytes(self.ca.cert_pem)
+        serving_cert, serving_key = self.ca.issue_server(
+            "kube-apiserver", ["127.0.0.1", "localhost", "kubernetes.default.svc"]
+        ).write(pki, "apiserver")
+        sa_key = pki / "service-account.key"
+        sa_key.write_bytes(rsa_private_key_pem())
+        self.admin = self.ca.issue_client(ADMIN_USER, ["system:masters"])
+        self.admin.write(pki, "admin")
+        port = free_port()
+        self.server_url = f"https://127.0.0.1:{port}"
+        proc = self._spawn("kube-apiserver", [
+            str(self.tools.kube_apiserver),
+            f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={port}",
+            f"--cert-dir={pki}",
+            f"--tls-cert-file={serving_cert}",
+            f"--tls-private-key-file={serving_key}",
+            f"--client-ca-file={ca_path}",
+            f"--service-account-key-file={sa_key}",
+            f"--service-account-signing-key-file={sa_key}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            "--api-audiences=https://kubernetes.default.svc.cluster.local",
+            "--authorization-mode=Node,RBAC",
+            "--service-cluster-ip-range=10.96.0.0/16",
+            # No kube-controller-manager runs here, so nothing would create the `default`
+            # ServiceAccount of a namespace; without this, every Pod create would be refused.
+            "--disable-admission-plugins=ServiceAccount",
+            "--profiling=false",
+            "--v=1",
+        ])
+        self._wait_until(self._apiserver_ready, proc, "kube-apiserver")
+
+    def _wait_until(self, ready: Callable[[], bool], proc: subprocess.Popen[bytes], name: str) -> None:
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ControlPlaneError(
+                    f"{name} exited with code {proc.returncode}:\n{_tail(self.log_dir / f'{name}.log')}"
+                )
+            if ready():
+                return
+            time.sleep(0.2)
+        raise ControlPlaneError(
+            f"{name} not ready after {_READY_TIMEOUT_S:.0f}s:\n{_tail(self.log_dir / f'{name}.log')}"
+        )
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cadata=self.ca.cert_pem.decode())
+        pki = self.workdir / "pki"
+        context.load_cert_chain(pki / "admin.crt", pki / "admin.key")
+        return context
+
+    def _apiserver_ready(self) -> bool:
+        return _http_ok(f"{self.server_url}/readyz", self._ssl_context())
+
+    # clients ---------------------------------------------------------------------------------
+
+    def _write_kubeconfig(self) -> None:
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{
+                "name": "devenv",
+                "cluster": {"server": self.server_url, "certificate-authority-data": _b64(self.ca.cert_pem)},
+            }],
+            "users": [{
+                "name": ADMIN_USER,
+                "user": {
+                    "client-certificate-data": _b64(self.admin.cert_pem),
+                    "client-key-data": _b64(self.admin.key_pem),
+                },
+            }],
+            "contexts": [{"name": "devenv", "context": {"cluster": "devenv", "user": ADMIN_USER}}],
+            "current-context": "devenv",
+        }
+        self.kubeconfig.touch(mode=0o600)
+        self.kubeconfig.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def write_kubeconfig_to(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.kubeconfig, path)
+        path.chmod(0o600)
+        return path
+
+    def api_client(self) -> kubernetes.client.ApiClient:
+        """A `kubernetes` client authenticated as cluster admin (group system:masters)."""
+        return kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    # CRDs ------------------------------------------------------------------------------------
+
+    def install_crds(self, directory: Path, timeout_s: float = 30.0) -> list[str]:
+        """Create or update every CRD in `directory` and wait until each is Established."""
+        api = kubernetes.client.ApiextensionsV1Api(self.api_client())
+        names = []
+        for path in sorted(directory.glob("*.yaml")):
+            for manifest in yaml.safe_load_all(path.read_text()):
+                if not manifest or manifest.get("kind") != "CustomResourceDefinition":
+                    continue
+                name = manifest["metadata"]["name"]
+                try:
+                    api.create_custom_resource_definition(manifest)
+                except kubernetes.client.ApiException as error:
+                    if error.status != 409:
+                        raise
+                    current = api.read_custom_resource_definition(name)
+                    manifest["metadata"]["resourceVersion"] = current.metadata.resource_version
+                    api.replace_custom_resource_definition(name, manifest)
+                names.append(name)
+        deadline = time.monotonic() + timeout_s
+        for name in names:
+            while not _crd_established(api, name):
+                if time.monotonic() > deadline:
+                    raise ControlPlaneError(f"CRD {name} not Established after {timeout_s:.0f}s")
+                time.sleep(0.1)
+        return names
+
+
+def _crd_established(api: kubernetes.client.ApiextensionsV1Api, name: str) -> bool:
+    conditions = api.read_custom_resource_definition(name).status.conditions or []
+    return any(c.type == "Established" and c.status == "True" for c in conditions)
+
+
+def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2, context=context) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, _STOP_GRACE_S), (signal.SIGKILL, 5.0)):
+        try:
+            # The whole process group: a child that forked is not left behind.
+            signal.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue

@@ -1,0 +1,236 @@
+"""Build the pinned control-plane binaries from Go modules, once, into a versioned cache.
+
+No Docker engine, kind or envtest download exists here, but the Go module proxy does. Each tool is
+built in a small wrapper module that requires the upstream module at the pinned version; for
+Kubernetes the wrapper also repeats the staging `replace` directives of that tag's go.mod, since Go
+ignores a dependency's replaces.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+KUBERNETES_VERSION = "v1.33.13"
+# The etcd release Kubernetes 1.33 is tested with (its go.mod's etcd client version).
+ETCD_VERSION = "v3.5.21"
+HELM_VERSION = "v3.19.5"
+
+_STAGING_REPLACE = re.compile(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/", re.MULTILINE)
+
+
+class ToolBuildError(RuntimeError):
+    """A Go build step failed; the message carries the command and the tail of its output."""
+
+
+def cache_root() -> Path:
+    """The tool cache, under the XDG cache directory (outside any checkout)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gpu-provisioner" / "tools"
+
+
+@dataclass(frozen=True)
+class GoTool:
+    """One upstream Go module and the binaries built from it."""
+
+    name: str
+    module: str
+    version: str
+    # (binary name, Go main package) pairs
+    builds: tuple[tuple[str, str], ...]
+    ldflags: tuple[str, ...] = ()
+    # Computes extra go.mod lines (replace directives) from the upstream go.mod text.
+    go_mod_extras: Callable[[str], str] | None = field(default=None, compare=False)
+
+    @property
+    def directory(self) -> Path:
+        return cache_root() / f"{self.name}-{self.version}"
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.directory / "bin"
+
+    @property
+    def binaries(self) -> tuple[str, ...]:
+        return tuple(binary for binary, _ in self.builds)
+
+    def path(self, binary: str) -> Path:
+        return self.bin_dir / binary
+
+    def is_built(self) -> bool:
+        return (self.directory / "complete").exists() and all(self.path(b).exists() for b in self.binaries)
+
+
+def _kubernetes_replaces(upstream_go_mod: str) -> str:
+    staging = _STAGING_REPLACE.findall(upstream_go_mod)
+    if not staging:
+        raise ToolBuildError("k8s.io/kubernetes go.mod lists no staging replaces; the wrapper cannot be built")
+    staging_version = "v0." + KUBERNETES_VERSION.removeprefix("v1.")
+    lines = "\n".join(f"\t{module} => {module} {staging_version}" for module in staging)
+    return f"replace (\n{lines}\n)\n"
+
+
+def _kubernetes_ldflags() -> tuple[str, ...]:
+    major, minor, _ = KUBERNETES_VERSION.removeprefix("v").split(".")
+    flags = []
+    for package in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [
+            f"-X {package}.gitVersion={KUBERNETES_VERSION}",
+            f"-X {package}.gitMajor={major}",
+            f"-X {package}.gitMinor={minor}",
+            f"-X {package}.gitTreeState=clean",
+        ]
+    return tuple(flags)
+
+
+KUBERNETES = GoTool(
+    name="kubernetes",
+    module="k8s.io/kubernetes",
+    version=KUBERNETES_VERSION,
+    builds=(
+        ("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
+        ("kubectl", "k8s.io/kubernetes/cmd/kubectl"),
+    ),
+    ldflags=_kubernetes_ldflags(),
+    go_mod_extras=_kubernetes_replaces,
+)
+ETCD = GoTool(
+    name="etcd",
+    module="go.etcd.io/etcd/server/v3",
+    version=ETCD_VERSION,
+    # etcd 3.5's server module root is the etcd main package.
+    builds=(("etcd", "go.etcd.io/etcd/server/v3"),),
+)
+HELM = GoTool(
+    name="helm",
+    module="helm.sh/helm/v3",
+    version=HELM_VERSION,
+    builds=(("helm", "helm.sh/helm/v3/cmd/helm"),),
+    ldflags=(f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",),
+)
+ALL_TOOLS = (KUBERNETES, ETCD, HELM)
+
+
+@dataclass(frozen=True)
+class Toolset:
+    """Paths of the built binaries."""
+
+    kube_apiserver: Path
+    kubectl: Path
+    etcd: Path
+    helm: Path
+
+
+def toolset() -> Toolset:
+    return Toolset(
+        kube_apiserver=KUBERNETES.path("kube-apiserver"),
+        kubectl=KUBERNETES.path("kubectl"),
+        etcd=ETCD.path("etcd"),
+        helm=HELM.path("helm"),
+    )
+
+
+class _GoBuild:
+    """Runs the go commands of one tool build in its wrapper module."""
+
+    def __init__(self, tool: GoTool, workdir: Path) -> None:
+        self.tool = tool
+        self.workdir = workdir
+        self.env = {
+            **os.environ,
+            "GOTOOLCHAIN": "local",  # the machine's Go; never download another toolchain
+            "CGO_ENABLED": "0",
+            "GOFLAGS": "-mod=mod -buildvcs=false",
+        }
+
+    def go(self, *args: str) -> str:
+        proc = subprocess.run(
+            ["go", *args], cwd=self.workdir, env=self.env, capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+            raise ToolBuildError(f"`go {' '.join(args)}` failed in {self.workdir}:\n{tail}")
+        return proc.stdout
+
+    def write_wrapper_module(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "go.sum").unlink(missing_ok=True)
+        extras = ""
+        if self.tool.go_mod_extras is not None:
+            info = json.loads(self.go("mod", "download", "-json", f"{self.tool.module}@{self.tool.version}"))
+            extras = self.tool.go_mod_extras(Path(info["GoMod"]).read_text())
+        (self.workdir / "go.mod").write_text(f"module gpuprovisioner.local/devtools/{self.tool.name}\n\n"
+                                             f"go 1.24\n\n{extras}")
+
+    def resolve(self) -> None:
+        self.go("get", *(f"{package}@{self.tool.version}" for _, package in self.tool.builds))
+
+    def compile(self, bin_dir: Path) -> None:
+        staging = bin_dir.with_name("bin.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        ldflags = " ".join(("-s", "-w", *self.tool.ldflags))
+        for binary, package in self.tool.builds:
+            self.go("build", "-trimpath", "-ldflags", ldflags, "-o", str(staging / binary), package)
+        shutil.rmtree(bin_dir, ignore_errors=True)
+        staging.rename(bin_dir)
+
+
+@contextmanager
+def _cache_lock() -> Iterator[None]:
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _timed_step(console: Console, label: str) -> Iterator[None]:
+    started = time.monotonic()
+    with console.status(f"{label} ..."):
+        yield
+    console.print(f"  [green]done[/green] {label} in {time.monotonic() - started:.1f}s")
+
+
+def ensure_tools(console: Console | None = None, tools: tuple[GoTool, ...] = ALL_TOOLS) -> Toolset:
+    """Build whatever pinned tool is missing from the cache, then return all paths.
+
+    A lock file makes concurrent callers (a test run and a sandbox) wait for one build.
+    """
+    console = console or Console(stderr=True)
+    if shutil.which("go") is None:
+        raise ToolBuildError("the Go toolchain is needed to build kube-apiserver, etcd and helm: install Go")
+    with _cache_lock():
+        for tool in tools:
+            if tool.is_built():
+                console.print(f"[dim]cached[/dim] {tool.name} {tool.version}: {tool.bin_dir}")
+                continue
+            console.print(f"[bold]building[/bold] {tool.name} {tool.version} (once; cached afterwards)")
+            started = time.monotonic()
+            build = _GoBuild(tool, tool.directory / "module")
+            with _timed_step(console, "write the wrapper module"):
+                build.write_wrapper_module()
+            with _timed_step(console, f"resolve {tool.module}@{tool.version} and its dependencies"):
+                build.resolve()
+            with _timed_step(console, f"compile {', '.join(tool.binaries)}"):
+                build.compile(tool.bin_dir)
+            (tool.directory / "complete").write_text(f"{tool.version}\n")
+            console.print(
+                f"  [green]built[/green] {tool.name} in {time.monotonic() - started:.1f}s: {tool.bin_dir}"
+            )
+    return toolset()
