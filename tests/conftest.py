@@ -1,0 +1,41 @@
+"""Shared fixtures: one real control plane (etcd + kube-apiserver) per test session.
+
+Tests isolate by object names (see `unique_name`), never by restarting the server. When any
+test of the session failed, the server logs are copied to .artifacts/control-plane-logs/.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import kubernetes
+import pytest
+
+from gpu_provisioner.devenv.controlplane import ControlPlane
+from gpu_provisioner.devenv.tools import ensure_tools
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / ".artifacts"
+
+
+@pytest.fixture(scope="session")
+def control_plane(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
+    plane = ControlPlane(ensure_tools())
+    plane.start()
+    yield plane
+    failed = request.session.testsfailed > 0
+    plane.stop(keep_logs_in=ARTIFACTS / "control-plane-logs" if failed else None)
+
+
+@pytest.fixture(scope="session")
+def kube_api(control_plane: ControlPlane) -> Iterator[kubernetes.client.ApiClient]:
+    client = control_plane.api_client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def unique_name() -> str:
+    """A fresh name that is also a valid AKS pool name (lowercase letter first, <= 12 chars)."""
+    return "t" + uuid.uuid4().hex[:9]
