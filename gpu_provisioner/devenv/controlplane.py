@@ -8,6 +8,7 @@ CRD validation are the real ones.
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import signal
 import socket
@@ -272,7 +273,7 @@ def _terminate(proc: subprocess.Popen[bytes]) -> None:
     for sig, wait_s in ((signal.SIGTERM, _STOP_GRACE_S), (signal.SIGKILL, 5.0)):
         try:
             # The whole process group: a child that forked is not left behind.
-            signal.killpg(proc.pid, sig)
+            os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         try:

@@ -75,7 +75,7 @@ class GoTool:
 def _kubernetes_replaces(upstream_go_mod: str) -> str:
     staging = _STAGING_REPLACE.findall(upstream_go_mod)
     if not staging:
-        raise ToolBuildError("k8s.io/kubernetes go.mod lists no staging replaces; the wrapper cannot be built")
+        raise ToolBuildError("k8s.io/kubernetes go.mod lists no staging replaces: cannot build the wrapper")
     staging_version = "v0." + KUBERNETES_VERSION.removeprefix("v1.")
     lines = "\n".join(f"\t{module} => {module} {staging_version}" for module in staging)
     return f"replace (\n{lines}\n)\n"
