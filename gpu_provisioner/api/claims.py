@@ -1,0 +1,240 @@
+"""The two claim APIs Kaito writes (Machine, NodeClaim) behind one read view and one condition writer.
+
+Claims stay plain dicts, exactly as the API server sends them: the controller reads a few fields
+and writes back status, so a typed model would only add a second copy to keep in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+GROUP = "karpenter.sh"
+TERMINATION_FINALIZER = "karpenter.sh/termination"
+REGISTERED_LABEL = "karpenter.sh/registered"
+INITIALIZED_LABEL = "karpenter.sh/initialized"
+INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
+AZURE_SKU_LABEL = "karpenter.azure.com/sku-name"
+NODE_IMAGE_FAMILY_ANNOTATION = "kaito.sh/node-image-family"
+STORAGE = "storage"
+READY = "Ready"
+
+
+@dataclass(frozen=True)
+class ClaimApi:
+    """What differs between Machine (karpenter.sh/v1alpha5) and NodeClaim (karpenter.sh/v1)."""
+
+    name: str  # the CLI / settings name
+    kind: str
+    version: str
+    plural: str
+    launched: str
+    registered: str
+    initialized: str
+    # The label (and value) Kaito puts on its claims and the Go provisioner copies onto pools.
+    pool_label: tuple[str, str]
+    # NodeClaim uses metav1.Condition (lastTransitionTime required, observedGeneration);
+    # Machine uses knative-style conditions (severity).
+    metav1_conditions: bool
+
+    @property
+    def api_version(self) -> str:
+        return f"{GROUP}/{self.version}"
+
+    @property
+    def phases(self) -> tuple[str, str, str]:
+        return (self.launched, self.registered, self.initialized)
+
+
+MACHINE = ClaimApi(
+    "machine", "Machine", "v1alpha5", "machines",
+    "MachineLaunched", "MachineRegistered", "MachineInitialized",
+    ("karpenter.sh/provisioner-name", "default"), metav1_conditions=False,
+)
+NODECLAIM = ClaimApi(
+    "nodeclaim", "NodeClaim", "v1", "nodeclaims",
+    "Launched", "Registered", "Initialized",
+    ("karpenter.sh/nodepool", "kaito"), metav1_conditions=True,
+)
+CLAIM_APIS: dict[str, ClaimApi] = {api.name: api for api in (MACHINE, NODECLAIM)}
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A read view over one claim object."""
+
+    api: ClaimApi
+    obj: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return claim_key(self.api, self.name)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.obj["metadata"]
+
+    @property
+    def name(self) -> str:
+        return self.metadata["name"]
+
+    @property
+    def uid(self) -> str:
+        return self.metadata["uid"]
+
+    @property
+    def generation(self) -> int:
+        return int(self.metadata.get("generation", 1))
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.metadata.get("labels") or {}
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        return self.metadata.get("annotations") or {}
+
+    @property
+    def finalizers(self) -> list[str]:
+        return self.metadata.get("finalizers") or []
+
+    @property
+    def created(self) -> datetime:
+        created = parse_time(self.metadata.get("creationTimestamp"))
+        return created or datetime.now(UTC)
+
+    @property
+    def deleting(self) -> bool:
+        return bool(self.metadata.get("deletionTimestamp"))
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.obj.get("spec") or {}
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self.obj.get("status") or {}
+
+    @property
+    def requirements(self) -> list[dict[str, Any]]:
+        return self.spec.get("requirements") or []
+
+    @property
+    def taints(self) -> list[dict[str, Any]]:
+        return self.spec.get("taints") or []
+
+    @property
+    def startup_taints(self) -> list[dict[str, Any]]:
+        return self.spec.get("startupTaints") or []
+
+    @property
+    def requests(self) -> dict[str, Any]:
+        return (self.spec.get("resources") or {}).get("requests") or {}
+
+    @property
+    def provider_id(self) -> str:
+        return self.status.get("providerID", "")
+
+    @property
+    def node_name(self) -> str:
+        return self.status.get("nodeName", "")
+
+    def requirement_values(self, key: str) -> list[str]:
+        """Values of the `In` requirement on `key`, in the order the claim lists them."""
+        values: list[str] = []
+        for requirement in self.requirements:
+            if requirement.get("key") == key and requirement.get("operator") == "In":
+                values.extend(v for v in requirement.get("values") or [] if v not in values)
+        return values
+
+    def condition(self, condition_type: str) -> dict[str, Any] | None:
+        return next((c for c in self.status.get("conditions") or [] if c.get("type") == condition_type), None)
+
+    def is_true(self, condition_type: str) -> bool:
+        condition = self.condition(condition_type)
+        return condition is not None and condition.get("status") == "True"
+
+
+def claim_key(api: ClaimApi, name: str) -> str:
+    return f"{api.plural}/{name}"
+
+
+def split_key(key: str) -> tuple[ClaimApi, str]:
+    plural, name = key.split("/", 1)
+    api = next(a for a in CLAIM_APIS.values() if a.plural == plural)
+    return api, name
+
+
+class StatusWriter:
+    """Builds the next status of a claim: conditions keep their transition time unless the status flips.
+
+    Ready is derived: True when the three phase conditions are; otherwise it repeats the reason and
+    message of the first phase that is not True, which is what Kaito copies into the Workspace.
+    """
+
+    def __init__(self, claim: Claim) -> None:
+        self.claim = claim
+        self.status: dict[str, Any] = {k: v for k, v in claim.status.items() if k != "conditions"}
+        self._conditions: dict[str, dict[str, Any]] = {
+            c["type"]: dict(c) for c in claim.status.get("conditions") or [] if "type" in c
+        }
+
+    def set(self, condition_type: str, status: str, reason: str, message: str = "") -> None:
+        previous = self._conditions.get(condition_type)
+        transitioned = previous is None or previous.get("status") != status
+        condition: dict[str, Any] = {
+            "type": condition_type,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": now_rfc3339() if transitioned else previous.get("lastTransitionTime"),
+        }
+        if self.claim.api.metav1_conditions:
+            condition["observedGeneration"] = self.claim.generation
+        self._conditions[condition_type] = condition
+
+    def get(self, condition_type: str) -> dict[str, Any] | None:
+        return self._conditions.get(condition_type)
+
+    def is_true(self, condition_type: str) -> bool:
+        condition = self._conditions.get(condition_type)
+        return condition is not None and condition["status"] == "True"
+
+    def render(self) -> dict[str, Any]:
+        api = self.claim.api
+        for phase in api.phases:
+            if phase not in self._conditions:
+                self.set(phase, "Unknown", "AwaitingReconciliation", "")
+        blocking = next((self._conditions[p] for p in api.phases if not self.is_true(p)), None)
+        if blocking is None:
+            self.set(READY, "True", READY, "")
+        else:
+            status = "False" if blocking["status"] == "False" else "Unknown"
+            self.set(READY, status, blocking["reason"], blocking["message"])
+        order = [*api.phases, READY]
+        conditions = sorted(
+            self._conditions.values(), key=lambda c: order.index(c["type"]) if c["type"] in order else len(order)
+        )
+        return {**self.status, "conditions": conditions}
+
+    def changed(self) -> bool:
+        return _comparable(self.render()) != _comparable(self.claim.status)
+
+
+def _comparable(status: dict[str, Any]) -> dict[str, Any]:
+    """Status without transition times, so an unchanged condition never causes a write."""
+    conditions = [
+        {k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status.get("conditions") or []
+    ]
+    return {**status, "conditions": conditions}

@@ -1,0 +1,172 @@
+"""From a claim to the agent-pool request AKS gets, with every local check done before any cloud write."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes.utils.quantity import parse_quantity
+
+from gpu_provisioner.api.claims import (
+    AZURE_SKU_LABEL,
+    INSTANCE_TYPE_LABEL,
+    NODE_IMAGE_FAMILY_ANNOTATION,
+    STORAGE,
+    Claim,
+)
+from gpu_provisioner.cloud.skus import VmSize, lookup
+
+POOL_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+# AKS's OS disk size range, in GiB.
+OS_DISK_MIN_GB, OS_DISK_MAX_GB = 30, 2048
+OS_SKUS = {"": "Ubuntu", "ubuntu": "Ubuntu", "azurelinux": "AzureLinux"}
+TAINT_EFFECTS = {"NoSchedule", "PreferNoSchedule", "NoExecute"}
+
+# Tags that mark a pool as made by this controller, and for which claim.
+MANAGED_TAG = "kaito-gpu-provisioner"
+MANAGED_VALUE = "managed"
+CLAIM_TAG = "kaito-claim"
+CLAIM_UID_TAG = "kaito-claim-uid"
+CREATED_TAG = "kaito-created-at"
+
+# Label domains owned by AKS and the kubelet: AKS refuses them in nodeLabels, and a claim must not be
+# able to overwrite them on a Node (node-restriction.kubernetes.io is the one domain meant for users).
+_RESERVED_DOMAINS = ("kubernetes.azure.com", "kubernetes.io", "k8s.io")
+_USER_DOMAINS = ("node-restriction.kubernetes.io",)
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+class InvalidClaim(Exception):
+    """The claim cannot be turned into an agent pool; nothing in the cloud is touched."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def is_reserved_label(key: str) -> bool:
+    domain = key.split("/", 1)[0] if "/" in key else ""
+    if domain in _USER_DOMAINS:
+        return False
+    return any(domain == d or domain.endswith("." + d) for d in _RESERVED_DOMAINS)
+
+
+def is_valid_label_key(key: str) -> bool:
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return False
+    return bool(_LABEL_NAME.match(name))
+
+
+@dataclass(frozen=True)
+class PoolRequest:
+    name: str
+    # Candidate sizes in the claim's order; launch tries the next one when a size is unavailable.
+    vm_sizes: tuple[VmSize, ...]
+    os_disk_gb: int | None
+    os_sku: str
+    node_labels: dict[str, str] = field(default_factory=dict)
+    node_taints: tuple[str, ...] = ()
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def body(self, vm_size: VmSize) -> dict[str, Any]:
+        """The ARM agent-pool resource for one candidate size."""
+        properties: dict[str, Any] = {
+            "count": 1,
+            "vmSize": vm_size.name,
+            "osType": "Linux",
+            "osSKU": self.os_sku,
+            "mode": "User",
+            "type": "VirtualMachineScaleSets",
+            "nodeLabels": self.node_labels,
+            "nodeTaints": list(self.node_taints),
+            "tags": self.tags,
+        }
+        if self.os_disk_gb is not None:
+            properties["osDiskSizeGB"] = self.os_disk_gb
+        return {"properties": properties}
+
+
+def build_pool_request(claim: Claim, created_at: str) -> PoolRequest:
+    """The request for `claim`, or InvalidClaim naming the first thing a person must fix."""
+    if not POOL_NAME.match(claim.name):
+        raise InvalidClaim(
+            "InvalidPoolName",
+            f"claim name {claim.name!r} cannot be an AKS agent pool name: it must be 1-12 lowercase "
+            "letters or digits starting with a letter",
+        )
+    sizes = _vm_sizes(claim)
+    return PoolRequest(
+        name=claim.name,
+        vm_sizes=sizes,
+        os_disk_gb=_os_disk_gb(claim),
+        os_sku=_os_sku(claim),
+        node_labels=_node_labels(claim, sizes, created_at),
+        node_taints=tuple(_taint_string(t) for t in claim.taints),
+        tags={MANAGED_TAG: MANAGED_VALUE, CLAIM_TAG: claim.key, CLAIM_UID_TAG: claim.uid, CREATED_TAG: created_at},
+    )
+
+
+def _vm_sizes(claim: Claim) -> tuple[VmSize, ...]:
+    names = claim.requirement_values(INSTANCE_TYPE_LABEL) or claim.requirement_values(AZURE_SKU_LABEL)
+    if not names:
+        raise InvalidClaim(
+            "InstanceTypeMissing",
+            f"the claim has no `{INSTANCE_TYPE_LABEL} In [...]` requirement naming the VM size to create",
+        )
+    sizes = [size for size in map(lookup, names) if size is not None]
+    if not sizes:
+        raise InvalidClaim(
+            "UnknownInstanceType",
+            f"none of the requested instance types {names} is a VM size gpu-provisioner knows; "
+            "use an Azure GPU size such as Standard_NC24ads_A100_v4",
+        )
+    return tuple(sizes)
+
+
+def _os_disk_gb(claim: Claim) -> int | None:
+    storage = claim.requests.get(STORAGE)
+    if storage in (None, "", 0, "0"):
+        return None  # AKS's default OS disk
+    try:
+        gib = int(parse_quantity(storage)) >> 30
+    except ValueError:
+        raise InvalidClaim("InvalidStorageRequest", f"storage request {storage!r} is not a quantity") from None
+    if gib > OS_DISK_MAX_GB:
+        raise InvalidClaim(
+            "InvalidStorageRequest",
+            f"storage request {storage} exceeds the largest AKS OS disk ({OS_DISK_MAX_GB} GiB)",
+        )
+    # A disk bigger than asked still satisfies the request; AKS refuses anything below its minimum.
+    return max(gib, OS_DISK_MIN_GB)
+
+
+def _os_sku(claim: Claim) -> str:
+    family = claim.annotations.get(NODE_IMAGE_FAMILY_ANNOTATION, "").strip().lower()
+    if family not in OS_SKUS:
+        raise InvalidClaim(
+            "UnsupportedNodeImageFamily",
+            f"annotation {NODE_IMAGE_FAMILY_ANNOTATION}={family!r} is not supported; use ubuntu or azurelinux",
+        )
+    return OS_SKUS[family]
+
+
+def _node_labels(claim: Claim, sizes: tuple[VmSize, ...], created_at: str) -> dict[str, str]:
+    pool_key, pool_value = claim.api.pool_label
+    labels = {key: value for key, value in claim.labels.items() if not is_reserved_label(key)}
+    labels.setdefault(pool_key, pool_value)
+    labels["kaito.sh/machine-type"] = "gpu" if all(s.is_gpu for s in sizes) else "cpu"
+    # Label values may not hold ':'; the Go provisioner used the same dashed form.
+    labels["kaito.sh/creation-timestamp"] = created_at.replace(":", "-")
+    return labels
+
+
+def _taint_string(taint: dict[str, Any]) -> str:
+    key, value, effect = taint.get("key", ""), taint.get("value", "") or "", taint.get("effect", "")
+    if not is_valid_label_key(key) or not _LABEL_VALUE.match(value) or effect not in TAINT_EFFECTS:
+        raise InvalidClaim("InvalidTaint", f"taint {key}={value}:{effect} is not a valid Kubernetes taint")
+    return f"{key}={value}:{effect}"

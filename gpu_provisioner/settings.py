@@ -1,0 +1,76 @@
+"""Controller settings, read from the environment under the Go gpu-provisioner's names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gpu_provisioner.api.claims import CLAIM_APIS
+
+
+class SettingsError(RuntimeError):
+    """Start-up settings are missing or wrong; the message names each variable to set."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", populate_by_name=True)
+
+    # Where the cluster lives (the Go provisioner's variable names).
+    subscription_id: str = Field(validation_alias="ARM_SUBSCRIPTION_ID")
+    resource_group: str = Field(validation_alias="ARM_RESOURCE_GROUP")
+    cluster_name: str = Field(validation_alias="AZURE_CLUSTER_NAME")
+    location: str = Field(validation_alias="LOCATION")
+    # Read by DefaultAzureCredential itself (workload identity, managed identity); kept here so a
+    # missing one is reported at start-up and shown in the start-up log.
+    client_id: str = Field("", validation_alias="AZURE_CLIENT_ID")
+    tenant_id: str = Field("", validation_alias="AZURE_TENANT_ID")
+    # Sovereign clouds, Azure Stack, or the AKS simulator.
+    arm_endpoint: str = Field("https://management.azure.com", validation_alias="ARM_ENDPOINT")
+
+    claim_apis: list[str] = Field(
+        default_factory=lambda: list(CLAIM_APIS), validation_alias="CLAIM_APIS"
+    )
+    kubeconfig: Path | None = Field(None, validation_alias="KUBECONFIG")
+    workers: int = Field(8, ge=1, validation_alias="WORKERS")
+    launch_timeout_s: float = Field(300.0, gt=0, validation_alias="LAUNCH_TIMEOUT_SECONDS")
+    registration_timeout_s: float = Field(
+        900.0, gt=0, validation_alias="REGISTRATION_TIMEOUT_SECONDS"
+    )
+    # One agent-pool LIST per cluster per interval feeds every claim in flight.
+    pool_refresh_interval_s: float = Field(
+        10.0, gt=0, validation_alias="POOL_REFRESH_INTERVAL_SECONDS"
+    )
+    orphan_sweep_interval_s: float = Field(
+        300.0, gt=0, validation_alias="ORPHAN_SWEEP_INTERVAL_SECONDS"
+    )
+    orphan_grace_s: float = Field(600.0, ge=0, validation_alias="ORPHAN_GRACE_SECONDS")
+    metrics_port: int = Field(8080, validation_alias="METRICS_PORT")
+    health_probe_port: int = Field(8081, validation_alias="HEALTH_PROBE_PORT")
+    log_level: str = Field("info", validation_alias="LOG_LEVEL")
+
+    @field_validator("claim_apis", mode="before")
+    @classmethod
+    def _split_apis(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip().lower() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            unknown = [v for v in value if v not in CLAIM_APIS]
+            if unknown:
+                raise ValueError(f"unknown claim API {unknown}; choose from {sorted(CLAIM_APIS)}")
+        return value
+
+    @classmethod
+    def load(cls, **overrides: object) -> Settings:
+        """Settings from the environment, or a SettingsError that lists every problem."""
+        try:
+            return cls(**overrides)
+        except ValidationError as error:
+            lines = []
+            for problem in error.errors():
+                field = cls.model_fields.get(str(problem["loc"][0])) if problem["loc"] else None
+                alias = field.validation_alias if field and field.validation_alias else problem["loc"]
+                what = "is not set" if problem["type"] == "missing" else problem["msg"]
+                lines.append(f"  {alias}: {what}")
+            raise SettingsError("gpu-provisioner cannot start:\n" + "\n".join(lines)) from None
