@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import kubernetes
 import typer
 from rich.console import Console
 
@@ -27,6 +28,32 @@ def wait_for_interrupt() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+
+
+@app.command("run")
+def run() -> None:
+    """Run the controller: settings come from the environment (ARM_SUBSCRIPTION_ID, ... see the README)."""
+    from gpu_provisioner.logs import configure_logging
+    from gpu_provisioner.runtime.manager import Manager
+    from gpu_provisioner.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.load()
+    except SettingsError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+    configure_logging(settings.log_level)
+    if settings.kubeconfig:
+        api_client = kubernetes.config.new_client_from_config(config_file=str(settings.kubeconfig))
+    else:
+        kubernetes.config.load_incluster_config()
+        api_client = kubernetes.client.ApiClient()
+    manager = Manager(settings, api_client)
+    manager.start()
+    try:
+        wait_for_interrupt()
+    finally:
+        manager.stop()
 
 
 @devenv_app.command("tools")

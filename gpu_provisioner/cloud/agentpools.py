@@ -1,0 +1,191 @@
+"""The narrow door to AKS: create, delete, get and list agent pools, and read the cluster's state.
+
+Long-running operations are started and left running (`polling=False`): the caller records that a
+pool is Creating or Deleting and learns the outcome from the next LIST, so no worker ever waits on
+Azure. Retries of transient failures are short and bounded here; anything longer goes back to the
+work queue with the delay ARM asked for.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from azure.core.credentials import TokenCredential
+from azure.core.pipeline import PipelineRequest, PipelineResponse
+from azure.core.pipeline.policies import SansIOHTTPPolicy
+from azure.identity import DefaultAzureCredential
+from azure.mgmt.containerservice import ContainerServiceClient
+from tenacity import retry, retry_if_exception, stop_after_attempt
+
+from gpu_provisioner.api.claims import parse_time
+from gpu_provisioner.cloud.errors import NotFoundError, TransientError, classify
+from gpu_provisioner.cloud.pool_request import CLAIM_TAG, CREATED_TAG, MANAGED_TAG, MANAGED_VALUE
+from gpu_provisioner.runtime import metrics
+from gpu_provisioner.settings import Settings
+
+T = TypeVar("T")
+# A worker sleeps at most this long for one retry; a longer Retry-After goes back to the queue.
+MAX_INLINE_RETRY_WAIT_S = 2.0
+INLINE_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class PoolState:
+    name: str
+    provisioning_state: str
+    vm_size: str
+    tags: dict[str, str] = field(default_factory=dict)
+    error_code: str = ""
+    error_message: str = ""
+
+    @classmethod
+    def from_arm(cls, body: Mapping[str, Any]) -> PoolState:
+        properties = body.get("properties") or {}
+        error = (properties.get("status") or {}).get("provisioningError") or {}
+        return cls(
+            name=body.get("name", ""),
+            provisioning_state=properties.get("provisioningState", ""),
+            vm_size=properties.get("vmSize", ""),
+            tags=dict(properties.get("tags") or {}),
+            error_code=error.get("code", ""),
+            error_message=error.get("message", ""),
+        )
+
+    @property
+    def managed(self) -> bool:
+        return self.tags.get(MANAGED_TAG) == MANAGED_VALUE
+
+    @property
+    def claim_key(self) -> str:
+        return self.tags.get(CLAIM_TAG, "")
+
+    @property
+    def created_at(self) -> datetime | None:
+        return parse_time(self.tags.get(CREATED_TAG))
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    provisioning_state: str
+    power_state: str
+
+    @property
+    def accepts_pool_changes(self) -> bool:
+        # A stopped cluster refuses pool writes, and a starting/stopping/upgrading one is busy:
+        # sending PUTs then only burns the subscription's write budget (kaito#2075).
+        return self.power_state == "Running" and self.provisioning_state in ("Succeeded", "Failed", "Canceled")
+
+    def describe(self) -> str:
+        return f"power state {self.power_state or 'unknown'}, provisioning state {self.provisioning_state or 'unknown'}"
+
+
+_ARM_PATH = re.compile(r"/managedclusters/[^/]+(/agentpools(/[^/?]+)?)?(?:\?|$)", re.IGNORECASE)
+
+
+def arm_operation(method: str, url: str) -> str:
+    """A low-cardinality name for an ARM request, for metrics."""
+    match = _ARM_PATH.search(url)
+    if match is None:
+        return "other"
+    if match.group(1) is None:
+        return f"managedclusters.{method.lower()}"
+    if match.group(2) is None:
+        return "agentpools.list"
+    return {"PUT": "agentpools.create", "DELETE": "agentpools.delete"}.get(method, "agentpools.get")
+
+
+class ArmRequestMetricsPolicy(SansIOHTTPPolicy):
+    """Counts every HTTP request the SDK sends to ARM, by operation and status code."""
+
+    def on_response(self, request: PipelineRequest, response: PipelineResponse) -> None:
+        http_request = request.http_request
+        metrics.ARM_REQUESTS.labels(
+            operation=arm_operation(http_request.method, http_request.url),
+            code=str(response.http_response.status_code),
+        ).inc()
+
+    def on_exception(self, request: PipelineRequest) -> None:
+        http_request = request.http_request
+        metrics.ARM_REQUESTS.labels(operation=arm_operation(http_request.method, http_request.url), code="error").inc()
+
+
+def _short_transient(error: BaseException) -> bool:
+    cloud_error = classify(error) if isinstance(error, Exception) else None
+    return isinstance(cloud_error, TransientError) and (cloud_error.retry_after_s or 0) <= MAX_INLINE_RETRY_WAIT_S
+
+
+def _wait(retry_state: Any) -> float:
+    error = classify(retry_state.outcome.exception())
+    requested = error.retry_after_s if isinstance(error, TransientError) else None
+    return requested if requested is not None else 0.2 * 2 ** (retry_state.attempt_number - 1)
+
+
+class AgentPools:
+    """create / delete / get / list for the agent pools of one managed cluster."""
+
+    def __init__(self, settings: Settings, credential: TokenCredential | None = None) -> None:
+        self.settings = settings
+        self._client = ContainerServiceClient(
+            credential or DefaultAzureCredential(),
+            settings.subscription_id,
+            base_url=settings.arm_endpoint,
+            # One retry layer, ours: it knows when a wait belongs in the queue rather than in a worker.
+            retry_total=0,
+            per_retry_policies=[ArmRequestMetricsPolicy()],
+        )
+        self._group = settings.resource_group
+        self._cluster = settings.cluster_name
+
+    def close(self) -> None:
+        self._client.close()
+
+    def create(self, name: str, body: dict[str, Any]) -> PoolState:
+        """Start creating (or updating) a pool; returns its state as ARM accepted it (Creating)."""
+        poller = self._call(lambda: self._client.agent_pools.begin_create_or_update(
+            self._group, self._cluster, name, body, polling=False
+        ))
+        return PoolState.from_arm(poller.result().as_dict())
+
+    def delete(self, name: str) -> None:
+        """Start deleting a pool; an absent pool is already deleted."""
+        try:
+            self._call(lambda: self._client.agent_pools.begin_delete(self._group, self._cluster, name, polling=False))
+        except NotFoundError:
+            return
+
+    def get(self, name: str) -> PoolState | None:
+        try:
+            pool = self._call(lambda: self._client.agent_pools.get(self._group, self._cluster, name))
+        except NotFoundError:
+            return None
+        return PoolState.from_arm(pool.as_dict())
+
+    def list(self) -> list[PoolState]:
+        return self._call(lambda: [
+            PoolState.from_arm(pool.as_dict()) for pool in self._client.agent_pools.list(self._group, self._cluster)
+        ])
+
+    def cluster(self) -> ClusterState:
+        cluster = self._call(lambda: self._client.managed_clusters.get(self._group, self._cluster)).as_dict()
+        properties = cluster.get("properties") or {}
+        return ClusterState(
+            provisioning_state=properties.get("provisioningState", ""),
+            power_state=(properties.get("powerState") or {}).get("code", ""),
+        )
+
+    def _call(self, request: Callable[[], T]) -> T:
+        """Run one ARM request with short inline retries; raise a classified CloudError."""
+        retrying = retry(
+            retry=retry_if_exception(_short_transient),
+            wait=_wait,
+            stop=stop_after_attempt(INLINE_ATTEMPTS),
+            reraise=True,
+        )
+        try:
+            return retrying(request)()
+        except Exception as error:
+            raise classify(error) from error

@@ -1,0 +1,52 @@
+"""One reconcile of one claim: the phases in order, then one status write if anything changed."""
+
+from __future__ import annotations
+
+import structlog
+
+from gpu_provisioner.api.claims import TERMINATION_FINALIZER, Claim, StatusWriter
+from gpu_provisioner.lifecycle.base import Deps, Reconciliation
+from gpu_provisioner.lifecycle.initialization import Initialization
+from gpu_provisioner.lifecycle.launch import Launch
+from gpu_provisioner.lifecycle.liveness import Liveness
+from gpu_provisioner.lifecycle.registration import Registration
+from gpu_provisioner.lifecycle.termination import Termination
+
+log = structlog.get_logger(__name__)
+
+
+class ClaimLifecycle:
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+        self.phases = (Launch(deps), Registration(deps), Initialization(deps))
+        self.liveness = Liveness(deps)
+        self.termination = Termination(deps)
+
+    def reconcile(self, claim: Claim) -> float | None:
+        """Drive the claim one step; returns when to look again (None: only on the next event)."""
+        if claim.deleting:
+            return self.termination.reconcile(claim)
+        if TERMINATION_FINALIZER not in claim.finalizers:
+            # Before any cloud call, so a deletion can never skip cleaning up.
+            claim = Claim(claim.api, self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": {
+                "finalizers": [*claim.finalizers, TERMINATION_FINALIZER],
+                "resourceVersion": claim.metadata["resourceVersion"],
+            }}))
+        r = Reconciliation(claim, StatusWriter(claim))
+        for phase in self.phases:
+            if not phase.reconcile(r).done:
+                break
+        self.liveness.reconcile(r)
+        if r.status.changed():
+            status = r.status.render()
+            self.deps.kube.patch_claim_status(claim.api, claim.name, status)
+            self._log_transitions(claim, status)
+        return min(r.requeue_after) if r.requeue_after else None
+
+    @staticmethod
+    def _log_transitions(claim: Claim, status: dict) -> None:
+        for condition in status["conditions"]:
+            before = claim.condition(condition["type"]) or {}
+            if (before.get("status"), before.get("reason")) != (condition["status"], condition["reason"]):
+                log.info("condition changed", claim=claim.key, condition=condition["type"],
+                         status=condition["status"], reason=condition["reason"], message=condition["message"])

@@ -1,0 +1,176 @@
+"""Launch: one agent pool of one VM for the claim, trying the next listed size when one cannot be had.
+
+Owns the Launched condition (MachineLaunched for Machine). The PUT is started and left running; the
+pool's state comes back through the inventory's shared LIST, and the Node watch may say earlier that
+the node joined.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import structlog
+
+from gpu_provisioner.api.claims import INSTANCE_TYPE_LABEL, now_rfc3339
+from gpu_provisioner.cloud.agentpools import PoolState
+from gpu_provisioner.cloud.errors import (
+    INSUFFICIENT_CAPACITY_PHRASE,
+    CapacityError,
+    CloudError,
+    ClusterUnavailableError,
+    InvalidRequestError,
+    TransientError,
+    classify_code,
+)
+from gpu_provisioner.cloud.pool_request import InvalidClaim, PoolRequest, build_pool_request
+from gpu_provisioner.cloud.skus import VmSize, lookup
+from gpu_provisioner.lifecycle.base import DONE, WAITING, Deps, Outcome, Reconciliation
+
+log = structlog.get_logger(__name__)
+
+# Provisioning states of a pool on its way up (AKS reports more than Creating while it works).
+IN_PROGRESS = {"Creating", "Updating", "Scaling", "Upgrading", "Starting"}
+# After every size failed for capacity, try the whole list again this much later.
+CAPACITY_RETRY_S = 60.0
+CLUSTER_RETRY_S = 30.0
+
+
+class Launch:
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+        self._lock = threading.Lock()
+        # claim uid -> sizes that failed for capacity in this launch attempt
+        self._unavailable: dict[str, dict[str, str]] = {}
+        # claim uid -> generation ARM refused: no retry until the claim changes
+        self._rejected: dict[str, int] = {}
+
+    def reconcile(self, r: Reconciliation) -> Outcome:
+        claim, condition = r.claim, r.claim.api.launched
+        if r.status.is_true(condition):
+            return DONE
+        try:
+            request = build_pool_request(claim, created_at=claim.metadata.get("creationTimestamp") or now_rfc3339())
+        except InvalidClaim as invalid:
+            self._fail(r, invalid.reason, invalid.message)
+            return WAITING
+        if self._rejected.get(claim.uid) == claim.generation:
+            return WAITING
+        pool = self.deps.inventory.get(claim.name)
+        if pool is not None and not pool.managed:
+            self._fail(r, "AgentPoolNameTaken", f"agent pool {claim.name} exists and was not made by gpu-provisioner; "
+                       "it is left alone: rename the workspace or delete that pool")
+            return WAITING
+        if pool is not None and pool.claim_key and pool.claim_key != claim.key:
+            self._fail(r, "AgentPoolNameTaken", f"agent pool {claim.name} belongs to claim {pool.claim_key}")
+            return WAITING
+        if pool is None:
+            return self._create(r, request)
+        if pool.provisioning_state == "Succeeded" or (
+            pool.provisioning_state in IN_PROGRESS and self.deps.nodes.nodes_for(claim)
+        ):
+            return self._launched(r, pool)
+        if pool.provisioning_state == "Failed":
+            return self._failed_pool(r, request, pool)
+        # Creating, or Deleting after a failed size: the next LIST or the Node watch wakes us.
+        r.status.set(condition, "Unknown", "Launching",
+                     f"agent pool {pool.name} ({pool.vm_size}) is {pool.provisioning_state.lower()}")
+        r.requeue(self.deps.inventory.interval_s * 3)
+        return WAITING
+
+    # steps ------------------------------------------------------------------------------------
+
+    def _create(self, r: Reconciliation, request: PoolRequest) -> Outcome:
+        claim, condition = r.claim, r.claim.api.launched
+        size = self._next_size(claim.uid, request)
+        if size is None:
+            return self._all_unavailable(r)
+        try:
+            cluster = self.deps.inventory.cluster()
+            if not cluster.accepts_pool_changes:
+                raise ClusterUnavailableError(f"cluster {self.deps.settings.cluster_name}: {cluster.describe()}")
+            state = self.deps.pools.create(request.name, request.body(size))
+        except CapacityError as error:
+            return self._size_unavailable(r, request, size, error)
+        except InvalidRequestError as error:
+            self._rejected[claim.uid] = claim.generation
+            self._fail(r, error.reason, f"AKS refused agent pool {request.name} ({size.name}): {error.describe()}")
+            return WAITING
+        except ClusterUnavailableError as error:
+            r.status.set(condition, "Unknown", error.reason, f"waiting before creating agent pool: {error.describe()}")
+            r.requeue(CLUSTER_RETRY_S)
+            return WAITING
+        except TransientError as error:
+            r.status.set(condition, "Unknown", error.reason, f"creating agent pool {request.name}: {error.describe()}")
+            raise
+        self.deps.inventory.record(state)
+        r.status.set(condition, "Unknown", "Launching", f"creating agent pool {request.name} ({size.name})")
+        self.deps.events.normal(claim.obj, "LaunchingAgentPool", f"creating agent pool {request.name} with {size.name}")
+        log.info("agent pool create started", claim=claim.key, pool=request.name, vm_size=size.name)
+        r.requeue(self.deps.inventory.interval_s * 3)
+        return WAITING
+
+    def _launched(self, r: Reconciliation, pool: PoolState) -> Outcome:
+        claim = r.claim
+        size = lookup(pool.vm_size)
+        with self._lock:
+            self._unavailable.pop(claim.uid, None)
+        if size is not None:
+            capacity = size.capacity()
+            r.status.status.setdefault("capacity", capacity)
+            r.status.status.setdefault("allocatable", capacity)
+        if claim.labels.get(INSTANCE_TYPE_LABEL) != pool.vm_size:
+            # The Type printer column and Karpenter's consumers read the launched size from this label.
+            labels = {INSTANCE_TYPE_LABEL: pool.vm_size}
+            self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": {"labels": labels}})
+        r.status.set(claim.api.launched, "True", "Launched", f"agent pool {pool.name} ({pool.vm_size}) created")
+        self.deps.events.normal(claim.obj, "Launched", f"agent pool {pool.name} ({pool.vm_size}) created")
+        return DONE
+
+    def _failed_pool(self, r: Reconciliation, request: PoolRequest, pool: PoolState) -> Outcome:
+        """The create LRO ended Failed: remember why, delete the pool, and try again (or the next size)."""
+        error = classify_code(pool.error_code, pool.error_message or f"agent pool {pool.name} provisioning failed")
+        size = lookup(pool.vm_size)
+        self.deps.pools.delete(pool.name)
+        self.deps.inventory.record(PoolState(pool.name, "Deleting", pool.vm_size, pool.tags))
+        if isinstance(error, CapacityError) and size is not None:
+            return self._size_unavailable(r, request, size, error)
+        r.status.set(r.claim.api.launched, "False", "LaunchFailed",
+                     f"agent pool {pool.name} ({pool.vm_size}) failed: {error.describe()}; retrying")
+        self.deps.events.warning(r.claim.obj, "LaunchFailed", f"agent pool {pool.name} failed: {error.describe()}")
+        r.requeue(CAPACITY_RETRY_S)
+        return WAITING
+
+    def _size_unavailable(self, r: Reconciliation, request: PoolRequest, size: VmSize, error: CloudError) -> Outcome:
+        with self._lock:
+            self._unavailable.setdefault(r.claim.uid, {})[size.name] = error.describe()
+        self.deps.events.warning(r.claim.obj, error.reason, f"{size.name} unavailable: {error.describe()}")
+        if self._next_size(r.claim.uid, request) is None:
+            return self._all_unavailable(r)
+        r.status.set(r.claim.api.launched, "Unknown", error.reason, f"{size.name} unavailable, trying the next size")
+        r.requeue(0)
+        return WAITING
+
+    def _all_unavailable(self, r: Reconciliation) -> Outcome:
+        with self._lock:
+            causes = self._unavailable.pop(r.claim.uid, {})
+        detail = "; ".join(f"{name}: {cause}" for name, cause in causes.items())
+        reasons = {self._reason_of(cause) for cause in causes.values()}
+        reason = reasons.pop() if len(reasons) == 1 else "InsufficientCapacity"
+        self._fail(r, reason, f"{INSUFFICIENT_CAPACITY_PHRASE} ({detail})")
+        r.requeue(CAPACITY_RETRY_S)
+        return WAITING
+
+    @staticmethod
+    def _reason_of(cause: str) -> str:
+        return classify_code(cause.split(":", 1)[0], cause).reason
+
+    def _next_size(self, uid: str, request: PoolRequest) -> VmSize | None:
+        with self._lock:
+            failed = self._unavailable.get(uid, {})
+        return next((size for size in request.vm_sizes if size.name not in failed), None)
+
+    def _fail(self, r: Reconciliation, reason: str, message: str) -> None:
+        previous = r.status.get(r.claim.api.launched)
+        r.status.set(r.claim.api.launched, "False", reason, message)
+        if previous is None or previous.get("reason") != reason or previous.get("status") != "False":
+            self.deps.events.warning(r.claim.obj, reason, message)

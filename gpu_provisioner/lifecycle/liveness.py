@@ -1,0 +1,58 @@
+"""Liveness: a claim that does not launch or register in time is deleted, with an Event saying why.
+
+Deleting it (rather than waiting forever) hands the decision back to Kaito, which makes a new claim.
+A claim refused for its own content is kept: deleting it would lose the user's input, and it
+never reached the cloud.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import structlog
+
+from gpu_provisioner.api.claims import parse_time
+from gpu_provisioner.lifecycle.base import Deps, Reconciliation
+
+log = structlog.get_logger(__name__)
+# Launched reasons that mean "fix the claim", never "wait longer".
+INVALID_CLAIM_REASONS = {
+    "InvalidPoolName", "InstanceTypeMissing", "UnknownInstanceType", "InvalidStorageRequest",
+    "UnsupportedNodeImageFamily", "InvalidTaint", "InvalidAgentPoolRequest", "AgentPoolNameTaken",
+}
+
+
+class Liveness:
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+
+    def reconcile(self, r: Reconciliation) -> None:
+        claim, status, settings = r.claim, r.status, self.deps.settings
+        now = datetime.now(UTC)
+        launched = status.get(claim.api.launched) or {}
+        inventory = self.deps.inventory
+        if launched.get("status") == "True" and inventory.synced and inventory.get(claim.name) is None:
+            # Someone deleted the pool under a launched claim: a new claim gets a new node.
+            self._expire(r, "AgentPoolVanished", f"agent pool {claim.name} no longer exists in AKS; deleting the claim")
+        elif launched.get("status") != "True":
+            if launched.get("reason") in INVALID_CLAIM_REASONS:
+                return
+            self._check(r, "LaunchTimeout", "launch", claim.created, settings.launch_timeout_s, now)
+        elif not status.is_true(claim.api.registered):
+            since = parse_time(launched.get("lastTransitionTime")) or claim.created
+            self._check(r, "RegistrationTimeout", "registration", since, settings.registration_timeout_s, now)
+
+    def _check(self, r: Reconciliation, reason: str, phase: str, since: datetime, timeout_s: float,
+               now: datetime) -> None:
+        remaining = timeout_s - (now - since).total_seconds()
+        if remaining > 0:
+            r.requeue(remaining)
+            return
+        blocking = next((r.status.get(p) for p in r.claim.api.phases if not r.status.is_true(p)), None) or {}
+        self._expire(r, reason, f"{phase} did not finish within {timeout_s:.0f}s ({blocking.get('reason', 'unknown')}: "
+                     f"{blocking.get('message', '')}); deleting the claim so that a new one can be made")
+
+    def _expire(self, r: Reconciliation, reason: str, message: str) -> None:
+        self.deps.events.warning(r.claim.obj, reason, message)
+        log.warning("deleting claim", claim=r.claim.key, reason=reason)
+        self.deps.kube.delete_claim(r.claim.api, r.claim.name)

@@ -1,0 +1,41 @@
+"""Orphan sweep: pools tagged as ours whose claim is gone, and older than a grace period, are deleted.
+
+Pools without our tag are never touched, nor pools of a claim API this controller does not watch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import structlog
+
+from gpu_provisioner.cloud.agentpools import PoolState
+from gpu_provisioner.lifecycle.base import Deps
+from gpu_provisioner.runtime import metrics
+
+log = structlog.get_logger(__name__)
+
+
+class OrphanSweep:
+    def __init__(self, deps: Deps, claim_exists: Callable[[str], bool | None]) -> None:
+        """`claim_exists(key)` answers None when it cannot know (API not watched, cache not synced)."""
+        self.deps = deps
+        self.claim_exists = claim_exists
+
+    def sweep(self) -> list[str]:
+        now = datetime.now(UTC)
+        deleted = []
+        for pool in self.deps.inventory.all():
+            if not pool.managed or pool.provisioning_state == "Deleting" or pool.created_at is None:
+                continue
+            if self.claim_exists(pool.claim_key) is not False:
+                continue
+            if (now - pool.created_at).total_seconds() < self.deps.settings.orphan_grace_s:
+                continue
+            self.deps.pools.delete(pool.name)
+            self.deps.inventory.record(PoolState(pool.name, "Deleting", pool.vm_size, pool.tags))
+            metrics.ORPHANS_DELETED.inc()
+            log.warning("deleting orphaned agent pool", pool=pool.name, claim=pool.claim_key, vm_size=pool.vm_size)
+            deleted.append(pool.name)
+        return deleted

@@ -1,0 +1,93 @@
+"""Registration: the claim's Node has joined; make it the claim's (labels, taints, finalizer, owner).
+
+Owns the Registered condition (MachineRegistered for Machine).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpu_provisioner.api.claims import REGISTERED_LABEL, TERMINATION_FINALIZER, Claim
+from gpu_provisioner.cloud.pool_request import is_reserved_label
+from gpu_provisioner.lifecycle.base import DONE, WAITING, Deps, Outcome, Reconciliation
+
+
+def claim_owner_reference(claim: Claim) -> dict[str, Any]:
+    return {
+        "apiVersion": claim.api.api_version, "kind": claim.api.kind, "name": claim.name, "uid": claim.uid,
+        "blockOwnerDeletion": True,
+    }
+
+
+def merged_taints(current: list[dict[str, Any]], wanted: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`current` plus every wanted taint whose key and effect are not on the Node yet."""
+    present = {(t.get("key"), t.get("effect")) for t in current}
+    extra = [
+        {k: v for k, v in t.items() if k in ("key", "value", "effect")}
+        for t in wanted if (t.get("key"), t.get("effect")) not in present
+    ]
+    return [*current, *extra]
+
+
+class Registration:
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+
+    def reconcile(self, r: Reconciliation) -> Outcome:
+        claim, condition = r.claim, r.claim.api.registered
+        nodes = self.deps.nodes.nodes_for(claim)
+        if not nodes:
+            message = f"waiting for the node of agent pool {claim.name} to join"
+            r.status.set(condition, "Unknown", "AwaitingNode", message)
+            return WAITING
+        if len(nodes) > 1:
+            names = ", ".join(sorted(n["metadata"]["name"] for n in nodes))
+            message = f"agent pool {claim.name} has several nodes: {names}"
+            r.status.set(condition, "False", "MultipleNodesFound", message)
+            return WAITING
+        node = nodes[0]
+        first_registration = not r.status.is_true(condition)
+        patch = self._node_patch(claim, node)
+        if patch:
+            self.deps.kube.patch_node(node["metadata"]["name"], patch)
+        r.status.status["providerID"] = (node.get("spec") or {}).get("providerID", "")
+        r.status.status["nodeName"] = node["metadata"]["name"]
+        if first_registration:
+            self.deps.events.normal(claim.obj, "Registered", f"node {node['metadata']['name']} joined")
+        r.status.set(condition, "True", "Registered", "")
+        return DONE
+
+    @staticmethod
+    def _node_patch(claim: Claim, node: dict[str, Any]) -> dict[str, Any]:
+        """A merge patch that makes the Node carry what the claim asks for, or {} if it already does."""
+        metadata = node["metadata"]
+        labels = metadata.get("labels") or {}
+        wanted_labels = {k: v for k, v in claim.labels.items() if not is_reserved_label(k)}
+        wanted_labels[REGISTERED_LABEL] = "true"
+        label_changes = {k: v for k, v in wanted_labels.items() if labels.get(k) != v}
+        annotations = metadata.get("annotations") or {}
+        annotation_changes = {k: v for k, v in claim.annotations.items() if annotations.get(k) != v}
+        finalizers = metadata.get("finalizers") or []
+        owners = metadata.get("ownerReferences") or []
+        taints = (node.get("spec") or {}).get("taints") or []
+        # Startup taints go on once, before the registered label: whatever removes them later must win.
+        unregistered = labels.get(REGISTERED_LABEL) != "true"
+        wanted_taints = [*claim.taints, *(claim.startup_taints if unregistered else [])]
+        new_taints = merged_taints(taints, wanted_taints)
+
+        patch_metadata: dict[str, Any] = {}
+        if label_changes:
+            patch_metadata["labels"] = label_changes
+        if annotation_changes:
+            patch_metadata["annotations"] = annotation_changes
+        if TERMINATION_FINALIZER not in finalizers:
+            patch_metadata["finalizers"] = [*finalizers, TERMINATION_FINALIZER]
+        if not any(o.get("uid") == claim.uid for o in owners):
+            patch_metadata["ownerReferences"] = [*owners, claim_owner_reference(claim)]
+        patch: dict[str, Any] = {}
+        if new_taints != taints:
+            patch["spec"] = {"taints": new_taints}
+        if patch_metadata or patch:
+            # Lists are replaced whole: make the write conditional on the Node we computed them from.
+            patch["metadata"] = {**patch_metadata, "resourceVersion": metadata["resourceVersion"]}
+        return patch

@@ -1,0 +1,94 @@
+"""Termination: cordon and drain the Node, delete it, delete the agent pool, wait until it is gone,
+then release the claim's finalizer. Nothing is released before the cloud confirms, so no VM leaks.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import structlog
+from kubernetes.client import ApiException
+
+from gpu_provisioner.api.claims import TERMINATION_FINALIZER, Claim
+from gpu_provisioner.cloud.agentpools import PoolState
+from gpu_provisioner.lifecycle.base import Deps
+
+log = structlog.get_logger(__name__)
+DRAIN_RETRY_S = 2.0
+
+
+def _evictable(pod: Any) -> bool:
+    metadata = pod.metadata
+    if metadata.deletion_timestamp is not None:
+        return False  # already going
+    if (metadata.annotations or {}).get("kubernetes.io/config.mirror"):
+        return False  # static pod: the kubelet owns it
+    return not any(owner.kind == "DaemonSet" for owner in metadata.owner_references or [])
+
+
+class Termination:
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+        self._lock = threading.Lock()
+        # claim uid -> inventory clock time of our DELETE; a LIST after it that lacks the pool proves it gone
+        self._deletes_sent: dict[str, float] = {}
+
+    def reconcile(self, claim: Claim) -> float | None:
+        """Returns when to look again, or None once the finalizer is released."""
+        if TERMINATION_FINALIZER not in claim.finalizers:
+            return None
+        for node in self.deps.nodes.nodes_for(claim):
+            wait = self._retire_node(claim, node)
+            if wait is not None:
+                return wait
+        inventory = self.deps.inventory
+        pool = inventory.get(claim.name)
+        if pool is not None and pool.managed and pool.claim_key in ("", claim.key):
+            if pool.provisioning_state != "Deleting":
+                self.deps.pools.delete(pool.name)
+                inventory.record(PoolState(pool.name, "Deleting", pool.vm_size, pool.tags))
+                with self._lock:
+                    self._deletes_sent[claim.uid] = inventory.now()
+                self.deps.events.normal(claim.obj, "DeletingAgentPool", f"deleting agent pool {pool.name}")
+                log.info("agent pool delete started", claim=claim.key, pool=pool.name)
+            return inventory.interval_s * 3
+        with self._lock:
+            sent = self._deletes_sent.get(claim.uid, float("-inf"))
+        if not inventory.synced or not inventory.listed_since(sent):
+            inventory.request_refresh()
+            return inventory.interval_s
+        self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": {
+            "finalizers": [f for f in claim.finalizers if f != TERMINATION_FINALIZER],
+            "resourceVersion": claim.metadata["resourceVersion"],
+        }})
+        with self._lock:
+            self._deletes_sent.pop(claim.uid, None)
+        self.deps.events.normal(claim.obj, "Terminated", f"agent pool {claim.name} deleted")
+        log.info("claim terminated", claim=claim.key)
+        return None
+
+    def _retire_node(self, claim: Claim, node: dict[str, Any]) -> float | None:
+        """Cordon, drain and delete one Node; returns a wait while pods are still leaving."""
+        kube, name = self.deps.kube, node["metadata"]["name"]
+        if not (node.get("spec") or {}).get("unschedulable"):
+            node = kube.patch_node(name, {"spec": {"unschedulable": True}})
+        pods = [pod for pod in kube.pods_on_node(name) if _evictable(pod)]
+        for pod in pods:
+            try:
+                kube.evict(pod)
+            except ApiException as error:
+                if error.status != 429:  # 429: a PodDisruptionBudget says not yet
+                    raise
+        if pods:
+            self.deps.events.normal(claim.obj, "Draining", f"evicting {len(pods)} pod(s) from node {name}")
+            return DRAIN_RETRY_S
+        finalizers = node["metadata"].get("finalizers") or []
+        if TERMINATION_FINALIZER in finalizers:
+            kube.patch_node(name, {"metadata": {
+                "finalizers": [f for f in finalizers if f != TERMINATION_FINALIZER],
+                "resourceVersion": node["metadata"]["resourceVersion"],
+            }})
+        if not node["metadata"].get("deletionTimestamp"):
+            kube.delete_node(name)
+        return None

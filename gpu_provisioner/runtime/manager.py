@@ -1,0 +1,202 @@
+"""Wires the controller: informers feed a work queue, a bounded pool of workers drives claims.
+
+Events only enqueue keys; all work happens in workers, one key at a time. Pool state comes from the
+inventory's periodic LIST, Node state from the Node watch; both wake exactly the claims concerned.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import kubernetes
+import structlog
+from azure.core.credentials import TokenCredential
+
+from gpu_provisioner.api.claims import CLAIM_APIS, GROUP, Claim, ClaimApi, claim_key, split_key
+from gpu_provisioner.cloud.agentpools import AgentPools, PoolState
+from gpu_provisioner.cloud.errors import CloudError, TransientError
+from gpu_provisioner.cloud.inventory import PoolInventory
+from gpu_provisioner.lifecycle.base import Deps
+from gpu_provisioner.lifecycle.controller import ClaimLifecycle
+from gpu_provisioner.lifecycle.orphans import OrphanSweep
+from gpu_provisioner.runtime import metrics
+from gpu_provisioner.runtime.events import EventRecorder
+from gpu_provisioner.runtime.informer import NODES, Informer, Resource
+from gpu_provisioner.runtime.kube import Kube
+from gpu_provisioner.runtime.workqueue import WorkQueue
+from gpu_provisioner.settings import Settings
+
+log = structlog.get_logger(__name__)
+AGENTPOOL_LABELS = ("kubernetes.azure.com/agentpool", "agentpool")
+QUEUE_POLL_S = 0.5
+
+
+class NodeIndex:
+    """Finds a claim's Nodes in the Node informer's cache."""
+
+    def __init__(self, informer: Informer) -> None:
+        self._informer = informer
+
+    def nodes_for(self, claim: Claim) -> list[dict[str, Any]]:
+        nodes = self._informer.list()
+        if claim.provider_id:
+            matched = [n for n in nodes if (n.get("spec") or {}).get("providerID") == claim.provider_id]
+            if matched:
+                return matched
+        return [n for n in nodes if pool_of_node(n) == claim.name]
+
+
+def pool_of_node(node: dict[str, Any]) -> str:
+    labels = node["metadata"].get("labels") or {}
+    return next((labels[k] for k in AGENTPOOL_LABELS if labels.get(k)), "")
+
+
+class Manager:
+    def __init__(
+        self, settings: Settings, api_client: kubernetes.client.ApiClient, credential: TokenCredential | None = None
+    ) -> None:
+        self.settings = settings
+        self.queue = WorkQueue("claims")
+        self.claim_informers: dict[str, Informer] = {
+            name: Informer(api_client, Resource(GROUP, api.version, api.plural, api.kind), self._on_claim_event)
+            for name, api in CLAIM_APIS.items() if name in settings.claim_apis
+        }
+        self.node_informer = Informer(api_client, NODES, self._on_node_event)
+        self.pools = AgentPools(settings, credential)
+        self.inventory = PoolInventory(self.pools, settings.pool_refresh_interval_s, self._on_pool_change)
+        deps = Deps(settings, Kube(api_client), self.pools, self.inventory, NodeIndex(self.node_informer),
+                    EventRecorder(api_client))
+        self.lifecycle = ClaimLifecycle(deps)
+        self.orphans = OrphanSweep(deps, self._claim_exists)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # start / stop -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for informer in [*self.claim_informers.values(), self.node_informer]:
+            informer.start()
+        self._spawn("pool-inventory", self.inventory.run, self._stop)
+        self._spawn("orphan-sweep", self._sweep_loop)
+        for index in range(self.settings.workers):
+            self._spawn(f"worker-{index}", self._work)
+        log.info("controller started", claim_apis=list(self.claim_informers), cluster=self.settings.cluster_name,
+                 workers=self.settings.workers)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.queue.shutdown()
+        self.inventory.request_refresh()
+        for informer in [*self.claim_informers.values(), self.node_informer]:
+            informer.stop()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self.pools.close()
+
+    def synced(self) -> bool:
+        informers = [i for i in self.claim_informers.values() if i.available]
+        return self.node_informer.has_synced and all(i.has_synced for i in informers) and self.inventory.synced
+
+    def _spawn(self, name: str, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    # event routing ----------------------------------------------------------------------------
+
+    def _on_claim_event(self, event_type: str, obj: dict[str, Any]) -> None:
+        api = next(a for a in CLAIM_APIS.values() if obj.get("kind") == a.kind)
+        self.queue.add(claim_key(api, obj["metadata"]["name"]))
+
+    def _on_node_event(self, event_type: str, node: dict[str, Any]) -> None:
+        self._wake_claims_named(pool_of_node(node))
+
+    def _on_pool_change(self, before: PoolState | None, after: PoolState | None) -> None:
+        state = after or before
+        if state is None:
+            return
+        if state.claim_key:
+            self.queue.add(state.claim_key)
+        else:
+            self._wake_claims_named(state.name)
+
+    def _wake_claims_named(self, name: str) -> None:
+        if not name:
+            return
+        for api_name, informer in self.claim_informers.items():
+            if informer.get(name) is not None:
+                self.queue.add(claim_key(CLAIM_APIS[api_name], name))
+
+    def _claim_exists(self, key: str) -> bool | None:
+        try:
+            api, name = split_key(key)
+        except (ValueError, StopIteration):
+            return None
+        informer = self.claim_informers.get(api.name)
+        if informer is None or not informer.available or not informer.has_synced:
+            return None
+        return informer.get(name) is not None
+
+    # work -------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            key = self.queue.get(timeout_s=QUEUE_POLL_S)
+            if key is None:
+                continue
+            try:
+                self._process(key)
+            finally:
+                self.queue.done(key)
+
+    def _process(self, key: str) -> None:
+        api, name = split_key(key)
+        obj = self.claim_informers[api.name].get(name)
+        if obj is None:
+            self.queue.forget(key)
+            return
+        claim = Claim(api, obj)
+        started = time.monotonic()
+        bound = log.bind(claim=key)
+        try:
+            requeue_after = self.lifecycle.reconcile(claim)
+        except TransientError as error:
+            if error.retry_after_s:
+                delay = error.retry_after_s
+                self.queue.add_after(key, delay)
+            else:
+                delay = self.queue.add_rate_limited(key)
+            self._count_error(api, error.reason)
+            bound.warning("reconcile will retry", error=error.describe(), error_class=error.reason, retry_in_s=delay)
+            return
+        except (CloudError, kubernetes.client.ApiException) as error:
+            reason = getattr(error, "reason", None) or type(error).__name__
+            self._count_error(api, str(reason))
+            delay = self.queue.add_rate_limited(key)
+            bound.warning("reconcile failed", error=str(error)[:500], retry_in_s=delay)
+            return
+        except Exception:
+            self._count_error(api, "Unexpected")
+            self.queue.add_rate_limited(key)
+            bound.exception("reconcile crashed")
+            return
+        finally:
+            metrics.RECONCILE_DURATION.labels(kind=api.kind).observe(time.monotonic() - started)
+        self.queue.forget(key)
+        if requeue_after is not None:
+            self.queue.add_after(key, requeue_after)
+
+    @staticmethod
+    def _count_error(api: ClaimApi, reason: str) -> None:
+        metrics.RECONCILE_ERRORS.labels(kind=api.kind, reason=reason).inc()
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(self.settings.orphan_sweep_interval_s):
+            if not self.synced():
+                continue
+            try:
+                self.orphans.sweep()
+            except CloudError as error:
+                log.warning("orphan sweep failed", error=error.describe())

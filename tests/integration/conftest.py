@@ -1,0 +1,61 @@
+"""Fixtures for controller tests: an AKS simulator and an in-process controller, per test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import kubernetes
+import pytest
+
+from gpu_provisioner.runtime.manager import Manager
+from gpu_provisioner.settings import Settings
+from gpu_provisioner.sim import AksSimulator, Scenario
+from tests.integration.harness import Claims
+
+FAST = {"pool_refresh_interval_s": 0.5, "orphan_sweep_interval_s": 3600.0, "workers": 4}
+
+
+@pytest.fixture
+def claims(kube_api: kubernetes.client.ApiClient) -> Iterator[Claims]:
+    helper = Claims(kube_api)
+    yield helper
+    helper.remove_everything()
+
+
+@pytest.fixture
+def start_sim(kube_api: kubernetes.client.ApiClient) -> Iterator[Callable[..., AksSimulator]]:
+    """Start an AKS simulator: start_sim("quota-exhausted", create_delay_s=1, materialise_nodes=False)."""
+    started: list[AksSimulator] = []
+
+    def start(scenario: str = "default", materialise_nodes: bool = True, **overrides: Any) -> AksSimulator:
+        sim = AksSimulator(Scenario.named(scenario, **overrides), kube_api=kube_api if materialise_nodes else None)
+        sim.start()
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in started:
+        sim.stop()
+
+
+@pytest.fixture
+def start_controller(
+    control_plane: Any, kube_api: kubernetes.client.ApiClient, monkeypatch: pytest.MonkeyPatch, claims: Claims
+) -> Iterator[Callable[..., Manager]]:
+    """Start the controller in this process against a simulator, authenticating as in production
+    (DefaultAzureCredential from the environment, TLS verified against the simulator's CA)."""
+    managers: list[Manager] = []
+
+    def start(sim: AksSimulator, **overrides: Any) -> Manager:
+        for name, value in sim.azure_environment().items():
+            monkeypatch.setenv(name, value)
+        settings = Settings.load(**{**FAST, "kubeconfig": control_plane.kubeconfig, **overrides})
+        manager = Manager(settings, kube_api)
+        manager.start()
+        managers.append(manager)
+        return manager
+
+    yield start
+    for manager in managers:
+        manager.stop()

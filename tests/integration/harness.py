@@ -1,0 +1,118 @@
+"""Drives the controller against the real API server and the AKS simulator, and waits on outcomes."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import kubernetes
+import yaml
+
+from gpu_provisioner.api.claims import CLAIM_APIS, GROUP, ClaimApi
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+T = TypeVar("T")
+
+
+def kaito_claim(api: ClaimApi, name: str, instance_types: list[str] | None = None) -> dict[str, Any]:
+    """Kaito's exact claim manifest (examples/), renamed, optionally with other instance types."""
+    manifest = yaml.safe_load((EXAMPLES / f"kaito-{api.name}.yaml").read_text())
+    manifest["metadata"]["name"] = name
+    if api.name == "machine":
+        manifest["spec"]["machineTemplateRef"]["name"] = name
+    if instance_types is not None:
+        for requirement in manifest["spec"]["requirements"]:
+            if requirement["key"] in ("node.kubernetes.io/instance-type", "karpenter.azure.com/sku-name"):
+                requirement["values"] = list(instance_types)
+    return manifest
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0, interval_s: float = 0.2) -> T:
+    """Poll `probe` until it returns something truthy; fail with `what` and the last value otherwise."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}; last value: {last!r}")
+
+
+class Claims:
+    """CRUD and condition reads for claims of both APIs."""
+
+    def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.core = kubernetes.client.CoreV1Api(api_client)
+
+    def create(self, api: ClaimApi, manifest: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.create_cluster_custom_object(GROUP, api.version, api.plural, copy.deepcopy(manifest))
+
+    def get(self, api: ClaimApi, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_cluster_custom_object(GROUP, api.version, api.plural, name)
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def delete(self, api: ClaimApi, name: str) -> None:
+        self.custom.delete_cluster_custom_object(GROUP, api.version, api.plural, name)
+
+    def condition(self, api: ClaimApi, name: str, condition_type: str) -> dict[str, Any]:
+        claim = self.get(api, name) or {}
+        conditions = (claim.get("status") or {}).get("conditions") or []
+        return next((c for c in conditions if c["type"] == condition_type), {})
+
+    def wait_condition(self, api: ClaimApi, name: str, condition_type: str, status: str,
+                       timeout_s: float = 60.0, reason: str | None = None) -> dict[str, Any]:
+        def probe() -> dict[str, Any] | None:
+            condition = self.condition(api, name, condition_type)
+            matches = condition.get("status") == status and (reason is None or condition.get("reason") == reason)
+            return condition if matches else None
+
+        return wait_for(f"{api.kind} {name} {condition_type}={status} ({reason or 'any reason'})", probe, timeout_s)
+
+    def wait_gone(self, api: ClaimApi, name: str, timeout_s: float = 60.0) -> None:
+        wait_for(f"{api.kind} {name} to be deleted", lambda: self.get(api, name) is None, timeout_s)
+
+    def events(self, name: str) -> list[Any]:
+        return [e for e in self.core.list_namespaced_event("default").items if e.involved_object.name == name]
+
+    def event_reasons(self, name: str) -> set[str]:
+        return {e.reason for e in self.events(name)}
+
+    def node(self, name: str) -> Any | None:
+        try:
+            return self.core.read_node(name)
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def remove_everything(self) -> None:
+        """Strip finalizers and delete every claim and Node, so the next test starts clean."""
+        for api in CLAIM_APIS.values():
+            for claim in self.custom.list_cluster_custom_object(GROUP, api.version, api.plural)["items"]:
+                name = claim["metadata"]["name"]
+                self.custom.patch_cluster_custom_object(
+                    GROUP, api.version, api.plural, name, {"metadata": {"finalizers": None}},
+                    _content_type="application/merge-patch+json",
+                )
+                _ignore_404(lambda a=api, n=name: self.delete(a, n))
+        for node in self.core.list_node().items:
+            self.core.patch_node(node.metadata.name, {"metadata": {"finalizers": None}},
+                                 _content_type="application/merge-patch+json")
+            _ignore_404(lambda n=node.metadata.name: self.core.delete_node(n))
+
+
+def _ignore_404(call: Callable[[], Any]) -> None:
+    try:
+        call()
+    except kubernetes.client.ApiException as error:
+        if error.status != 404:
+            raise

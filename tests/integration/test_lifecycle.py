@@ -1,0 +1,238 @@
+"""The controller end to end: Kaito's claims in, AKS agent pools (simulated) out, status back."""
+
+from __future__ import annotations
+
+import time
+
+import kubernetes
+import pytest
+
+from gpu_provisioner.api.claims import MACHINE, NODECLAIM, READY, TERMINATION_FINALIZER
+from gpu_provisioner.cloud.errors import INSUFFICIENT_CAPACITY_PHRASE
+from gpu_provisioner.cloud.pool_request import MANAGED_TAG
+from tests.integration.harness import kaito_claim, wait_for
+
+APIS = [MACHINE, NODECLAIM]
+
+
+def pool_writes(sim) -> int:
+    return sim.count_requests("agentpools.create") + sim.count_requests("agentpools.delete")
+
+
+@pytest.mark.parametrize("api", APIS, ids=lambda a: a.kind)
+def test_kaito_claim_gets_a_ready_gpu_node_and_deletion_removes_the_pool(
+    api, claims, start_sim, start_controller, unique_name
+):
+    sim = start_sim()
+    start_controller(sim)
+    claims.create(api, kaito_claim(api, unique_name))
+
+    claims.wait_condition(api, unique_name, READY, "True", timeout_s=60)
+    claim = claims.get(api, unique_name)
+    status = claim["status"]
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        api.launched: "True", api.registered: "True", api.initialized: "True", READY: "True"
+    }
+    assert TERMINATION_FINALIZER in claim["metadata"]["finalizers"]
+    assert claim["metadata"]["labels"]["node.kubernetes.io/instance-type"] == "Standard_NC6s_v3"
+    assert status["capacity"]["nvidia.com/gpu"] == "1" and status["allocatable"]["nvidia.com/gpu"] == "1"
+
+    pool = sim.pools()[unique_name]["properties"]
+    assert pool["vmSize"] == "Standard_NC6s_v3" and pool["count"] == 1
+    assert pool["osDiskSizeGB"] == (34 if api is MACHINE else 1024)
+    assert pool["nodeTaints"] == ["sku=gpu:NoSchedule"]
+    assert pool["nodeLabels"]["kaito.sh/workspace"] == "workspace-phi-3-mini"
+    assert pool["nodeLabels"][api.pool_label[0]] == api.pool_label[1]
+    assert pool["tags"][MANAGED_TAG] == "managed"
+
+    node = claims.node(status["nodeName"])
+    assert node.spec.provider_id == status["providerID"]
+    assert status["providerID"].startswith("azure:///subscriptions/")
+    labels = node.metadata.labels
+    assert labels["kaito.sh/workspace"] == "workspace-phi-3-mini"
+    assert labels["karpenter.sh/registered"] == "true" and labels["karpenter.sh/initialized"] == "true"
+    assert [(t.key, t.value, t.effect) for t in node.spec.taints] == [("sku", "gpu", "NoSchedule")]
+    assert TERMINATION_FINALIZER in node.metadata.finalizers
+    owner = node.metadata.owner_references[0]
+    assert (owner.kind, owner.name, owner.uid) == (api.kind, unique_name, claim["metadata"]["uid"])
+    assert {"Launched", "Registered", "Initialized"} <= claims.event_reasons(unique_name)
+
+    claims.delete(api, unique_name)
+    claims.wait_gone(api, unique_name, timeout_s=60)
+    assert unique_name not in sim.pools()
+    assert claims.node(status["nodeName"]) is None
+    assert sim.count_requests("agentpools.create") == 1
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda m: m["metadata"].update(name="ws-not-a-pool-name"), "InvalidPoolName"),
+        (lambda m: m["spec"]["requirements"][0].update(values=["Standard_Imaginary_v9"]), "UnknownInstanceType"),
+        (lambda m: m["spec"]["requirements"].pop(0), "InstanceTypeMissing"),
+        (lambda m: m["spec"]["resources"]["requests"].update(storage="5Ti"), "InvalidStorageRequest"),
+        (lambda m: m["metadata"].setdefault("annotations", {}).update({"kaito.sh/node-image-family": "windows"}),
+         "UnsupportedNodeImageFamily"),
+    ],
+    ids=["pool-name", "unknown-sku", "no-instance-type", "disk-too-big", "image-family"],
+)
+def test_bad_claim_is_refused_locally_with_a_reason_and_kept(
+    mutate, reason, claims, start_sim, start_controller, unique_name
+):
+    sim = start_sim()
+    start_controller(sim, launch_timeout_s=2)
+    manifest = kaito_claim(MACHINE, unique_name)
+    mutate(manifest)
+    name = manifest["metadata"]["name"]
+    claims.create(MACHINE, manifest)
+
+    launched = claims.wait_condition(MACHINE, name, MACHINE.launched, "False", reason=reason)
+    assert launched["message"]
+    assert claims.condition(MACHINE, name, READY)["reason"] == reason
+    wait_for(f"a {reason} event", lambda: reason in claims.event_reasons(name))
+    time.sleep(3)  # longer than the launch timeout: a claim refused for its content is not deleted
+    assert claims.get(MACHINE, name) is not None
+    assert pool_writes(sim) == 0 and sim.pools() == {}
+
+
+def test_reserved_labels_stay_off_the_pool_and_the_node(claims, start_sim, start_controller, unique_name):
+    sim = start_sim()
+    start_controller(sim)
+    manifest = kaito_claim(NODECLAIM, unique_name)
+    manifest["metadata"]["labels"].update({"kubernetes.azure.com/mode": "system", "kubernetes.io/hostname": "evil"})
+    claims.create(NODECLAIM, manifest)
+    claims.wait_condition(NODECLAIM, unique_name, READY, "True")
+    node_labels = sim.pools()[unique_name]["properties"]["nodeLabels"]
+    assert "kubernetes.azure.com/mode" not in node_labels and "kubernetes.io/hostname" not in node_labels
+    node = claims.node(claims.get(NODECLAIM, unique_name)["status"]["nodeName"])
+    assert node.metadata.labels["kubernetes.io/hostname"] != "evil"
+    assert node.metadata.labels["kubernetes.azure.com/mode"] == "user"
+
+
+def test_quota_exhausted_fails_fast_with_kaitos_phrase(claims, start_sim, start_controller, unique_name):
+    sim = start_sim("quota-exhausted")
+    start_controller(sim)
+    claims.create(MACHINE, kaito_claim(MACHINE, unique_name))
+    launched = claims.wait_condition(MACHINE, unique_name, MACHINE.launched, "False", reason="QuotaExceeded")
+    assert INSUFFICIENT_CAPACITY_PHRASE in launched["message"]
+    assert "Standard_NC6s_v3" in launched["message"]
+    assert sim.pools() == {}
+
+
+def test_unavailable_size_falls_back_to_the_next_listed_size(claims, start_sim, start_controller, unique_name):
+    sim = start_sim("sku-unavailable")
+    start_controller(sim)
+    claims.create(NODECLAIM, kaito_claim(NODECLAIM, unique_name, ["Standard_NC6s_v3", "Standard_NC24ads_A100_v4"]))
+    claims.wait_condition(NODECLAIM, unique_name, READY, "True")
+    assert sim.pools()[unique_name]["properties"]["vmSize"] == "Standard_NC24ads_A100_v4"
+    assert "SKUNotAvailable" in claims.event_reasons(unique_name)
+
+
+def test_allocation_failure_of_every_size_deletes_the_failed_pool(claims, start_sim, start_controller, unique_name):
+    sim = start_sim("allocation-failure")
+    start_controller(sim)
+    claims.create(MACHINE, kaito_claim(MACHINE, unique_name))
+    launched = claims.wait_condition(MACHINE, unique_name, MACHINE.launched, "False", reason="AllocationFailed")
+    assert INSUFFICIENT_CAPACITY_PHRASE in launched["message"]
+    wait_for("the failed pool to be deleted", lambda: unique_name not in sim.pools())
+
+
+def test_gpu_wait_keeps_claim_uninitialized_until_gpus_are_allocatable(
+    claims, start_sim, start_controller, unique_name
+):
+    sim = start_sim("no-gpu")
+    start_controller(sim)
+    claims.create(NODECLAIM, kaito_claim(NODECLAIM, unique_name))
+    claims.wait_condition(NODECLAIM, unique_name, NODECLAIM.registered, "True")
+    initialized = claims.wait_condition(
+        NODECLAIM, unique_name, NODECLAIM.initialized, "Unknown", reason="ResourcesNotRegistered"
+    )
+    assert "nvidia.com/gpu" in initialized["message"]
+    assert claims.condition(NODECLAIM, unique_name, READY)["status"] != "True"
+
+
+def test_stopped_cluster_gets_no_put_and_the_launch_timeout_deletes_the_claim(
+    claims, start_sim, start_controller, unique_name
+):
+    sim = start_sim("cluster-stopped")
+    start_controller(sim, launch_timeout_s=4)
+    claims.create(MACHINE, kaito_claim(MACHINE, unique_name))
+    claims.wait_condition(MACHINE, unique_name, MACHINE.launched, "Unknown", reason="ClusterNotReady")
+    claims.wait_gone(MACHINE, unique_name, timeout_s=30)
+    assert "LaunchTimeout" in claims.event_reasons(unique_name)
+    assert sim.count_requests("agentpools.create") == 0
+
+
+def test_node_that_never_joins_hits_the_registration_timeout_and_the_pool_is_deleted(
+    claims, start_sim, start_controller, unique_name
+):
+    sim = start_sim(materialise_nodes=False)
+    start_controller(sim, registration_timeout_s=3)
+    claims.create(NODECLAIM, kaito_claim(NODECLAIM, unique_name))
+    claims.wait_condition(NODECLAIM, unique_name, NODECLAIM.launched, "True")
+    claims.wait_gone(NODECLAIM, unique_name, timeout_s=30)
+    assert "RegistrationTimeout" in claims.event_reasons(unique_name)
+    assert unique_name not in sim.pools()
+
+
+def test_deletion_drains_pods_before_deleting_node_and_pool(
+    claims, kube_api, start_sim, start_controller, unique_name
+):
+    sim = start_sim()
+    start_controller(sim)
+    claims.create(MACHINE, kaito_claim(MACHINE, unique_name))
+    claims.wait_condition(MACHINE, unique_name, READY, "True")
+    node_name = claims.get(MACHINE, unique_name)["status"]["nodeName"]
+    core = kubernetes.client.CoreV1Api(kube_api)
+    pod = core.create_namespaced_pod("default", {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{unique_name}-inference"},
+        "spec": {"nodeName": node_name, "containers": [{"name": "model", "image": "mcr.microsoft.com/phi-3"}],
+                 "tolerations": [{"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]},
+    })
+
+    claims.delete(MACHINE, unique_name)
+    claims.wait_gone(MACHINE, unique_name)
+
+    def pod_evicted() -> bool:
+        try:
+            return core.read_namespaced_pod(pod.metadata.name, "default").metadata.deletion_timestamp is not None
+        except kubernetes.client.ApiException as error:
+            return error.status == 404
+
+    assert pod_evicted()
+    assert claims.node(node_name) is None
+    assert unique_name not in sim.pools()
+    assert "Draining" in claims.event_reasons(unique_name)
+
+
+def test_orphan_sweep_deletes_only_our_pools_without_claims(claims, start_sim, start_controller, unique_name):
+    sim = start_sim()
+    orphan, foreign = f"{unique_name[:8]}o", f"{unique_name[:8]}f"
+    sim.seed_pool(orphan, vm_size="Standard_NC6s_v3", tags={
+        MANAGED_TAG: "managed", "kaito-claim": f"machines/{orphan}", "kaito-created-at": "2026-01-01T00:00:00Z",
+    })
+    sim.seed_pool(foreign, vm_size="Standard_NC6s_v3", tags={"team": "research"})
+    start_controller(sim, orphan_sweep_interval_s=1, orphan_grace_s=60)
+    wait_for("the orphaned pool to be deleted", lambda: orphan not in sim.pools(), timeout_s=30)
+    assert foreign in sim.pools()
+
+
+def test_throttled_arm_still_gets_the_claim_ready(claims, start_sim, start_controller, unique_name):
+    sim = start_sim("throttled")
+    start_controller(sim)
+    claims.create(NODECLAIM, kaito_claim(NODECLAIM, unique_name))
+    claims.wait_condition(NODECLAIM, unique_name, READY, "True", timeout_s=90)
+    assert sim.count_requests(status=429) > 0
+    assert len([p for p in sim.pools() if p == unique_name]) == 1
+
+
+def test_many_claims_share_one_list_per_interval(claims, start_sim, start_controller, unique_name):
+    sim = start_sim()
+    start_controller(sim)
+    names = [f"{unique_name[:9]}{i}" for i in range(5)]
+    for name in names:
+        claims.create(NODECLAIM, kaito_claim(NODECLAIM, name))
+    for name in names:
+        claims.wait_condition(NODECLAIM, name, READY, "True", timeout_s=90)
+    assert sim.count_requests("agentpools.get") == 0
+    assert sim.count_requests("agentpools.create") == len(names)
