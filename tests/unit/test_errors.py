@@ -1,0 +1,43 @@
+"""ARM error codes -> the classes the lifecycle treats differently."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpu_provisioner.cloud.errors import (
+    AllocationFailedError,
+    ClusterUnavailableError,
+    InvalidRequestError,
+    NotFoundError,
+    PoolBusyError,
+    QuotaExceededError,
+    SkuUnavailableError,
+    ThrottledError,
+    TransientError,
+    classify_code,
+)
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "status", "cls"),
+    [
+        ("QuotaExceeded", "Operation could not be completed as it results in exceeding approved quota", 400,
+         QuotaExceededError),
+        ("OperationNotAllowed", "exceeding approved standardNCSv3Family Cores quota", 400, QuotaExceededError),
+        ("SkuNotAvailable", "The requested VM size is not available in location eastus", 400, SkuUnavailableError),
+        ("AllocationFailed", "Allocation failed. We do not have sufficient capacity", 200, AllocationFailedError),
+        ("OverconstrainedAllocationRequest", "constraints", 200, AllocationFailedError),
+        ("OperationNotAllowed", "Another operation (Creating) is in progress on agent pool x", 409, PoolBusyError),
+        ("TooManyRequests", "throttled", 429, ThrottledError),
+        ("InternalServerError", "oops", 500, TransientError),
+        ("NotFound", "gone", 404, NotFoundError),
+        ("InvalidParameter", "The value of parameter agentPoolProfile.name is invalid", 400, InvalidRequestError),
+        ("OperationNotAllowed", "The cluster is stopped; start it first", 409, ClusterUnavailableError),
+    ],
+)
+def test_arm_codes_are_classified(code, message, status, cls):
+    error = classify_code(code, message, status, retry_after_s=7)
+    assert type(error) is cls
+    assert error.code == code and error.message == message
+    if isinstance(error, ThrottledError):
+        assert error.retry_after_s == 7

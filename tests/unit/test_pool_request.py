@@ -1,0 +1,100 @@
+"""Claim -> agent pool request: pure mapping and local validation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from gpu_provisioner.api.claims import MACHINE, NODECLAIM, Claim
+from gpu_provisioner.cloud.pool_request import (
+    MANAGED_TAG,
+    InvalidClaim,
+    build_pool_request,
+    is_reserved_label,
+)
+from tests.integration.harness import EXAMPLES
+
+CREATED = "2026-11-24T10:00:00Z"
+
+
+def claim(api, mutate=None, uid="uid-1") -> Claim:
+    manifest = yaml.safe_load((EXAMPLES / f"kaito-{api.name}.yaml").read_text())
+    manifest["metadata"]["uid"] = uid
+    if mutate:
+        mutate(manifest)
+    return Claim(api, copy.deepcopy(manifest))
+
+
+def test_machine_maps_to_the_go_provisioners_body():
+    request = build_pool_request(claim(MACHINE), CREATED)
+    body = request.body(request.vm_sizes[0])["properties"]
+    assert body["vmSize"] == "Standard_NC6s_v3" and body["count"] == 1
+    assert body["osDiskSizeGB"] == 34 and body["osSKU"] == "Ubuntu" and body["osType"] == "Linux"
+    assert body["nodeTaints"] == ["sku=gpu:NoSchedule"]
+    assert body["nodeLabels"]["karpenter.sh/provisioner-name"] == "default"
+    assert body["nodeLabels"]["kaito.sh/machine-type"] == "gpu"
+    assert body["nodeLabels"]["kaito.sh/creation-timestamp"] == "2026-11-24T10-00-00Z"
+    assert body["tags"][MANAGED_TAG] == "managed" and body["tags"]["kaito-claim"] == "machines/ws1a2b3c4d5"
+
+
+def test_nodeclaim_uses_nodepool_label_and_image_family():
+    request = build_pool_request(
+        claim(NODECLAIM, lambda m: m["metadata"]["annotations"].update({"kaito.sh/node-image-family": "AzureLinux"})),
+        CREATED,
+    )
+    body = request.body(request.vm_sizes[0])["properties"]
+    assert body["nodeLabels"]["karpenter.sh/nodepool"] == "kaito"
+    assert body["osSKU"] == "AzureLinux" and body["osDiskSizeGB"] == 1024
+
+
+def test_sizes_keep_the_claims_order_and_skip_unknown_ones():
+    def sizes(m):
+        m["spec"]["requirements"][0]["values"] = ["Standard_Unknown_v1", "Standard_NC24ads_A100_v4", "standard_nc6s_v3"]
+
+    request = build_pool_request(claim(MACHINE, sizes), CREATED)
+    assert [s.name for s in request.vm_sizes] == ["Standard_NC24ads_A100_v4", "Standard_NC6s_v3"]
+
+
+@pytest.mark.parametrize(("storage", "expected"), [("0", None), ("20Gi", 30), ("34Gi", 34), ("2Ti", 2048)])
+def test_os_disk_follows_the_storage_request_within_aks_limits(storage, expected):
+    request = build_pool_request(
+        claim(MACHINE, lambda m: m["spec"]["resources"]["requests"].update(storage=storage)), CREATED
+    )
+    assert request.os_disk_gb == expected
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda m: m["metadata"].update(name="workspace-long-name"), "InvalidPoolName"),
+        (lambda m: m["metadata"].update(name="1abc"), "InvalidPoolName"),
+        (lambda m: m["spec"]["requirements"].pop(0), "InstanceTypeMissing"),
+        (lambda m: m["spec"]["requirements"][0].update(values=["Standard_Nope"]), "UnknownInstanceType"),
+        (lambda m: m["spec"]["resources"]["requests"].update(storage="3Ti"), "InvalidStorageRequest"),
+        (lambda m: m["spec"]["resources"]["requests"].update(storage="plenty"), "InvalidStorageRequest"),
+        (lambda m: m["spec"]["taints"][0].update(value="a=b:c"), "InvalidTaint"),
+        (lambda m: m["metadata"].update(annotations={"kaito.sh/node-image-family": "windows"}),
+         "UnsupportedNodeImageFamily"),
+    ],
+)
+def test_bad_claims_are_refused_with_a_reason(mutate, reason):
+    with pytest.raises(InvalidClaim) as refused:
+        build_pool_request(claim(MACHINE, mutate), CREATED)
+    assert refused.value.reason == reason
+    assert refused.value.message
+
+
+def test_reserved_label_domains_are_dropped_from_node_labels():
+    def hostile(m):
+        m["metadata"]["labels"].update({
+            "kubernetes.azure.com/mode": "system", "kubernetes.io/hostname": "x", "node-role.kubernetes.io/master": "",
+            "node-restriction.kubernetes.io/team": "a",
+        })
+
+    labels = build_pool_request(claim(MACHINE, hostile), CREATED).node_labels
+    assert "kubernetes.azure.com/mode" not in labels and "kubernetes.io/hostname" not in labels
+    assert "node-role.kubernetes.io/master" not in labels
+    assert labels["node-restriction.kubernetes.io/team"] == "a"
+    assert not is_reserved_label("kaito.sh/workspace") and is_reserved_label("topology.kubernetes.io/zone")

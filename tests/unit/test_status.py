@@ -1,0 +1,43 @@
+"""StatusWriter: condition shapes per API, transition times, derived Ready."""
+
+from __future__ import annotations
+
+from gpu_provisioner.api.claims import MACHINE, NODECLAIM, READY, Claim, StatusWriter
+
+
+def bare(api, status=None) -> Claim:
+    return Claim(api, {"metadata": {"name": "ws1", "uid": "u", "generation": 3}, "status": status or {}})
+
+
+def test_ready_repeats_the_first_blocking_phase():
+    writer = StatusWriter(bare(NODECLAIM))
+    writer.set("Launched", "True", "Launched")
+    writer.set("Registered", "Unknown", "AwaitingNode", "waiting for the node")
+    conditions = {c["type"]: c for c in writer.render()["conditions"]}
+    assert conditions[READY]["status"] == "Unknown"
+    assert (conditions[READY]["reason"], conditions[READY]["message"]) == ("AwaitingNode", "waiting for the node")
+    assert conditions["Initialized"]["reason"] == "AwaitingReconciliation"
+    assert conditions["Launched"]["observedGeneration"] == 3
+
+
+def test_machine_conditions_have_no_observed_generation_and_ready_when_all_true():
+    writer = StatusWriter(bare(MACHINE))
+    for phase in MACHINE.phases:
+        writer.set(phase, "True", phase)
+    rendered = writer.render()["conditions"]
+    assert [c["type"] for c in rendered] == [*MACHINE.phases, READY]
+    assert all("observedGeneration" not in c for c in rendered)
+    assert rendered[-1]["status"] == "True"
+
+
+def test_unchanged_status_is_not_rewritten_and_keeps_transition_time():
+    first = StatusWriter(bare(NODECLAIM))
+    first.set("Launched", "Unknown", "Launching", "creating")
+    status = first.render()
+    status["conditions"][0]["lastTransitionTime"] = "2026-01-01T00:00:00Z"
+    again = StatusWriter(bare(NODECLAIM, status))
+    again.set("Launched", "Unknown", "Launching", "creating")
+    assert not again.changed()
+    again.set("Launched", "True", "Launched")
+    assert again.changed()
+    assert again.get("Launched")["lastTransitionTime"] != "2026-01-01T00:00:00Z"
