@@ -56,6 +56,33 @@ def run() -> None:
         manager.stop()
 
 
+@app.command("sandbox")
+def sandbox(
+    api: Annotated[str, typer.Option(help="Claim API Kaito uses: machine (Kaito <= 0.4.1) or nodeclaim.")] = "machine",
+    claims: Annotated[int, typer.Option(min=1, help="How many claims to make.")] = 1,
+    instance_type: Annotated[str, typer.Option(help="VM size the claims ask for.")] = "Standard_NC6s_v3",
+    scenario: Annotated[str, typer.Option(
+        help="AKS simulator scenario: default, quota-exhausted, sku-unavailable, throttled, node-never-ready, ..."
+    )] = "default",
+    kubeconfig: Annotated[Path | None, typer.Option(help="Use this cluster instead of starting one.")] = None,
+    exit_when_ready: Annotated[bool, typer.Option(
+        help="Exit 0 once every claim is Ready; non-zero with the reason when one cannot be."
+    )] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for Ready.")] = 300.0,
+) -> None:
+    """Local control plane + AKS simulator + controller + Kaito claims, shown live; Ctrl-C tears down."""
+    from gpu_provisioner.api.claims import CLAIM_APIS
+    from gpu_provisioner.sandbox import Sandbox
+
+    if api not in CLAIM_APIS:
+        raise typer.BadParameter(f"choose one of {sorted(CLAIM_APIS)}", param_hint="--api")
+    run_console = Console()
+    code = Sandbox(run_console, CLAIM_APIS[api], claims, instance_type, scenario, kubeconfig, timeout).run(
+        exit_when_ready
+    )
+    raise typer.Exit(code)
+
+
 @devenv_app.command("tools")
 def devenv_tools() -> None:
     """Build the pinned kube-apiserver, kubectl, etcd and helm once into the cache, then print their paths."""

@@ -227,31 +227,36 @@ class ControlPlane:
 
     # CRDs ------------------------------------------------------------------------------------
 
-    def install_crds(self, directory: Path, timeout_s: float = 30.0) -> list[str]:
-        """Create or update every CRD in `directory` and wait until each is Established."""
-        api = kubernetes.client.ApiextensionsV1Api(self.api_client())
-        names = []
-        for path in sorted(directory.glob("*.yaml")):
-            for manifest in yaml.safe_load_all(path.read_text()):
-                if not manifest or manifest.get("kind") != "CustomResourceDefinition":
-                    continue
-                name = manifest["metadata"]["name"]
-                try:
-                    api.create_custom_resource_definition(manifest)
-                except kubernetes.client.ApiException as error:
-                    if error.status != 409:
-                        raise
-                    current = api.read_custom_resource_definition(name)
-                    manifest["metadata"]["resourceVersion"] = current.metadata.resource_version
-                    api.replace_custom_resource_definition(name, manifest)
-                names.append(name)
-        deadline = time.monotonic() + timeout_s
-        for name in names:
-            while not _crd_established(api, name):
-                if time.monotonic() > deadline:
-                    raise ControlPlaneError(f"CRD {name} not Established after {timeout_s:.0f}s")
-                time.sleep(0.1)
-        return names
+    def install_crds(self, directory: Path) -> list[str]:
+        with self.api_client() as client:
+            return install_crds(client, directory)
+
+
+def install_crds(api_client: kubernetes.client.ApiClient, directory: Path, timeout_s: float = 30.0) -> list[str]:
+    """Create or update every CRD in `directory` and wait until each is Established."""
+    api = kubernetes.client.ApiextensionsV1Api(api_client)
+    names = []
+    for path in sorted(directory.glob("*.yaml")):
+        for manifest in yaml.safe_load_all(path.read_text()):
+            if not manifest or manifest.get("kind") != "CustomResourceDefinition":
+                continue
+            name = manifest["metadata"]["name"]
+            try:
+                api.create_custom_resource_definition(manifest)
+            except kubernetes.client.ApiException as error:
+                if error.status != 409:
+                    raise
+                current = api.read_custom_resource_definition(name)
+                manifest["metadata"]["resourceVersion"] = current.metadata.resource_version
+                api.replace_custom_resource_definition(name, manifest)
+            names.append(name)
+    deadline = time.monotonic() + timeout_s
+    for name in names:
+        while not _crd_established(api, name):
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(f"CRD {name} not Established after {timeout_s:.0f}s")
+            time.sleep(0.1)
+    return names
 
 
 def _crd_established(api: kubernetes.client.ApiextensionsV1Api, name: str) -> bool:

@@ -5,29 +5,16 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import kubernetes
-import yaml
 
 from gpu_provisioner.api.claims import CLAIM_APIS, GROUP, ClaimApi
+from gpu_provisioner.sandbox import EXAMPLES, kaito_claim
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+__all__ = ["EXAMPLES", "Claims", "kaito_claim", "wait_for"]
+
 T = TypeVar("T")
-
-
-def kaito_claim(api: ClaimApi, name: str, instance_types: list[str] | None = None) -> dict[str, Any]:
-    """Kaito's exact claim manifest (examples/), renamed, optionally with other instance types."""
-    manifest = yaml.safe_load((EXAMPLES / f"kaito-{api.name}.yaml").read_text())
-    manifest["metadata"]["name"] = name
-    if api.name == "machine":
-        manifest["spec"]["machineTemplateRef"]["name"] = name
-    if instance_types is not None:
-        for requirement in manifest["spec"]["requirements"]:
-            if requirement["key"] in ("node.kubernetes.io/instance-type", "karpenter.azure.com/sku-name"):
-                requirement["values"] = list(instance_types)
-    return manifest
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0, interval_s: float = 0.2) -> T:

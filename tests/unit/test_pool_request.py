@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,7 +15,8 @@ from gpu_provisioner.cloud.pool_request import (
     build_pool_request,
     is_reserved_label,
 )
-from tests.integration.harness import EXAMPLES
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 CREATED = "2026-11-24T10:00:00Z"
 
