@@ -1,0 +1,148 @@
+"""A client-go style work queue: keys, not work; deduplicated; never one key in two workers at once.
+
+A key added while a worker holds it is parked and handed out again when that worker calls done().
+Delayed adds wait in a heap; failures back off per key, exponentially, with jitter.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from gpu_provisioner.runtime import metrics
+
+
+class WorkQueue:
+    def __init__(
+        self,
+        name: str,
+        base_delay_s: float = 0.5,
+        max_delay_s: float = 300.0,
+        jitter: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self._base, self._max, self._jitter = base_delay_s, max_delay_s, jitter
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._ready: deque[str] = deque()
+        self._dirty: set[str] = set()  # queued or parked: wants processing
+        self._processing: set[str] = set()
+        self._waiting: list[tuple[float, int, str]] = []  # (due, sequence, key) heap
+        self._due: dict[str, float] = {}  # earliest due time per waiting key
+        self._sequence = 0
+        self._failures: dict[str, int] = {}
+        self._added_at: dict[str, float] = {}
+        self._started_at: dict[str, float] = {}
+        self._shutting_down = False
+
+    # adding -----------------------------------------------------------------------------------
+
+    def add(self, key: str) -> None:
+        with self._cond:
+            self._add_locked(key)
+
+    def _add_locked(self, key: str) -> None:
+        if self._shutting_down or key in self._dirty:
+            return
+        self._dirty.add(key)
+        metrics.WORKQUEUE_ADDS.labels(name=self.name).inc()
+        self._added_at.setdefault(key, self._clock())
+        if key not in self._processing:
+            self._ready.append(key)
+            self._publish_depth()
+            self._cond.notify()
+
+    def add_after(self, key: str, delay_s: float) -> None:
+        if delay_s <= 0:
+            self.add(key)
+            return
+        with self._cond:
+            due = self._clock() + delay_s
+            if self._shutting_down or self._due.get(key, float("inf")) <= due:
+                return  # an earlier wake-up is already planned
+            self._due[key] = due
+            self._sequence += 1
+            heapq.heappush(self._waiting, (due, self._sequence, key))
+            self._cond.notify()
+
+    def add_rate_limited(self, key: str) -> float:
+        with self._cond:
+            failures = self._failures.get(key, 0)
+            self._failures[key] = failures + 1
+        delay = min(self._base * 2**failures, self._max)
+        delay *= 1 + random.uniform(-self._jitter, self._jitter)
+        metrics.WORKQUEUE_RETRIES.labels(name=self.name).inc()
+        self.add_after(key, delay)
+        return delay
+
+    def forget(self, key: str) -> None:
+        with self._cond:
+            self._failures.pop(key, None)
+
+    def failures(self, key: str) -> int:
+        with self._cond:
+            return self._failures.get(key, 0)
+
+    # taking -----------------------------------------------------------------------------------
+
+    def get(self, timeout_s: float | None = None) -> str | None:
+        deadline = None if timeout_s is None else self._clock() + timeout_s
+        with self._cond:
+            while True:
+                self._promote_due()
+                if self._ready:
+                    key = self._ready.popleft()
+                    self._dirty.discard(key)
+                    self._processing.add(key)
+                    now = self._clock()
+                    metrics.WORKQUEUE_QUEUE_DURATION.labels(name=self.name).observe(now - self._added_at.pop(key, now))
+                    self._started_at[key] = now
+                    self._publish_depth()
+                    return key
+                if self._shutting_down:
+                    return None
+                wait = self._waiting[0][0] - self._clock() if self._waiting else None
+                if deadline is not None:
+                    remaining = deadline - self._clock()
+                    if remaining <= 0:
+                        return None
+                    wait = remaining if wait is None else min(wait, remaining)
+                self._cond.wait(wait)
+
+    def done(self, key: str) -> None:
+        with self._cond:
+            self._processing.discard(key)
+            started = self._started_at.pop(key, None)
+            if started is not None:
+                metrics.WORKQUEUE_WORK_DURATION.labels(name=self.name).observe(self._clock() - started)
+            if key in self._dirty:  # added again while it was being worked on
+                self._ready.append(key)
+                self._publish_depth()
+                self._cond.notify()
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._shutting_down = True
+            self._cond.notify_all()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._ready)
+
+    # internals --------------------------------------------------------------------------------
+
+    def _promote_due(self) -> None:
+        now = self._clock()
+        while self._waiting and self._waiting[0][0] <= now:
+            due, _, key = heapq.heappop(self._waiting)
+            if self._due.get(key) == due:
+                del self._due[key]
+                self._add_locked(key)
+
+    def _publish_depth(self) -> None:
+        metrics.WORKQUEUE_DEPTH.labels(name=self.name).set(len(self._ready))
