@@ -26,7 +26,9 @@ class Settings(BaseSettings):
     # missing one is reported at start-up and shown in the start-up log.
     client_id: str = Field("", validation_alias="AZURE_CLIENT_ID")
     tenant_id: str = Field("", validation_alias="AZURE_TENANT_ID")
-    # Sovereign clouds, Azure Stack, or the AKS simulator.
+    # Sovereign clouds, Azure Stack, or the AKS simulator. An Entra authority that Microsoft's instance
+    # discovery does not know (AZURE_AUTHORITY_HOST) needs discovery off.
+    disable_instance_discovery: bool = Field(False, validation_alias="AZURE_DISABLE_INSTANCE_DISCOVERY")
     arm_endpoint: str = Field("https://management.azure.com", validation_alias="ARM_ENDPOINT")
 
     claim_apis: list[str] = Field(

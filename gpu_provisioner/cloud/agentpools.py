@@ -130,7 +130,7 @@ class AgentPools:
     def __init__(self, settings: Settings, credential: TokenCredential | None = None) -> None:
         self.settings = settings
         self._client = ContainerServiceClient(
-            credential or DefaultAzureCredential(),
+            credential or DefaultAzureCredential(disable_instance_discovery=settings.disable_instance_discovery),
             settings.subscription_id,
             base_url=settings.arm_endpoint,
             # One retry layer, ours: it knows when a wait belongs in the queue rather than in a worker.

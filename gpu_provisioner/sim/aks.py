@@ -1,0 +1,310 @@
+"""The simulated AKS resource provider: managed clusters, agent pools, long-running operations.
+
+State advances with time (no thread needed): every call first settles the operations whose delay
+has passed. Errors are raised as ArmError with the HTTP status, code and message AKS would send.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from gpu_provisioner.cloud.skus import lookup
+from gpu_provisioner.sim.scenario import Scenario
+
+POOL_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+TAINT = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?=[A-Za-z0-9_.-]*:(NoSchedule|PreferNoSchedule|NoExecute)$")
+RESERVED_LABEL_DOMAINS = ("kubernetes.azure.com", "kubernetes.io", "k8s.io")
+ORCHESTRATOR_VERSION = "1.33.5"
+NODE_IMAGE_VERSION = "AKSUbuntu-2204gen2containerd-202611.10.0"
+
+
+class ArmError(Exception):
+    def __init__(self, status: int, code: str, message: str, target: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.target = status, code, message, target
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.target:
+            error["target"] = self.target
+        return {"error": error}
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class Operation:
+    id: str
+    kind: str  # "create" | "delete"
+    cluster: str
+    pool: str
+    due: float
+    started: str = field(default_factory=_now_iso)
+    status: str = "InProgress"
+    error: dict[str, Any] | None = None
+    ended: str | None = None
+    result: dict[str, Any] | None = None
+
+
+@dataclass
+class Pool:
+    cluster: str
+    name: str
+    properties: dict[str, Any]
+    operation: Operation | None = None
+
+
+class Aks:
+    """Managed clusters and their agent pools in one subscription and resource group."""
+
+    def __init__(self, scenario: Scenario, subscription_id: str, resource_group: str, location: str,
+                 clusters: tuple[str, ...], clock: Callable[[], float] = time.monotonic) -> None:
+        self.scenario = scenario
+        self.subscription_id, self.resource_group, self.location = subscription_id, resource_group, location
+        self.clusters = {name: scenario.cluster_power for name in clusters}
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.operations: dict[str, Operation] = {}
+        self.lock = threading.RLock()
+        self._clock = clock
+        # Called (cluster, pool body) when a pool has been created, and (cluster, name) once deleted.
+        self.on_pool_created: Callable[[str, dict[str, Any]], None] = lambda cluster, pool: None
+        self.on_pool_deleted: Callable[[str, str], None] = lambda cluster, name: None
+
+    def node_resource_group(self, cluster: str) -> str:
+        return f"MC_{self.resource_group}_{cluster}_{self.location}"
+
+    # reads ------------------------------------------------------------------------------------
+
+    def cluster(self, cluster: str) -> dict[str, Any]:
+        power = self._cluster_power(cluster)
+        provisioning = {"Starting": "Starting", "Stopping": "Stopping"}.get(power, "Succeeded")
+        return {
+            "id": self._cluster_id(cluster), "name": cluster, "type": "Microsoft.ContainerService/ManagedClusters",
+            "location": self.location,
+            "properties": {
+                "provisioningState": provisioning,
+                "powerState": {"code": "Stopped" if power == "Stopped" else "Running"},
+                "kubernetesVersion": ORCHESTRATOR_VERSION, "nodeResourceGroup": self.node_resource_group(cluster),
+            },
+        }
+
+    def get_pool(self, cluster: str, name: str) -> dict[str, Any]:
+        with self.lock:
+            self.settle()
+            self._cluster_power(cluster)
+            pool = self.pools.get((cluster, name.lower()))
+            if pool is None:
+                raise ArmError(404, "NotFound", f"Could not find agent pool {name} in managed cluster {cluster}.")
+            return self._pool_body(pool)
+
+    def list_pools(self, cluster: str) -> dict[str, Any]:
+        with self.lock:
+            self.settle()
+            self._cluster_power(cluster)
+            return {"value": [self._pool_body(p) for (c, _), p in sorted(self.pools.items()) if c == cluster]}
+
+    def operation(self, operation_id: str) -> Operation:
+        with self.lock:
+            self.settle()
+            operation = self.operations.get(operation_id)
+            if operation is None:
+                raise ArmError(404, "NotFound", f"Operation {operation_id} not found.")
+            return operation
+
+    # writes -----------------------------------------------------------------------------------
+
+    def put_pool(self, cluster: str, name: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], Operation | None]:
+        """201 + operation for a new pool, 200 for an unchanged one; ArmError otherwise."""
+        with self.lock:
+            self.settle()
+            properties = dict(body.get("properties") or {})
+            self._validate(cluster, name, properties)
+            existing = self.pools.get((cluster, name))
+            if existing is not None:
+                if existing.operation is not None:
+                    raise self._busy(existing)
+                if existing.properties.get("provisioningState") == "Succeeded" and self._same_spec(existing, properties):
+                    return 200, self._pool_body(existing), None
+                raise ArmError(400, "InvalidParameter",
+                               f"Changing properties of agent pool {name} is not supported by this simulator.")
+            self._check_cluster_accepts_writes(cluster)
+            self._check_offer_and_quota(cluster, properties)
+            properties.update(provisioningState="Creating", powerState={"code": "Running"},
+                              orchestratorVersion=ORCHESTRATOR_VERSION, currentOrchestratorVersion=ORCHESTRATOR_VERSION,
+                              nodeImageVersion=NODE_IMAGE_VERSION)
+            pool = Pool(cluster, name, properties)
+            pool.operation = self._start(pool, "create", self.scenario.create_delay_s)
+            self.pools[(cluster, name)] = pool
+            return 201, self._pool_body(pool), pool.operation
+
+    def delete_pool(self, cluster: str, name: str) -> Operation | None:
+        """The delete operation, or None (204) when there is no such pool."""
+        with self.lock:
+            self.settle()
+            pool = self.pools.get((cluster, name.lower()))
+            if pool is None:
+                self._cluster_power(cluster)
+                return None
+            if pool.operation is not None:
+                raise self._busy(pool)
+            self._check_cluster_accepts_writes(cluster)
+            pool.properties["provisioningState"] = "Deleting"
+            pool.operation = self._start(pool, "delete", self.scenario.delete_delay_s)
+            return pool.operation
+
+    def seed_pool(self, cluster: str, name: str, vm_size: str, tags: dict[str, str]) -> dict[str, Any]:
+        """A pool already Succeeded, as if made earlier (by us before a restart, or by someone else)."""
+        with self.lock:
+            properties = {
+                "count": 1, "vmSize": vm_size, "osType": "Linux", "osSKU": "Ubuntu", "mode": "User",
+                "type": "VirtualMachineScaleSets", "tags": tags, "nodeLabels": {}, "nodeTaints": [],
+                "provisioningState": "Succeeded", "powerState": {"code": "Running"},
+                "orchestratorVersion": ORCHESTRATOR_VERSION, "nodeImageVersion": NODE_IMAGE_VERSION,
+            }
+            pool = Pool(cluster, name, properties)
+            self.pools[(cluster, name)] = pool
+            body = self._pool_body(pool)
+        self.on_pool_created(cluster, body)
+        return body
+
+    def set_cluster_power(self, cluster: str, power: str) -> None:
+        with self.lock:
+            self._cluster_power(cluster)
+            self.clusters[cluster] = power
+
+    # time -------------------------------------------------------------------------------------
+
+    def settle(self) -> None:
+        """Finish every operation whose time has come."""
+        created: list[tuple[str, dict[str, Any]]] = []
+        deleted: list[tuple[str, str]] = []
+        with self.lock:
+            now = self._clock()
+            for key, pool in list(self.pools.items()):
+                operation = pool.operation
+                if operation is None or operation.due > now:
+                    continue
+                pool.operation = None
+                operation.ended = _now_iso()
+                if operation.kind == "delete":
+                    del self.pools[key]
+                    operation.status = "Succeeded"
+                    deleted.append(key)
+                elif pool.properties["vmSize"].lower() in {s.lower() for s in self.scenario.allocation_failure_skus}:
+                    error = {
+                        "code": "AllocationFailed",
+                        "message": f"Allocation failed. We do not have sufficient capacity for the requested VM size "
+                                   f"{pool.properties['vmSize']} in region {self.location}. Read more about "
+                                   "improving likelihood of allocation success at http://aka.ms/allocation-guidance",
+                    }
+                    operation.status, operation.error = "Failed", error
+                    pool.properties["provisioningState"] = "Failed"
+                    pool.properties["status"] = {"provisioningError": error}
+                else:
+                    operation.status = "Succeeded"
+                    pool.properties["provisioningState"] = "Succeeded"
+                    operation.result = self._pool_body(pool)
+                    created.append((pool.cluster, operation.result))
+        for cluster, body in created:
+            self.on_pool_created(cluster, body)
+        for cluster, name in deleted:
+            self.on_pool_deleted(cluster, name)
+
+    # internals --------------------------------------------------------------------------------
+
+    def _cluster_id(self, cluster: str) -> str:
+        return (f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
+                f"/providers/Microsoft.ContainerService/managedClusters/{cluster}")
+
+    def _cluster_power(self, cluster: str) -> str:
+        power = self.clusters.get(cluster)
+        if power is None:
+            raise ArmError(404, "ResourceNotFound", f"The Resource 'Microsoft.ContainerService/managedClusters/"
+                           f"{cluster}' under resource group '{self.resource_group}' was not found.")
+        return power
+
+    def _pool_body(self, pool: Pool) -> dict[str, Any]:
+        return {
+            "id": f"{self._cluster_id(pool.cluster)}/agentPools/{pool.name}", "name": pool.name,
+            "type": "Microsoft.ContainerService/managedClusters/agentPools",
+            "properties": dict(pool.properties),
+        }
+
+    def _start(self, pool: Pool, kind: str, delay_s: float) -> Operation:
+        operation = Operation(str(uuid.uuid4()), kind, pool.cluster, pool.name, self._clock() + delay_s)
+        self.operations[operation.id] = operation
+        return operation
+
+    @staticmethod
+    def _busy(pool: Pool) -> ArmError:
+        operation = pool.operation
+        verb = "create" if operation and operation.kind == "create" else "delete"
+        return ArmError(409, "OperationNotAllowed", f"Operation is not allowed because there's an in progress {verb} "
+                        f"node pool operation on agent pool {pool.name}. Please wait for it to finish.")
+
+    @staticmethod
+    def _same_spec(pool: Pool, properties: dict[str, Any]) -> bool:
+        return all(pool.properties.get(k) == v for k, v in properties.items())
+
+    def _check_cluster_accepts_writes(self, cluster: str) -> None:
+        power = self._cluster_power(cluster)
+        if power != "Running":
+            raise ArmError(409, "OperationNotAllowed", f"Operation is not allowed because the managed cluster {cluster}"
+                           f" is in {power} state. Please wait or start the cluster first.")
+
+    def _validate(self, cluster: str, name: str, properties: dict[str, Any]) -> None:
+        self._cluster_power(cluster)
+        if not POOL_NAME.match(name):
+            raise ArmError(400, "InvalidParameter", "The value of parameter agentPoolProfile.name is invalid. Please "
+                           "see https://aka.ms/aks-naming-rules for more details.", "agentPoolProfile.name")
+        count = properties.get("count", 1)
+        if not isinstance(count, int) or not 0 <= count <= 1000:
+            raise ArmError(400, "InvalidParameter", f"The value of parameter agentPoolProfile.count is invalid: {count}.",
+                           "agentPoolProfile.count")
+        vm_size = properties.get("vmSize", "")
+        if lookup(vm_size) is None:
+            raise ArmError(400, "InvalidParameter", f"The VM size of {vm_size or '(none)'} is not supported.",
+                           "agentPoolProfile.vmSize")
+        disk = properties.get("osDiskSizeGB")
+        if disk is not None and not 30 <= disk <= 2048:
+            raise ArmError(400, "InvalidParameter", f"The value of parameter agentPoolProfile.osDiskSizeGB is invalid: "
+                           f"{disk}; it must be between 30 and 2048.", "agentPoolProfile.osDiskSizeGB")
+        for key in properties.get("nodeLabels") or {}:
+            domain = key.split("/", 1)[0] if "/" in key else ""
+            if any(domain == d or domain.endswith("." + d) for d in RESERVED_LABEL_DOMAINS):
+                raise ArmError(400, "InvalidParameter", f"Label key {key} is reserved and cannot be set on an agent "
+                               "pool.", "agentPoolProfile.nodeLabels")
+        for taint in properties.get("nodeTaints") or []:
+            if not TAINT.match(taint):
+                raise ArmError(400, "InvalidParameter", f"Taint {taint} is invalid: taints must be key=value:Effect "
+                               "with Effect NoSchedule, PreferNoSchedule or NoExecute.", "agentPoolProfile.nodeTaints")
+
+    def _check_offer_and_quota(self, cluster: str, properties: dict[str, Any]) -> None:
+        size = lookup(properties["vmSize"])
+        assert size is not None  # validated
+        if size.name.lower() in {s.lower() for s in self.scenario.unavailable_skus}:
+            raise ArmError(400, "SkuNotAvailable", f"The requested VM size {size.name} is currently not available in "
+                           f"location '{self.location}'. Please try another size or deploy to a different location.")
+        limit = self.scenario.vcpu_quota.get(size.family)
+        if limit is None:
+            return
+        used = sum(
+            (lookup(p.properties["vmSize"]) or size).vcpus * p.properties.get("count", 1)
+            for p in self.pools.values() if (lookup(p.properties["vmSize"]) or size).family == size.family
+        )
+        needed = size.vcpus * properties.get("count", 1)
+        if used + needed > limit:
+            raise ArmError(400, "QuotaExceeded", f"Preflight validation check for resource(s) for container service "
+                           f"{cluster} in resource group {self.resource_group} failed. Message: Operation could not be "
+                           f"completed as it results in exceeding approved {size.family} Cores quota. Additional "
+                           f"details - Location: {self.location}, Current Limit: {limit}, Current Usage: {used}, "
+                           f"Additional Required: {needed}, (Minimum) New Limit Required: {used + needed}.")

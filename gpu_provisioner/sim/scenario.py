@@ -1,0 +1,54 @@
+"""What the simulated AKS does: delays, quotas, offers, faults. Set per test from Python, per run from
+the CLI (a preset name) or from the environment (AKS_SIM_<FIELD>)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gpu_provisioner.cloud.skus import CATALOGUE
+
+_GPU_SIZES = [size for size in CATALOGUE.values() if size.is_gpu]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "quota-exhausted": {"vcpu_quota": {size.family: 0 for size in _GPU_SIZES}},
+    "sku-unavailable": {"unavailable_skus": ["Standard_NC6s_v3", "Standard_NC12s_v3", "Standard_NC24s_v3"]},
+    "allocation-failure": {"allocation_failure_skus": [size.name for size in _GPU_SIZES]},
+    "throttled": {"throttle_rate": 0.3, "retry_after_s": 1},
+    "node-never-ready": {"node_never_ready": True},
+    "no-gpu": {"no_gpu": True},
+    "cluster-stopped": {"cluster_power": "Stopped"},
+    "flaky": {"server_error_rate": 0.1, "drop_rate": 0.05},
+}
+
+
+class Scenario(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AKS_SIM_", extra="forbid")
+
+    seed: int = 0
+    create_delay_s: float = 2.0
+    delete_delay_s: float = 1.0
+    node_join_delay_s: float = 0.5  # after the pool succeeded
+    node_ready_delay_s: float = 0.5  # after the node joined
+    gpu_publish_delay_s: float = 0.5  # after the node turned Ready
+    poll_retry_after_s: int = 1  # Retry-After on long-running operation responses
+    # Regional vCPU quota per family; a family not listed is unlimited.
+    vcpu_quota: dict[str, int] = Field(default_factory=dict)
+    unavailable_skus: list[str] = Field(default_factory=list)
+    allocation_failure_skus: list[str] = Field(default_factory=list)
+    throttle_rate: float = Field(0.0, ge=0, le=1)
+    retry_after_s: int = 1
+    server_error_rate: float = Field(0.0, ge=0, le=1)
+    drop_rate: float = Field(0.0, ge=0, le=1)
+    node_never_ready: bool = False
+    no_gpu: bool = False
+    cluster_power: str = "Running"  # Running, Stopped, Starting, Stopping
+
+    @classmethod
+    def named(cls, name: str, **overrides: Any) -> Scenario:
+        if name not in PRESETS:
+            raise ValueError(f"unknown scenario {name!r}; choose from {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
