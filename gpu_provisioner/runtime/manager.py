@@ -172,6 +172,11 @@ class Manager:
             bound.warning("reconcile will retry", error=error.describe(), error_class=error.reason, retry_in_s=delay)
             return
         except (CloudError, kubernetes.client.ApiException) as error:
+            if isinstance(error, kubernetes.client.ApiException) and error.status == 409:
+                # A write raced a newer version of the object: the watch brings it, then we try again.
+                self.queue.add_rate_limited(key)
+                bound.debug("write conflict; retrying with fresh state")
+                return
             reason = getattr(error, "reason", None) or type(error).__name__
             self._count_error(api, str(reason))
             delay = self.queue.add_rate_limited(key)

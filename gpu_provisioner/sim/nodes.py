@@ -21,6 +21,7 @@ from gpu_provisioner.sim.scenario import Scenario
 log = structlog.get_logger(__name__)
 _TICK_S = 0.1
 _CONDITION_TYPES = ("MemoryPressure", "DiskPressure", "PIDPressure")
+NOT_READY_TAINT = "node.kubernetes.io/not-ready"
 
 
 def vmss_name(seed: int, cluster: str, pool: str) -> str:
@@ -133,6 +134,8 @@ class NodeMaterialiser:
             "lastTransitionTime": now,
         })
         try:
+            if ready:
+                self._lift_not_ready_taint(name)
             self._core.patch_node_status(name, {"status": {
                 "capacity": resources, "allocatable": resources, "conditions": conditions,
                 "nodeInfo": {"kubeletVersion": "v1.33.5", "osImage": "Ubuntu 22.04.5 LTS", "architecture": "amd64",
@@ -143,6 +146,16 @@ class NodeMaterialiser:
         except ApiException as error:
             if error.status != 404:  # deleted meanwhile: a kubelet would be gone too
                 raise
+
+    def _lift_not_ready_taint(self, name: str) -> None:
+        # The API server taints every new Node not-ready; kube-controller-manager's node lifecycle
+        # controller (absent here) lifts it once the kubelet reports Ready.
+        node = self._core.read_node(name)
+        taints = node.spec.taints or []
+        kept = [{"key": t.key, "value": t.value, "effect": t.effect} for t in taints if t.key != NOT_READY_TAINT]
+        if len(kept) != len(taints):
+            self._core.patch_node(name, {"metadata": {"resourceVersion": node.metadata.resource_version},
+                                         "spec": {"taints": kept}}, _content_type="application/merge-patch+json")
 
     def _delete(self, name: str) -> None:
         try:
