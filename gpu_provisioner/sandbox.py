@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -71,6 +73,10 @@ def kaito_claim(api: ClaimApi, name: str, instance_types: list[str] | None = Non
     return manifest
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 class Sandbox:
     def __init__(self, console: Console, api: ClaimApi, claims: int, instance_type: str, scenario: str,
                  kubeconfig: Path | None, timeout_s: float) -> None:
@@ -87,34 +93,44 @@ class Sandbox:
     # the whole run -------------------------------------------------------------------------------
 
     def run(self, exit_when_ready: bool) -> int:
-        with self._environment() as (kubeconfig_path, metrics_port):
+        # `kill` and CI timeouts tear down as Ctrl-C does: nothing may outlive the sandbox.
+        signal.signal(signal.SIGTERM, _interrupt)
+        with self._environment() as (kubeconfig_path, metrics_port, controller):
             api_client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig_path))
             custom = kubernetes.client.CustomObjectsApi(api_client)
             self.console.print(f"kubectl: kubectl --kubeconfig {kubeconfig_path} get {self.api.plural}")
             self.console.print(f"metrics: http://127.0.0.1:{metrics_port}/metrics")
             self.console.print(f"controller log: {self.workdir / 'controller.log'}")
-            started = time.monotonic()
-            for name in self.names:
-                custom.create_cluster_custom_object(
-                    GROUP, self.api.version, self.api.plural, kaito_claim(self.api, name, [self.instance_type])
-                )
-                self.progress[name].created = time.monotonic()
-            outcome = self._watch(custom, started)
-            ready = outcome is None
-            if ready:
-                self._summary(kubernetes.client.CoreV1Api(api_client), custom, started)
-                if not exit_when_ready:
-                    self.console.print("all claims Ready. Ctrl-C deletes them and tears everything down.")
-                    with contextlib.suppress(KeyboardInterrupt):
+            outcome: str | None = "interrupted"
+            try:
+                started = time.monotonic()
+                for name in self.names:
+                    custom.create_cluster_custom_object(
+                        GROUP, self.api.version, self.api.plural, kaito_claim(self.api, name, [self.instance_type])
+                    )
+                    self.progress[name].created = time.monotonic()
+                outcome = self._watch(custom, started, controller)
+                if outcome is None:
+                    self._summary(kubernetes.client.CoreV1Api(api_client), custom, started)
+                    if not exit_when_ready:
+                        self.console.print("all claims Ready. Ctrl-C deletes them and tears everything down.")
                         threading.Event().wait()
-            else:
-                self.console.print(f"[red]not ready: {outcome}[/red]")
-            self._delete_claims(custom)
-            api_client.close()
-        return 0 if ready else 1
+                else:
+                    self.console.print(f"[red]not ready: {outcome}[/red]")
+            except KeyboardInterrupt:
+                self.console.print("interrupted")
+            finally:
+                if controller.poll() is None:
+                    self._delete_claims(custom)
+                api_client.close()
+        if outcome is None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        else:
+            self.console.print(f"controller log kept in {self.workdir / 'controller.log'}")
+        return 0 if outcome is None else 1
 
     @contextlib.contextmanager
-    def _environment(self) -> Iterator[tuple[Path, int]]:
+    def _environment(self) -> Iterator[tuple[Path, int, subprocess.Popen[bytes]]]:
         plane: ControlPlane | None = None
         with contextlib.ExitStack() as stack:
             if self.kubeconfig is None:
@@ -136,7 +152,7 @@ class Sandbox:
             metrics_port = free_port()
             controller = self._start_controller(kubeconfig_path, sim, metrics_port)
             stack.callback(self._stop_controller, controller)
-            yield kubeconfig_path, metrics_port
+            yield kubeconfig_path, metrics_port, controller
 
     def _start_controller(self, kubeconfig: Path, sim: AksSimulator, metrics_port: int) -> subprocess.Popen[bytes]:
         env = {
@@ -162,11 +178,15 @@ class Sandbox:
 
     # progress ------------------------------------------------------------------------------------
 
-    def _watch(self, custom: kubernetes.client.CustomObjectsApi, started: float) -> str | None:
+    def _watch(self, custom: kubernetes.client.CustomObjectsApi, started: float,
+               controller: subprocess.Popen[bytes]) -> str | None:
         """Show the claims until all are Ready (None) or one cannot be (its reason)."""
         deadline = started + self.timeout_s
         with Live(self._table(), console=self.console, refresh_per_second=4) as live:
             while time.monotonic() < deadline:
+                if controller.poll() is not None:
+                    log_tail = (self.workdir / "controller.log").read_text(errors="replace")[-2000:]
+                    return f"the controller exited with code {controller.returncode}:\n{log_tail}"
                 self._poll(custom)
                 live.update(self._table())
                 failures = [f"{p.name}: {f}" for p in self.progress.values() if (f := p.failure(self.api))]
@@ -211,7 +231,7 @@ class Sandbox:
 
     def _summary(self, core: kubernetes.client.CoreV1Api, custom: kubernetes.client.CustomObjectsApi,
                  started: float) -> None:
-        self.console.print(f"all {len(self.names)} claim(s) Ready in {time.monotonic() - started:.1f}s")
+        self.console.print(f"\nall {len(self.names)} claim(s) Ready in {time.monotonic() - started:.1f}s")
         for name in self.names:
             claim = custom.get_cluster_custom_object(GROUP, self.api.version, self.api.plural, name)
             node = core.read_node(claim["status"]["nodeName"])

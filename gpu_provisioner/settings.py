@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gpu_provisioner.api.claims import CLAIM_APIS
 
@@ -31,7 +32,7 @@ class Settings(BaseSettings):
     disable_instance_discovery: bool = Field(False, validation_alias="AZURE_DISABLE_INSTANCE_DISCOVERY")
     arm_endpoint: str = Field("https://management.azure.com", validation_alias="ARM_ENDPOINT")
 
-    claim_apis: list[str] = Field(
+    claim_apis: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(CLAIM_APIS), validation_alias="CLAIM_APIS"
     )
     kubeconfig: Path | None = Field(None, validation_alias="KUBECONFIG")
@@ -71,8 +72,8 @@ class Settings(BaseSettings):
         except ValidationError as error:
             lines = []
             for problem in error.errors():
-                field = cls.model_fields.get(str(problem["loc"][0])) if problem["loc"] else None
-                alias = field.validation_alias if field and field.validation_alias else problem["loc"]
+                # The location is the environment variable's name (the field's alias).
+                name = ".".join(str(part) for part in problem["loc"])
                 what = "is not set" if problem["type"] == "missing" else problem["msg"]
-                lines.append(f"  {alias}: {what}")
+                lines.append(f"  {name}: {what}")
             raise SettingsError("gpu-provisioner cannot start:\n" + "\n".join(lines)) from None

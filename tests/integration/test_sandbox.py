@@ -1,0 +1,42 @@
+"""The main job, as a user runs it: `gpu-provisioner sandbox --exit-when-ready`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gpu_provisioner.cloud.errors import INSUFFICIENT_CAPACITY_PHRASE
+
+
+def run_sandbox(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gpu_provisioner", "sandbox", "--exit-when-ready", "--timeout", "120", *args],
+        capture_output=True, text=True, timeout=300, env={**CLEAN_ENV, "COLUMNS": "200"},
+    )
+
+
+# The sandbox configures its controller itself; nothing from the caller's Azure settings may leak in.
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("ARM_", "AZURE_", "AKS_SIM_"))}
+
+
+@pytest.mark.parametrize(("api", "kind"), [("machine", "Machine"), ("nodeclaim", "NodeClaim")])
+def test_sandbox_gets_every_claim_ready_then_tears_down(api, kind):
+    result = run_sandbox("--api", api, "--claims", "2")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert f"{kind}s (Standard_NC6s_v3, scenario default)" in output
+    assert "all 2 claim(s) Ready" in output
+    assert output.count("nvidia.com/gpu=1") == 2
+    assert "sku=gpu:NoSchedule" in output
+    assert "claims, nodes and agent pools deleted" in output
+
+
+def test_sandbox_exits_non_zero_with_the_reason_when_capacity_is_missing():
+    result = run_sandbox("--scenario", "quota-exhausted")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "not ready" in output and "QuotaExceeded" in output
+    assert INSUFFICIENT_CAPACITY_PHRASE in output.replace("\n", " ")
