@@ -19,7 +19,9 @@ from gpu_provisioner.cloud.skus import lookup
 from gpu_provisioner.sim.scenario import Scenario
 
 POOL_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
-TAINT = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?=[A-Za-z0-9_.-]*:(NoSchedule|PreferNoSchedule|NoExecute)$")
+TAINT = re.compile(
+    r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?=[A-Za-z0-9_.-]*:(NoSchedule|PreferNoSchedule|NoExecute)$"
+)
 RESERVED_LABEL_DOMAINS = ("kubernetes.azure.com", "kubernetes.io", "k8s.io")
 ORCHESTRATOR_VERSION = "1.33.5"
 NODE_IMAGE_VERSION = "AKSUbuntu-2204gen2containerd-202611.10.0"
@@ -132,7 +134,8 @@ class Aks:
             if existing is not None:
                 if existing.operation is not None:
                     raise self._busy(existing)
-                if existing.properties.get("provisioningState") == "Succeeded" and self._same_spec(existing, properties):
+                succeeded = existing.properties.get("provisioningState") == "Succeeded"
+                if succeeded and self._same_spec(existing, properties):
                     return 200, self._pool_body(existing), None
                 raise ArmError(400, "InvalidParameter",
                                f"Changing properties of agent pool {name} is not supported by this simulator.")
@@ -268,8 +271,8 @@ class Aks:
                            "see https://aka.ms/aks-naming-rules for more details.", "agentPoolProfile.name")
         count = properties.get("count", 1)
         if not isinstance(count, int) or not 0 <= count <= 1000:
-            raise ArmError(400, "InvalidParameter", f"The value of parameter agentPoolProfile.count is invalid: {count}.",
-                           "agentPoolProfile.count")
+            raise ArmError(400, "InvalidParameter", f"The value of parameter agentPoolProfile.count is invalid: "
+                           f"{count}.", "agentPoolProfile.count")
         vm_size = properties.get("vmSize", "")
         if lookup(vm_size) is None:
             raise ArmError(400, "InvalidParameter", f"The VM size of {vm_size or '(none)'} is not supported.",

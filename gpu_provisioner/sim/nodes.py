@@ -77,7 +77,8 @@ class NodeMaterialiser:
         ready_at = s.node_join_delay_s + s.node_ready_delay_s
         self._after(ready_at, lambda: self._set_status(node_name, size, ready=True, gpus=False))
         if not s.no_gpu and size.is_gpu:
-            self._after(ready_at + s.gpu_publish_delay_s, lambda: self._set_status(node_name, size, ready=True, gpus=True))
+            gpus_at = ready_at + s.gpu_publish_delay_s
+            self._after(gpus_at, lambda: self._set_status(node_name, size, ready=True, gpus=True))
 
     def pool_deleted(self, cluster: str, pool: str) -> None:
         with self._lock:

@@ -67,9 +67,9 @@ class AksSimulator:
         self._lock = threading.Lock()
         self._dir = Path(tempfile.mkdtemp(prefix="aks-sim-"))
         self.ca_bundle = self._dir / "ca.crt"
-        self._nodes = NodeMaterialiser(kube_api, self.scenario, self.subscription_id, self.aks.settle) if kube_api else None
-        if self._nodes is not None:
-            nodes = self._nodes
+        self._nodes: NodeMaterialiser | None = None
+        if kube_api is not None:
+            nodes = self._nodes = NodeMaterialiser(kube_api, self.scenario, self.subscription_id, self.aks.settle)
             self.aks.on_pool_created = lambda cluster, pool: nodes.pool_created(
                 cluster, self.aks.node_resource_group(cluster), self.location, pool)
             self.aks.on_pool_deleted = nodes.pool_deleted
