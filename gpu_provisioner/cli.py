@@ -14,10 +14,12 @@ from rich.console import Console
 
 from gpu_provisioner.devenv.controlplane import ControlPlane
 from gpu_provisioner.devenv.tools import ALL_TOOLS, ensure_tools
+from gpu_provisioner.sim.cli import simulate_aks
 
 app = typer.Typer(no_args_is_help=True, help="Kaito's GPU node provisioner for AKS.")
 devenv_app = typer.Typer(no_args_is_help=True, help="The local development environment.")
 app.add_typer(devenv_app, name="devenv")
+app.command("simulate-aks")(simulate_aks)
 
 console = Console(stderr=True)
 

@@ -223,13 +223,12 @@ class _ArmHandler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
-        operation, status = "unknown", 0
-        try:
-            operation, status = self._dispatch(url.path, parse_qs(url.query), raw)
-        except ConnectionError:
-            status = 0
-        finally:
-            self.simulator._record(RequestRecord(self.command, url.path, status, time.monotonic() - started, operation))
+        self._reply: tuple[int, dict[str, str], bytes] | None = None
+        operation, status = self._dispatch(url.path, parse_qs(url.query), raw)
+        # Recorded before the reply leaves, so a client that has its answer always finds it in the log.
+        self.simulator._record(RequestRecord(self.command, url.path, status, time.monotonic() - started, operation))
+        if self._reply is not None:
+            self._write(*self._reply)
 
     def _dispatch(self, path: str, query: dict[str, list[str]], raw: bytes) -> tuple[str, int]:
         sim = self.simulator
@@ -249,7 +248,7 @@ class _ArmHandler(BaseHTTPRequestHandler):
         if fault == "drop":
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
-            raise ConnectionError("dropped by the scenario")
+            return name, 0
         try:
             if not sim.token_valid(self.headers.get("Authorization")):
                 raise ArmError(401, "AuthenticationFailed", "Authentication failed. The 'Authorization' header is "
@@ -313,6 +312,10 @@ class _ArmHandler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> int:
         payload = b"" if body is None else json.dumps(body).encode()
+        self._reply = (status, headers or {}, payload)
+        return status
+
+    def _write(self, status: int, headers: dict[str, str], payload: bytes) -> None:
         self.send_response(status)
         request_id = str(uuid.uuid4())
         self.send_header("x-ms-request-id", request_id)
@@ -320,11 +323,10 @@ class _ArmHandler(BaseHTTPRequestHandler):
         if payload:
             self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(payload)))
-        for key, value in (headers or {}).items():
+        for key, value in headers.items():
             self.send_header(key, value)
         self.end_headers()
         self.wfile.write(payload)
-        return status
 
 
 class _Throttled(Exception):
