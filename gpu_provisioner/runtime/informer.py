@@ -59,11 +59,13 @@ class Informer:
         on_event: Callable[[str, dict[str, Any]], None],
         *,
         watch_timeout_s: int = 300,
+        absent_recheck_s: float = ABSENT_RECHECK_S,
     ) -> None:
         self._api = api_client
         self.resource = resource
         self._on_event = on_event
         self._watch_timeout_s = watch_timeout_s
+        self._absent_recheck_s = absent_recheck_s
         self._cache: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._synced = threading.Event()
@@ -120,9 +122,9 @@ class Informer:
             except _NotServed:
                 if self._available:
                     self._log.info("resource not served (CRD not installed?); checking again periodically",
-                                   every_s=ABSENT_RECHECK_S)
+                                   every_s=self._absent_recheck_s)
                 self._available = False
-                self._stop.wait(ABSENT_RECHECK_S)
+                self._stop.wait(self._absent_recheck_s)
             except _Gone:
                 self._log.info("watch expired; relisting")
             except Exception as error:

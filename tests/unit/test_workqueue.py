@@ -1,0 +1,92 @@
+"""The work queue: dedup, order, per-key serialisation, delays and backoff."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from gpu_provisioner.runtime.workqueue import WorkQueue
+
+
+def test_a_waiting_key_is_queued_once_and_order_is_fifo():
+    queue = WorkQueue("t")
+    for key in ["a", "b", "a", "c", "b"]:
+        queue.add(key)
+    assert len(queue) == 3
+    assert [queue.get(0), queue.get(0), queue.get(0)] == ["a", "b", "c"]
+    assert queue.get(0) is None
+
+
+def test_a_key_added_while_processing_comes_back_only_after_done():
+    queue = WorkQueue("t")
+    queue.add("a")
+    assert queue.get(0) == "a"
+    queue.add("a")
+    assert queue.get(0) is None  # not handed to a second worker
+    queue.done("a")
+    assert queue.get(0) == "a"
+
+
+def test_no_key_is_ever_worked_on_by_two_workers_at_once():
+    queue = WorkQueue("t")
+    holders: dict[str, int] = {}
+    overlaps = []
+    processed = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while (key := queue.get(timeout_s=0.5)) is not None:
+            with lock:
+                holders[key] = holders.get(key, 0) + 1
+                if holders[key] > 1:
+                    overlaps.append(key)
+            time.sleep(0.001)
+            with lock:
+                holders[key] -= 1
+                processed.append(key)
+            queue.done(key)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for i in range(2000):
+        queue.add(f"k{i % 5}")
+    for thread in threads:
+        thread.join()
+    assert overlaps == []
+    assert set(processed) == {f"k{i}" for i in range(5)}
+
+
+def test_add_after_waits_and_the_earliest_request_wins():
+    queue = WorkQueue("t")
+    queue.add_after("late", 0.2)
+    queue.add_after("soon", 0.05)
+    queue.add_after("soon", 5)  # later than already planned: ignored
+    started = time.monotonic()
+    assert queue.get(1) == "soon"
+    assert queue.get(1) == "late"
+    assert 0.15 < time.monotonic() - started < 1.0
+
+
+def test_backoff_doubles_per_failure_up_to_the_cap_with_jitter_and_forget_resets():
+    queue = WorkQueue("t", base_delay_s=1, max_delay_s=8, jitter=0.1)
+    delays = [queue.add_rate_limited("k") for _ in range(6)]
+    for delay, expected in zip(delays, [1, 2, 4, 8, 8, 8], strict=True):
+        assert expected * 0.9 <= delay <= expected * 1.1
+    assert queue.failures("k") == 6
+    queue.forget("k")
+    assert queue.failures("k") == 0
+    assert queue.add_rate_limited("k") == pytest.approx(1, rel=0.1)
+
+
+def test_shutdown_releases_a_blocked_worker():
+    queue = WorkQueue("t")
+    result = []
+    waiter = threading.Thread(target=lambda: result.append(queue.get()))
+    waiter.start()
+    time.sleep(0.05)
+    queue.shutdown()
+    waiter.join(timeout=1)
+    assert not waiter.is_alive() and result == [None]
