@@ -55,6 +55,11 @@ class Launch:
             return WAITING
         if self._rejected.get(claim.uid) == claim.generation:
             return WAITING
+        if not self.deps.inventory.synced:
+            # After a restart a PUT may be in flight: only a LIST can tell, so no write before one.
+            self.deps.inventory.request_refresh()
+            r.requeue(1.0)
+            return WAITING
         pool = self.deps.inventory.get(claim.name)
         if pool is not None and not pool.managed:
             self._fail(r, "AgentPoolNameTaken", f"agent pool {claim.name} exists and was not made by gpu-provisioner; "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,6 +16,8 @@ from gpu_provisioner.settings import Settings
 from gpu_provisioner.sim import AksSimulator, Scenario
 from tests.integration.harness import Claims
 
+# Controller processes get only the simulator's settings, never the caller's Azure ones.
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("ARM_", "AZURE_", "AKS_SIM_"))}
 FAST = {"pool_refresh_interval_s": 0.5, "orphan_sweep_interval_s": 3600.0, "workers": 4}
 
 
@@ -59,3 +64,27 @@ def start_controller(
     yield start
     for manager in managers:
         manager.stop()
+
+
+@pytest.fixture
+def controller_process(control_plane: Any, claims: Claims, tmp_path: Any) -> Iterator[Callable[..., Any]]:
+    """Start `gpu-provisioner run` as its own process, configured only by its environment."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(sim: AksSimulator, **env: str) -> subprocess.Popen[bytes]:
+        log = open(tmp_path / f"controller-{len(processes)}.log", "wb")  # noqa: SIM115 - the child owns it
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gpu_provisioner", "run"],
+            env={**CLEAN_ENV, **sim.azure_environment(), "KUBECONFIG": str(control_plane.kubeconfig),
+                 "POOL_REFRESH_INTERVAL_SECONDS": "0.5", "ORPHAN_SWEEP_INTERVAL_SECONDS": "3600", **env},
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
