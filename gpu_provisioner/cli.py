@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import signal
 import threading
 import time
@@ -36,7 +37,9 @@ def wait_for_interrupt() -> None:
 def run() -> None:
     """Run the controller: settings come from the environment (ARM_SUBSCRIPTION_ID, ... see the README)."""
     from gpu_provisioner.logs import configure_logging
+    from gpu_provisioner.runtime import metrics
     from gpu_provisioner.runtime.manager import Manager
+    from gpu_provisioner.runtime.probes import ProbeServer, start_metrics_server
     from gpu_provisioner.settings import Settings, SettingsError
 
     try:
@@ -45,17 +48,23 @@ def run() -> None:
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(2) from None
     configure_logging(settings.log_level)
+    metrics.BUILD_INFO.info({"version": importlib.metadata.version("gpu-provisioner")})
     if settings.kubeconfig:
         api_client = kubernetes.config.new_client_from_config(config_file=str(settings.kubeconfig))
     else:
         kubernetes.config.load_incluster_config()
         api_client = kubernetes.client.ApiClient()
     manager = Manager(settings, api_client)
+    stop_metrics = start_metrics_server(settings.metrics_port)
+    probes = ProbeServer(settings.health_probe_port, manager.synced)
+    probes.start()
     manager.start()
     try:
         wait_for_interrupt()
     finally:
         manager.stop()
+        probes.stop()
+        stop_metrics()
 
 
 @app.command("sandbox")

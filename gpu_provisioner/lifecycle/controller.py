@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import structlog
 
 from gpu_provisioner.api.claims import TERMINATION_FINALIZER, Claim, StatusWriter
@@ -11,6 +13,7 @@ from gpu_provisioner.lifecycle.launch import Launch
 from gpu_provisioner.lifecycle.liveness import Liveness
 from gpu_provisioner.lifecycle.registration import Registration
 from gpu_provisioner.lifecycle.termination import Termination
+from gpu_provisioner.runtime import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -40,13 +43,18 @@ class ClaimLifecycle:
         if r.status.changed():
             status = r.status.render()
             self.deps.kube.patch_claim_status(claim.api, claim.name, status)
-            self._log_transitions(claim, status)
+            self._record_transitions(claim, status)
         return min(r.requeue_after) if r.requeue_after else None
 
     @staticmethod
-    def _log_transitions(claim: Claim, status: dict) -> None:
+    def _record_transitions(claim: Claim, status: dict) -> None:
+        age_s = (datetime.now(UTC) - claim.created).total_seconds()
         for condition in status["conditions"]:
             before = claim.condition(condition["type"]) or {}
-            if (before.get("status"), before.get("reason")) != (condition["status"], condition["reason"]):
-                log.info("condition changed", claim=claim.key, condition=condition["type"],
-                         status=condition["status"], reason=condition["reason"], message=condition["message"])
+            if (before.get("status"), before.get("reason")) == (condition["status"], condition["reason"]):
+                continue
+            log.info("condition changed", claim=claim.key, condition=condition["type"],
+                     status=condition["status"], reason=condition["reason"], message=condition["message"])
+            if condition["status"] == "True":
+                stage = condition["type"].removeprefix("Machine").lower()
+                metrics.STAGE_SECONDS.labels(kind=claim.api.kind, stage=stage).observe(age_s)

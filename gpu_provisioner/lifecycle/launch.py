@@ -25,6 +25,7 @@ from gpu_provisioner.cloud.errors import (
 from gpu_provisioner.cloud.pool_request import InvalidClaim, PoolRequest, build_pool_request
 from gpu_provisioner.cloud.skus import VmSize, lookup
 from gpu_provisioner.lifecycle.base import DONE, WAITING, Deps, Outcome, Reconciliation
+from gpu_provisioner.runtime import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -128,6 +129,7 @@ class Launch:
             labels = {INSTANCE_TYPE_LABEL: pool.vm_size}
             self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": {"labels": labels}})
         r.status.set(claim.api.launched, "True", "Launched", f"agent pool {pool.name} ({pool.vm_size}) created")
+        metrics.LAUNCHES.labels(kind=claim.api.kind, result="Launched").inc()
         self.deps.events.normal(claim.obj, "Launched", f"agent pool {pool.name} ({pool.vm_size}) created")
         return DONE
 
@@ -179,3 +181,4 @@ class Launch:
         r.status.set(r.claim.api.launched, "False", reason, message)
         if previous is None or previous.get("reason") != reason or previous.get("status") != "False":
             self.deps.events.warning(r.claim.obj, reason, message)
+            metrics.LAUNCHES.labels(kind=r.claim.api.kind, result=reason).inc()

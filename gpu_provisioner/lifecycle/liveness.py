@@ -13,6 +13,7 @@ import structlog
 
 from gpu_provisioner.api.claims import parse_time
 from gpu_provisioner.lifecycle.base import Deps, Reconciliation
+from gpu_provisioner.runtime import metrics
 
 log = structlog.get_logger(__name__)
 # Launched reasons that mean "fix the claim", never "wait longer".
@@ -54,5 +55,6 @@ class Liveness:
 
     def _expire(self, r: Reconciliation, reason: str, message: str) -> None:
         self.deps.events.warning(r.claim.obj, reason, message)
+        metrics.TERMINATIONS.labels(kind=r.claim.api.kind, result=reason).inc()
         log.warning("deleting claim", claim=r.claim.key, reason=reason)
         self.deps.kube.delete_claim(r.claim.api, r.claim.name)

@@ -13,6 +13,7 @@ from kubernetes.client import ApiException
 from gpu_provisioner.api.claims import TERMINATION_FINALIZER, Claim
 from gpu_provisioner.cloud.agentpools import PoolState
 from gpu_provisioner.lifecycle.base import Deps
+from gpu_provisioner.runtime import metrics
 
 log = structlog.get_logger(__name__)
 DRAIN_RETRY_S = 2.0
@@ -65,6 +66,7 @@ class Termination:
         with self._lock:
             self._deletes_sent.pop(claim.uid, None)
         self.deps.events.normal(claim.obj, "Terminated", f"agent pool {claim.name} deleted")
+        metrics.TERMINATIONS.labels(kind=claim.api.kind, result="Terminated").inc()
         log.info("claim terminated", claim=claim.key)
         return None
 

@@ -67,6 +67,10 @@ class Informer:
         self._watch_timeout_s = watch_timeout_s
         self._absent_recheck_s = absent_recheck_s
         self._cache: dict[str, dict[str, Any]] = {}
+        # Our own writes, until the watch delivers them or something newer (client-go's integer
+        # resourceVersion mutation cache): without this, the next reconcile would act on the state
+        # from before its own last write.
+        self._written: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._synced = threading.Event()
         self._stop = threading.Event()
@@ -102,11 +106,19 @@ class Informer:
 
     def get(self, name: str) -> dict[str, Any] | None:
         with self._lock:
-            return self._cache.get(name)
+            cached, written = self._cache.get(name), self._written.get(name)
+            if written is not None and (cached is None or _version(written) > _version(cached)):
+                return written
+            return cached
 
     def list(self) -> list[dict[str, Any]]:
         with self._lock:
             return list(self._cache.values())
+
+    def remember_write(self, obj: dict[str, Any]) -> None:
+        """Serve `obj` (the server's answer to our write) until the watch brings that version."""
+        with self._lock:
+            self._written[obj["metadata"]["name"]] = _with_kind(obj, self.resource)
 
     # loop -------------------------------------------------------------------------------------
 
@@ -155,6 +167,7 @@ class Informer:
         fresh = {item["metadata"]["name"]: _with_kind(item, self.resource) for item in body.get("items") or []}
         with self._lock:
             previous, self._cache = self._cache, fresh
+            self._written.clear()
         for name, obj in fresh.items():
             before = previous.get(name)
             if before is None:
@@ -198,6 +211,9 @@ class Informer:
     def _apply(self, event_type: str, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]
         with self._lock:
+            written = self._written.get(name)
+            if event_type == "DELETED" or (written is not None and _version(obj) >= _version(written)):
+                self._written.pop(name, None)
             if event_type == "DELETED":
                 self._cache.pop(name, None)
             else:
@@ -209,6 +225,14 @@ class Informer:
             self._on_event(event_type, obj)
         except Exception:
             self._log.exception("event handler failed", event=event_type, name=obj["metadata"].get("name"))
+
+
+def _version(obj: dict[str, Any]) -> int:
+    """resourceVersion as the integer etcd makes it; -1 (never newer) if it is not one."""
+    try:
+        return int(obj["metadata"].get("resourceVersion", ""))
+    except ValueError:
+        return -1
 
 
 def _with_kind(obj: dict[str, Any], resource: Resource) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import kubernetes
@@ -15,22 +16,31 @@ MERGE_PATCH = "application/merge-patch+json"
 
 
 class Kube:
-    def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
+    def __init__(
+        self,
+        api_client: kubernetes.client.ApiClient,
+        on_claim_written: Callable[[ClaimApi, dict[str, Any]], None] = lambda api, obj: None,
+    ) -> None:
         self.api_client = api_client
+        self._on_claim_written = on_claim_written
         self._custom = kubernetes.client.CustomObjectsApi(api_client)
         self._core = kubernetes.client.CoreV1Api(api_client)
 
     # claims -----------------------------------------------------------------------------------
 
     def patch_claim(self, api: ClaimApi, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        return self._custom.patch_cluster_custom_object(
+        written = self._custom.patch_cluster_custom_object(
             GROUP, api.version, api.plural, name, patch, _content_type=MERGE_PATCH
         )
+        self._on_claim_written(api, written)
+        return written
 
     def patch_claim_status(self, api: ClaimApi, name: str, status: dict[str, Any]) -> dict[str, Any]:
-        return self._custom.patch_cluster_custom_object_status(
+        written = self._custom.patch_cluster_custom_object_status(
             GROUP, api.version, api.plural, name, {"status": status}, _content_type=MERGE_PATCH
         )
+        self._on_claim_written(api, written)
+        return written
 
     def delete_claim(self, api: ClaimApi, name: str) -> None:
         _ignore_not_found(lambda: self._custom.delete_cluster_custom_object(GROUP, api.version, api.plural, name))

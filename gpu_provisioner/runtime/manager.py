@@ -14,7 +14,7 @@ import kubernetes
 import structlog
 from azure.core.credentials import TokenCredential
 
-from gpu_provisioner.api.claims import CLAIM_APIS, GROUP, Claim, ClaimApi, claim_key, split_key
+from gpu_provisioner.api.claims import CLAIM_APIS, GROUP, READY, Claim, ClaimApi, claim_key, split_key
 from gpu_provisioner.cloud.agentpools import AgentPools, PoolState
 from gpu_provisioner.cloud.errors import CloudError, TransientError
 from gpu_provisioner.cloud.inventory import PoolInventory
@@ -31,6 +31,20 @@ from gpu_provisioner.settings import Settings
 log = structlog.get_logger(__name__)
 AGENTPOOL_LABELS = ("kubernetes.azure.com/agentpool", "agentpool")
 QUEUE_POLL_S = 0.5
+CLAIM_METRICS_INTERVAL_S = 5.0
+CLAIM_PHASES = ("Pending", "Launched", "Registered", "Initialized", "Ready", "Failed", "Terminating")
+
+
+def claim_phase(claim: Claim) -> str:
+    """The furthest phase a claim reached, for the claims-by-phase gauge."""
+    if claim.deleting:
+        return "Terminating"
+    if claim.is_true(READY):
+        return "Ready"
+    if (claim.condition(claim.api.launched) or {}).get("status") == "False":
+        return "Failed"
+    reached = [p for p in claim.api.phases if claim.is_true(p)]
+    return reached[-1].removeprefix("Machine") if reached else "Pending"
 
 
 class NodeIndex:
@@ -66,7 +80,8 @@ class Manager:
         self.node_informer = Informer(api_client, NODES, self._on_node_event)
         self.pools = AgentPools(settings, credential)
         self.inventory = PoolInventory(self.pools, settings.pool_refresh_interval_s, self._on_pool_change)
-        deps = Deps(settings, Kube(api_client), self.pools, self.inventory, NodeIndex(self.node_informer),
+        kube = Kube(api_client, lambda api, obj: self.claim_informers[api.name].remember_write(obj))
+        deps = Deps(settings, kube, self.pools, self.inventory, NodeIndex(self.node_informer),
                     EventRecorder(api_client))
         self.lifecycle = ClaimLifecycle(deps)
         self.orphans = OrphanSweep(deps, self._claim_exists)
@@ -80,6 +95,7 @@ class Manager:
             informer.start()
         self._spawn("pool-inventory", self.inventory.run, self._stop)
         self._spawn("orphan-sweep", self._sweep_loop)
+        self._spawn("claim-metrics", self._publish_claim_phases)
         for index in range(self.settings.workers):
             self._spawn(f"worker-{index}", self._work)
         log.info("controller started", claim_apis=list(self.claim_informers), cluster=self.settings.cluster_name,
@@ -196,6 +212,16 @@ class Manager:
     @staticmethod
     def _count_error(api: ClaimApi, reason: str) -> None:
         metrics.RECONCILE_ERRORS.labels(kind=api.kind, reason=reason).inc()
+
+    def _publish_claim_phases(self) -> None:
+        while not self._stop.wait(CLAIM_METRICS_INTERVAL_S):
+            for api_name, informer in self.claim_informers.items():
+                api = CLAIM_APIS[api_name]
+                counts = dict.fromkeys(CLAIM_PHASES, 0)
+                for obj in informer.list():
+                    counts[claim_phase(Claim(api, obj))] += 1
+                for phase, count in counts.items():
+                    metrics.CLAIMS.labels(kind=api.kind, phase=phase).set(count)
 
     def _sweep_loop(self) -> None:
         while not self._stop.wait(self.settings.orphan_sweep_interval_s):
