@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import signal
 import threading
 import time
@@ -38,6 +39,7 @@ def run() -> None:
     """Run the controller: settings come from the environment (ARM_SUBSCRIPTION_ID, ... see the README)."""
     from gpu_provisioner.logs import configure_logging
     from gpu_provisioner.runtime import metrics
+    from gpu_provisioner.runtime.leader import LeaderElector
     from gpu_provisioner.runtime.manager import Manager
     from gpu_provisioner.runtime.probes import ProbeServer, start_metrics_server
     from gpu_provisioner.settings import Settings, SettingsError
@@ -56,11 +58,25 @@ def run() -> None:
         api_client = kubernetes.client.ApiClient()
     manager = Manager(settings, api_client)
     stop_metrics = start_metrics_server(settings.metrics_port)
-    probes = ProbeServer(settings.health_probe_port, manager.synced)
+    # A standby is ready (to take over); the leader once its caches are synced.
+    probes = ProbeServer(settings.health_probe_port, lambda: not manager.started or manager.synced())
     probes.start()
-    manager.start()
+    stop = threading.Event()
     try:
-        wait_for_interrupt()
+        if settings.leader_elect:
+            elector = LeaderElector(api_client, settings.pod_namespace, settings.pod_name,
+                                    lease_duration_s=settings.lease_duration_s,
+                                    renew_deadline_s=settings.lease_duration_s * 2 / 3)
+            campaign = threading.Thread(
+                target=elector.run, args=(manager.start, lambda: os._exit(1), stop), name="leader-election"
+            )
+            campaign.start()
+            wait_for_interrupt()
+            stop.set()
+            campaign.join()
+        else:
+            manager.start()
+            wait_for_interrupt()
     finally:
         manager.stop()
         probes.stop()

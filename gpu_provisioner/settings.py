@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -52,6 +54,11 @@ class Settings(BaseSettings):
     metrics_port: int = Field(8080, validation_alias="METRICS_PORT")
     health_probe_port: int = Field(8081, validation_alias="HEALTH_PROBE_PORT")
     log_level: str = Field("info", validation_alias="LOG_LEVEL")
+    # Leader election on a Lease in the pod's namespace; the pod name identifies the candidate.
+    leader_elect: bool = Field(False, validation_alias="LEADER_ELECT")
+    pod_namespace: str = Field("default", validation_alias="POD_NAMESPACE")
+    pod_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", validation_alias="POD_NAME")
+    lease_duration_s: float = Field(15.0, gt=0, validation_alias="LEASE_DURATION_SECONDS")
 
     @field_validator("claim_apis", mode="before")
     @classmethod

@@ -8,6 +8,7 @@ the node joined.
 from __future__ import annotations
 
 import threading
+import time
 
 import structlog
 
@@ -44,6 +45,8 @@ class Launch:
         self._unavailable: dict[str, dict[str, str]] = {}
         # claim uid -> generation ARM refused: no retry until the claim changes
         self._rejected: dict[str, int] = {}
+        # claim uid -> monotonic time before which no size is tried again (all were unavailable)
+        self._capacity_backoff: dict[str, float] = {}
 
     def reconcile(self, r: Reconciliation) -> Outcome:
         claim, condition = r.claim, r.claim.api.launched
@@ -77,9 +80,11 @@ class Launch:
             return self._launched(r, pool)
         if pool.provisioning_state == "Failed":
             return self._failed_pool(r, request, pool)
-        # Creating, or Deleting after a failed size: the next LIST or the Node watch wakes us.
-        r.status.set(condition, "Unknown", "Launching",
-                     f"agent pool {pool.name} ({pool.vm_size}) is {pool.provisioning_state.lower()}")
+        # Creating, or Deleting after a failed size (whose condition already says why): the next LIST
+        # or the Node watch wakes us.
+        if pool.provisioning_state != "Deleting":
+            r.status.set(condition, "Unknown", "Launching",
+                         f"agent pool {pool.name} ({pool.vm_size}) is {pool.provisioning_state.lower()}")
         r.requeue(self.deps.inventory.interval_s * 3)
         return WAITING
 
@@ -87,6 +92,11 @@ class Launch:
 
     def _create(self, r: Reconciliation, request: PoolRequest) -> Outcome:
         claim, condition = r.claim, r.claim.api.launched
+        wait = self._capacity_backoff.get(claim.uid, 0.0) - time.monotonic()
+        if wait > 0:
+            # Every size just failed for capacity: asking again at once would only burn ARM writes.
+            r.requeue(wait)
+            return WAITING
         size = self._next_size(claim.uid, request)
         if size is None:
             return self._all_unavailable(r)
@@ -120,6 +130,7 @@ class Launch:
         size = lookup(pool.vm_size)
         with self._lock:
             self._unavailable.pop(claim.uid, None)
+            self._capacity_backoff.pop(claim.uid, None)
         if size is not None:
             capacity = size.capacity()
             r.status.status.setdefault("capacity", capacity)
@@ -160,6 +171,7 @@ class Launch:
     def _all_unavailable(self, r: Reconciliation) -> Outcome:
         with self._lock:
             causes = self._unavailable.pop(r.claim.uid, {})
+            self._capacity_backoff[r.claim.uid] = time.monotonic() + CAPACITY_RETRY_S
         detail = "; ".join(f"{name}: {cause}" for name, cause in causes.items())
         reasons = {self._reason_of(cause) for cause in causes.values()}
         reason = reasons.pop() if len(reasons) == 1 else "InsufficientCapacity"

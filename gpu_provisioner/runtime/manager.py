@@ -87,10 +87,12 @@ class Manager:
         self.orphans = OrphanSweep(deps, self._claim_exists)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.started = False
 
     # start / stop -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.started = True
         for informer in [*self.claim_informers.values(), self.node_informer]:
             informer.start()
         self._spawn("pool-inventory", self.inventory.run, self._stop)

@@ -11,6 +11,7 @@ from typing import Any
 import kubernetes
 import pytest
 
+from gpu_provisioner.devenv.controlplane import free_port
 from gpu_provisioner.runtime.manager import Manager
 from gpu_provisioner.settings import Settings
 from gpu_provisioner.sim import AksSimulator, Scenario
@@ -76,7 +77,8 @@ def controller_process(control_plane: Any, claims: Claims, tmp_path: Any) -> Ite
         process = subprocess.Popen(
             [sys.executable, "-m", "gpu_provisioner", "run"],
             env={**CLEAN_ENV, **sim.azure_environment(), "KUBECONFIG": str(control_plane.kubeconfig),
-                 "POOL_REFRESH_INTERVAL_SECONDS": "0.5", "ORPHAN_SWEEP_INTERVAL_SECONDS": "3600", **env},
+                 "POOL_REFRESH_INTERVAL_SECONDS": "0.5", "ORPHAN_SWEEP_INTERVAL_SECONDS": "3600",
+                 "METRICS_PORT": str(free_port()), "HEALTH_PROBE_PORT": str(free_port()), **env},
             stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()

@@ -1,0 +1,47 @@
+"""Two replicas: only the Lease holder reconciles; when it dies, the standby takes over in time."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import kubernetes
+
+from gpu_provisioner.api.claims import NODECLAIM, READY
+from gpu_provisioner.runtime.leader import LEASE_NAME
+from tests.integration.harness import kaito_claim, wait_for
+
+LEASE_S = 3
+
+
+def test_standby_takes_over_when_the_leader_is_killed(claims, kube_api, start_sim, controller_process, tmp_path,
+                                                      unique_name):
+    sim = start_sim()
+    namespace = "default"
+    coordination = kubernetes.client.CoordinationV1Api(kube_api)
+    env = {"LEADER_ELECT": "true", "LEASE_DURATION_SECONDS": str(LEASE_S), "POD_NAMESPACE": namespace}
+    replicas = {name: controller_process(sim, POD_NAME=name, **env) for name in ("replica-a", "replica-b")}
+
+    def holder() -> str | None:
+        try:
+            return coordination.read_namespaced_lease(LEASE_NAME, namespace).spec.holder_identity or None
+        except kubernetes.client.ApiException:
+            return None
+
+    leader = wait_for("a leader", holder, timeout_s=30)
+    standby = next(name for name in replicas if name != leader)
+    first = f"{unique_name[:9]}a"
+    claims.create(NODECLAIM, kaito_claim(NODECLAIM, first))
+    claims.wait_condition(NODECLAIM, first, READY, "True")
+
+    replicas[leader].send_signal(signal.SIGKILL)
+    replicas[leader].wait()
+    killed_at = time.monotonic()
+    assert wait_for("the standby to hold the lease", lambda: holder() == standby, timeout_s=LEASE_S * 4)
+    second = f"{unique_name[:9]}b"
+    claims.create(NODECLAIM, kaito_claim(NODECLAIM, second))
+    claims.wait_condition(NODECLAIM, second, READY, "True", timeout_s=60)
+    took_over_s = time.monotonic() - killed_at
+    assert took_over_s < 60
+    assert sim.count_requests("agentpools.create") == 2  # one pool each, nobody raced
+    coordination.delete_namespaced_lease(LEASE_NAME, namespace)
