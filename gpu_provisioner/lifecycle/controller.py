@@ -36,14 +36,18 @@ class ClaimLifecycle:
                 "resourceVersion": claim.metadata["resourceVersion"],
             }}))
         r = Reconciliation(claim, StatusWriter(claim))
-        for phase in self.phases:
-            if not phase.reconcile(r).done:
-                break
-        self.liveness.reconcile(r)
-        if r.status.changed():
-            status = r.status.render()
-            self.deps.kube.patch_claim_status(claim.api, claim.name, status)
-            self._record_transitions(claim, status)
+        try:
+            for phase in self.phases:
+                if not phase.reconcile(r).done:
+                    break
+            self.liveness.reconcile(r)
+        finally:
+            # Also when a later phase failed: what earlier phases achieved (and announced) must stick,
+            # or the next attempt would do and announce it again.
+            if r.status.changed():
+                status = r.status.render()
+                self.deps.kube.patch_claim_status(claim.api, claim.name, status)
+                self._record_transitions(claim, status)
         return min(r.requeue_after) if r.requeue_after else None
 
     @staticmethod

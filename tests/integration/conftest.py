@@ -14,7 +14,7 @@ import pytest
 from gpu_provisioner.devenv.controlplane import free_port
 from gpu_provisioner.runtime.manager import Manager
 from gpu_provisioner.settings import Settings
-from gpu_provisioner.sim import AksSimulator, Scenario
+from gpu_provisioner.sim import AksSimulator
 from tests.integration.harness import Claims
 
 # Controller processes get only the simulator's settings, never the caller's Azure ones.
@@ -27,22 +27,6 @@ def claims(kube_api: kubernetes.client.ApiClient) -> Iterator[Claims]:
     helper = Claims(kube_api)
     yield helper
     helper.remove_everything()
-
-
-@pytest.fixture
-def start_sim(kube_api: kubernetes.client.ApiClient) -> Iterator[Callable[..., AksSimulator]]:
-    """Start an AKS simulator: start_sim("quota-exhausted", create_delay_s=1, materialise_nodes=False)."""
-    started: list[AksSimulator] = []
-
-    def start(scenario: str = "default", materialise_nodes: bool = True, **overrides: Any) -> AksSimulator:
-        sim = AksSimulator(Scenario.named(scenario, **overrides), kube_api=kube_api if materialise_nodes else None)
-        sim.start()
-        started.append(sim)
-        return sim
-
-    yield start
-    for sim in started:
-        sim.stop()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import kubernetes
 import pytest
@@ -19,28 +19,20 @@ from azure.core.exceptions import HttpResponseError
 from azure.identity import DefaultAzureCredential
 from azure.mgmt.containerservice import ContainerServiceClient
 
-from gpu_provisioner.sim import AksSimulator, Scenario
+from gpu_provisioner.sim import AksSimulator
 from tests.integration.harness import wait_for
 
 GPU_POOL = {"properties": {"count": 1, "vmSize": "Standard_NC6s_v3", "osType": "Linux", "mode": "User",
                            "nodeLabels": {"kaito.sh/workspace": "ws"}, "nodeTaints": ["sku=gpu:NoSchedule"]}}
 
 
+FAST = {"create_delay_s": 0.3, "delete_delay_s": 0.3, "node_join_delay_s": 0.1, "node_ready_delay_s": 0.3,
+        "gpu_publish_delay_s": 0.3}
+
+
 @pytest.fixture
-def simulator(kube_api) -> Iterator[Callable[..., AksSimulator]]:
-    started: list[AksSimulator] = []
-
-    def start(nodes: bool = True, **scenario) -> AksSimulator:
-        defaults = {"create_delay_s": 0.3, "delete_delay_s": 0.3, "node_join_delay_s": 0.1,
-                    "node_ready_delay_s": 0.3, "gpu_publish_delay_s": 0.3}
-        sim = AksSimulator(Scenario(**{**defaults, **scenario}), kube_api=kube_api if nodes else None)
-        sim.start()
-        started.append(sim)
-        return sim
-
-    yield start
-    for sim in started:
-        sim.stop()
+def simulator(start_sim) -> Callable[..., AksSimulator]:
+    return lambda nodes=True, **scenario: start_sim(materialise_nodes=nodes, **{**FAST, **scenario})
 
 
 def sdk(sim: AksSimulator, monkeypatch: pytest.MonkeyPatch) -> ContainerServiceClient:
