@@ -22,8 +22,10 @@ CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("ARM_", "A
 FAST = {"pool_refresh_interval_s": 0.5, "orphan_sweep_interval_s": 3600.0, "workers": 4}
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def claims(kube_api: kubernetes.client.ApiClient) -> Iterator[Claims]:
+    """Every test here leaves no claim or Node behind: a controller started by a later test would
+    otherwise take up its claims."""
     helper = Claims(kube_api)
     yield helper
     helper.remove_everything()

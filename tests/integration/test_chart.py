@@ -4,6 +4,7 @@ exactly enough for a full claim lifecycle."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes
@@ -130,3 +131,9 @@ def test_installed_chart_rbac_is_enough_for_a_full_lifecycle(
     assert "403" not in log and "Forbidden" not in log, log[-3000:]
     helm(control_plane, "uninstall", "gpu-provisioner", "--kubeconfig", str(control_plane.kubeconfig),
          "--namespace", namespace)
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = Path(sys.executable).with_name("hadolint")
+    result = subprocess.run([str(hadolint), str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr

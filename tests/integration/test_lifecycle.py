@@ -236,3 +236,25 @@ def test_many_claims_share_one_list_per_interval(claims, start_sim, start_contro
         claims.wait_condition(NODECLAIM, name, READY, "True", timeout_s=90)
     assert sim.count_requests("agentpools.get") == 0
     assert sim.count_requests("agentpools.create") == len(names)
+
+
+def test_launched_claim_whose_pool_vanished_is_deleted(claims, start_sim, start_controller, unique_name):
+    sim = start_sim()
+    start_controller(sim)
+    claims.create(MACHINE, kaito_claim(MACHINE, unique_name))
+    claims.wait_condition(MACHINE, unique_name, READY, "True")
+    sim.aks.delete_pool(sim.cluster_name, unique_name)  # someone deletes the pool behind our back
+    claims.wait_gone(MACHINE, unique_name, timeout_s=30)
+    assert "AgentPoolVanished" in claims.event_reasons(unique_name)
+    assert sim.pools() == {}
+
+
+def test_flaky_arm_with_5xx_and_dropped_connections_still_gets_the_claim_ready(
+    claims, start_sim, start_controller, unique_name
+):
+    sim = start_sim("flaky", server_error_rate=0.2, drop_rate=0.1)
+    start_controller(sim)
+    claims.create(NODECLAIM, kaito_claim(NODECLAIM, unique_name))
+    claims.wait_condition(NODECLAIM, unique_name, READY, "True", timeout_s=90)
+    assert sim.count_requests(status=503) + sim.count_requests(status=0) > 0
+    assert list(sim.pools()) == [unique_name]
