@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -15,10 +14,8 @@ from gpu_provisioner.devenv.controlplane import free_port
 from gpu_provisioner.runtime.manager import Manager
 from gpu_provisioner.settings import Settings
 from gpu_provisioner.sim import AksSimulator
-from tests.integration.harness import Claims
+from tests.integration.harness import CLEAN_ENV, Claims
 
-# Controller processes get only the simulator's settings, never the caller's Azure ones.
-CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("ARM_", "AZURE_", "AKS_SIM_"))}
 FAST = {"pool_refresh_interval_s": 0.5, "orphan_sweep_interval_s": 3600.0, "workers": 4}
 
 

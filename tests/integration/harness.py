@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -12,9 +13,11 @@ import kubernetes
 from gpu_provisioner.api.claims import CLAIM_APIS, GROUP, ClaimApi
 from gpu_provisioner.sandbox import EXAMPLES, kaito_claim
 
-__all__ = ["EXAMPLES", "Claims", "kaito_claim", "wait_for"]
+__all__ = ["CLEAN_ENV", "EXAMPLES", "Claims", "kaito_claim", "wait_for"]
 
 T = TypeVar("T")
+# Processes the tests start get only the simulator's settings, never the caller's Azure ones.
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("ARM_", "AZURE_", "AKS_SIM_"))}
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0, interval_s: float = 0.2) -> T:

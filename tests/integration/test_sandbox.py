@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
 from gpu_provisioner.cloud.errors import INSUFFICIENT_CAPACITY_PHRASE
+from tests.integration.harness import CLEAN_ENV
 
 
 def run_sandbox(*args: str) -> subprocess.CompletedProcess[str]:
@@ -17,9 +17,6 @@ def run_sandbox(*args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True, text=True, timeout=300, env={**CLEAN_ENV, "COLUMNS": "200"},
     )
 
-
-# The sandbox configures its controller itself; nothing from the caller's Azure settings may leak in.
-CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("ARM_", "AZURE_", "AKS_SIM_"))}
 
 
 @pytest.mark.parametrize(("api", "kind"), [("machine", "Machine"), ("nodeclaim", "NodeClaim")])
