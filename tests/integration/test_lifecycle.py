@@ -258,3 +258,15 @@ def test_flaky_arm_with_5xx_and_dropped_connections_still_gets_the_claim_ready(
     claims.wait_condition(NODECLAIM, unique_name, READY, "True", timeout_s=90)
     assert sim.count_requests(status=503) + sim.count_requests(status=0) > 0
     assert list(sim.pools()) == [unique_name]
+
+
+def test_a_claim_api_switched_off_is_left_alone(claims, start_sim, start_controller, unique_name):
+    sim = start_sim()
+    start_controller(sim, claim_apis=["nodeclaim"])
+    machine, nodeclaim = f"{unique_name[:9]}m", f"{unique_name[:9]}n"
+    claims.create(MACHINE, kaito_claim(MACHINE, machine))
+    claims.create(NODECLAIM, kaito_claim(NODECLAIM, nodeclaim))
+    claims.wait_condition(NODECLAIM, nodeclaim, READY, "True")
+    untouched = claims.get(MACHINE, machine)
+    assert "status" not in untouched and not untouched["metadata"].get("finalizers")
+    assert list(sim.pools()) == [nodeclaim]

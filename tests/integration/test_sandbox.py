@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +40,25 @@ def test_sandbox_exits_non_zero_with_the_reason_when_capacity_is_missing():
     assert result.returncode == 1, output
     assert "not ready" in output and "QuotaExceeded" in output
     assert INSUFFICIENT_CAPACITY_PHRASE in output.replace("\n", " ")
+
+
+def test_ctrl_c_deletes_the_claims_then_tears_everything_down():
+    before = {p.name for p in Path(tempfile.gettempdir()).glob("gpu-provisioner-*")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpu_provisioner", "sandbox", "--api", "nodeclaim"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**CLEAN_ENV, "COLUMNS": "200"},
+    )
+    output = []
+    try:
+        for line in process.stdout:
+            output.append(line)
+            if "Ctrl-C deletes them" in line:
+                process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = "".join(output)
+    assert process.returncode == 0, text
+    assert text.index("deleting the claims") < text.index("claims, nodes and agent pools deleted")
+    assert {p.name for p in Path(tempfile.gettempdir()).glob("gpu-provisioner-*")} <= before
