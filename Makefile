@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: sandbox test tools lint
+.PHONY: sandbox test tools lint bench
 
 $(BIN)/gpu-provisioner: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,3 +23,6 @@ lint: $(BIN)/gpu-provisioner
 
 test: tools lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: tools
+	$(BIN)/python benchmarks/fleet.py $(ARGS)
