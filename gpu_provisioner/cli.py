@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import kubernetes
+import structlog
 import typer
 from rich.console import Console
 
@@ -50,7 +51,15 @@ def run() -> None:
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(2) from None
     configure_logging(settings.log_level)
-    metrics.BUILD_INFO.info({"version": importlib.metadata.version("gpu-provisioner")})
+    version = importlib.metadata.version("gpu-provisioner")
+    metrics.BUILD_INFO.info({"version": version})
+    structlog.get_logger(__name__).info(
+        "starting", version=version, subscription_id=settings.subscription_id,
+        resource_group=settings.resource_group, cluster=settings.cluster_name, location=settings.location,
+        arm_endpoint=settings.arm_endpoint, client_id=settings.client_id or "(from the environment)",
+        tenant_id=settings.tenant_id or "(from the environment)", claim_apis=settings.claim_apis,
+        leader_elect=settings.leader_elect,
+    )
     if settings.kubeconfig:
         api_client = kubernetes.config.new_client_from_config(config_file=str(settings.kubeconfig))
     else:

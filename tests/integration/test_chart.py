@@ -137,3 +137,48 @@ def test_dockerfile_passes_hadolint():
     hadolint = Path(sys.executable).with_name("hadolint")
     result = subprocess.run([str(hadolint), str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def leaf_values(values: dict, prefix: str = "") -> list[tuple[str, object]]:
+    leaves = []
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            leaves += leaf_values(value, f"{path}.")
+        else:
+            leaves.append((path, value))
+    return leaves
+
+
+def changed_value(value: object) -> str:
+    if isinstance(value, bool):
+        return str(not value).lower()
+    if isinstance(value, int):
+        return str(value + 1)
+    if isinstance(value, list):
+        return "{x}" if not value or isinstance(value[0], str) else "null"
+    return "changed"
+
+
+def test_every_value_changes_the_rendered_chart(control_plane):
+    """No dead keys: each value, changed, changes what the chart renders."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    optional_on = ["--set", "serviceMonitor.enabled=true", "--set", "podDisruptionBudget.enabled=true"]
+    baseline = render(control_plane, *optional_on)
+    dead = []
+    for path, value in leaf_values(values):
+        if path in ("serviceMonitor.enabled", "podDisruptionBudget.enabled"):
+            continue
+        if isinstance(value, dict):
+            flag = ["--set-json", f'{path}={{"probe":"x"}}']
+        elif isinstance(value, list) and not value:
+            item = '{"operator":"Exists"}' if path == "tolerations" else '{"name":"PROBE"}'
+            flag = ["--set-json", f"{path}=[{item}]"]
+        else:
+            flag = ["--set", f"{path}={changed_value(value)}"]
+        if path == "serviceAccount.create":  # an existing account must then be named
+            flag += ["--set", "serviceAccount.name=existing"]
+        changed = render(control_plane, *optional_on, *flag)
+        if changed == baseline:
+            dead.append(path)
+    assert dead == []

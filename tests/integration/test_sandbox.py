@@ -62,3 +62,11 @@ def test_ctrl_c_deletes_the_claims_then_tears_everything_down():
     assert process.returncode == 0, text
     assert text.index("deleting the claims") < text.index("claims, nodes and agent pools deleted")
     assert {p.name for p in Path(tempfile.gettempdir()).glob("gpu-provisioner-*")} <= before
+
+
+def test_sandbox_on_an_existing_cluster(control_plane):
+    result = run_sandbox("--kubeconfig", str(control_plane.kubeconfig))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "all 1 claim(s) Ready" in output
+    assert "starting etcd" not in output  # the given cluster was used, none was started
