@@ -22,7 +22,7 @@ from azure.mgmt.containerservice import ContainerServiceClient
 from tenacity import retry, retry_if_exception, stop_after_attempt
 
 from gpu_provisioner.api.claims import parse_time
-from gpu_provisioner.cloud.errors import NotFoundError, TransientError, classify
+from gpu_provisioner.cloud.errors import NotFoundError, PoolBusyError, TransientError, classify
 from gpu_provisioner.cloud.pool_request import CLAIM_TAG, CREATED_TAG, MANAGED_TAG, MANAGED_VALUE
 from gpu_provisioner.runtime import metrics
 from gpu_provisioner.settings import Settings
@@ -115,7 +115,11 @@ class ArmRequestMetricsPolicy(SansIOHTTPPolicy):
 
 def _short_transient(error: BaseException) -> bool:
     cloud_error = classify(error) if isinstance(error, Exception) else None
-    return isinstance(cloud_error, TransientError) and (cloud_error.retry_after_s or 0) <= MAX_INLINE_RETRY_WAIT_S
+    # A busy pool stays busy for minutes: that wait belongs in the queue, not in a worker.
+    return (
+        isinstance(cloud_error, TransientError) and not isinstance(cloud_error, PoolBusyError)
+        and (cloud_error.retry_after_s or 0) <= MAX_INLINE_RETRY_WAIT_S
+    )
 
 
 def _wait(retry_state: Any) -> float:

@@ -21,9 +21,15 @@ log = structlog.get_logger(__name__)
 class ClaimLifecycle:
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
-        self.phases = (Launch(deps), Registration(deps), Initialization(deps))
+        self.launch = Launch(deps)
+        self.phases = (self.launch, Registration(deps), Initialization(deps))
         self.liveness = Liveness(deps)
         self.termination = Termination(deps)
+
+    def forget(self, uid: str) -> None:
+        """Drop what the phases remember about a claim that no longer exists."""
+        self.launch.forget(uid)
+        self.termination.forget(uid)
 
     def reconcile(self, claim: Claim) -> float | None:
         """Drive the claim one step; returns when to look again (None: only on the next event)."""

@@ -48,6 +48,11 @@ class Launch:
         # claim uid -> monotonic time before which no size is tried again (all were unavailable)
         self._capacity_backoff: dict[str, float] = {}
 
+    def forget(self, uid: str) -> None:
+        with self._lock:
+            for memory in (self._unavailable, self._rejected, self._capacity_backoff):
+                memory.pop(uid, None)
+
     def reconcile(self, r: Reconciliation) -> Outcome:
         claim, condition = r.claim, r.claim.api.launched
         if r.status.is_true(condition):

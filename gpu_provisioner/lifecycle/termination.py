@@ -13,6 +13,7 @@ from kubernetes.client import ApiException
 from gpu_provisioner.api.claims import TERMINATION_FINALIZER, Claim
 from gpu_provisioner.cloud.agentpools import PoolState
 from gpu_provisioner.lifecycle.base import Deps
+from gpu_provisioner.lifecycle.launch import IN_PROGRESS
 from gpu_provisioner.runtime import metrics
 
 log = structlog.get_logger(__name__)
@@ -35,6 +36,10 @@ class Termination:
         # claim uid -> inventory clock time of our DELETE; a LIST after it that lacks the pool proves it gone
         self._deletes_sent: dict[str, float] = {}
 
+    def forget(self, uid: str) -> None:
+        with self._lock:
+            self._deletes_sent.pop(uid, None)
+
     def reconcile(self, claim: Claim) -> float | None:
         """Returns when to look again, or None once the finalizer is released."""
         if TERMINATION_FINALIZER not in claim.finalizers:
@@ -46,6 +51,9 @@ class Termination:
         inventory = self.deps.inventory
         pool = inventory.get(claim.name)
         if pool is not None and pool.managed and pool.claim_key in ("", claim.key):
+            if pool.provisioning_state in IN_PROGRESS:
+                # AKS refuses a DELETE while the create runs: wait for the LIST to show it ended.
+                return inventory.interval_s
             if pool.provisioning_state != "Deleting":
                 self.deps.pools.delete(pool.name)
                 inventory.record(PoolState(pool.name, "Deleting", pool.vm_size, pool.tags))

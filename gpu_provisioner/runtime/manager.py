@@ -126,6 +126,8 @@ class Manager:
 
     def _on_claim_event(self, event_type: str, obj: dict[str, Any]) -> None:
         api = next(a for a in CLAIM_APIS.values() if obj.get("kind") == a.kind)
+        if event_type == "DELETED":
+            self.lifecycle.forget(obj["metadata"]["uid"])
         self.queue.add(claim_key(api, obj["metadata"]["name"]))
 
     def _on_node_event(self, event_type: str, node: dict[str, Any]) -> None:

@@ -270,3 +270,18 @@ def test_a_claim_api_switched_off_is_left_alone(claims, start_sim, start_control
     untouched = claims.get(MACHINE, machine)
     assert "status" not in untouched and not untouched["metadata"].get("finalizers")
     assert list(sim.pools()) == [nodeclaim]
+
+
+def test_claim_deleted_while_its_pool_is_creating_waits_out_the_busy_pool(
+    claims, start_sim, start_controller, unique_name
+):
+    sim = start_sim(create_delay_s=3)
+    start_controller(sim)
+    claims.create(NODECLAIM, kaito_claim(NODECLAIM, unique_name))
+    wait_for("the agent pool PUT", lambda: sim.count_requests("agentpools.create") == 1)
+    claims.delete(NODECLAIM, unique_name)
+    claims.wait_gone(NODECLAIM, unique_name, timeout_s=60)
+    assert sim.pools() == {}
+    # It waited for the create to end instead of sending DELETEs AKS would refuse.
+    assert sim.count_requests("agentpools.delete", 409) == 0
+    assert sim.count_requests("agentpools.delete", 202) == 1

@@ -64,3 +64,11 @@ def test_readme_helm_install_works_against_a_real_api_server(control_plane, uniq
     subprocess.run([str(control_plane.tools.helm), "uninstall", "gpu-provisioner", "--namespace", namespace,
                     "--kubeconfig", str(control_plane.kubeconfig)], capture_output=True, timeout=120, check=True)
 
+
+
+def test_make_bench_prints_its_figures():
+    result = subprocess.run(["make", "bench", "ARGS=--claims 2 --refresh-s 1"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env=CLEAN_ENV)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "ready: 2/2" in result.stdout and "ARM requests in all" in result.stdout
+    assert "make bench" in README
