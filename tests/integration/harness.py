@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -13,7 +15,7 @@ import kubernetes
 from gpu_provisioner.api.claims import CLAIM_APIS, GROUP, ClaimApi
 from gpu_provisioner.sandbox import EXAMPLES, kaito_claim
 
-__all__ = ["CLEAN_ENV", "EXAMPLES", "Claims", "kaito_claim", "wait_for"]
+__all__ = ["CLEAN_ENV", "EXAMPLES", "Claims", "interrupt", "kaito_claim", "wait_for"]
 
 T = TypeVar("T")
 # Processes the tests start get only the simulator's settings, never the caller's Azure ones.
@@ -30,6 +32,18 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0, 
             return last
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}; last value: {last!r}")
+
+
+def interrupt(process: subprocess.Popen[str], timeout_s: float = 60) -> str:
+    """Ctrl-C a command started with piped text output; returns all it printed (killed if it hangs)."""
+    try:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=timeout_s)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return output
 
 
 class Claims:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import os
 import queue
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import pytest
 import yaml
 
 from gpu_provisioner.devenv.controlplane import ControlPlane
+from tests.integration.harness import interrupt
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 GROUP = "karpenter.sh"
@@ -200,23 +200,19 @@ def test_devenv_up_serves_until_interrupted_and_leaves_nothing(control_plane: Co
         [sys.executable, "-m", "gpu_provisioner", "devenv", "up", "--kubeconfig", str(kubeconfig)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    try:
-        deadline = time.monotonic() + 120
-        while not kubeconfig.exists() and cli.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert kubeconfig.exists(), cli.stdout.read() if cli.poll() is not None else "no kubeconfig"
-        servers = _children(cli.pid)
-        assert len(servers) == 2  # etcd and kube-apiserver
-        crds = subprocess.run(
-            [str(control_plane.tools.kubectl), "--kubeconfig", str(kubeconfig), "get", "crds", "-o", "name"],
-            capture_output=True, text=True, timeout=30, check=True,
-        ).stdout
-        assert "machines.karpenter.sh" in crds and "nodeclaims.karpenter.sh" in crds
-        cli.send_signal(signal.SIGINT)
-        output, _ = cli.communicate(timeout=60)
-    finally:
-        if cli.poll() is None:
-            cli.kill()
+    deadline = time.monotonic() + 120
+    while not kubeconfig.exists() and cli.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not kubeconfig.exists():
+        pytest.fail(f"no kubeconfig: {interrupt(cli)}")
+    servers = _children(cli.pid)
+    assert len(servers) == 2  # etcd and kube-apiserver
+    crds = subprocess.run(
+        [str(control_plane.tools.kubectl), "--kubeconfig", str(kubeconfig), "get", "crds", "-o", "name"],
+        capture_output=True, text=True, timeout=30,
+    ).stdout
+    output = interrupt(cli)
+    assert "machines.karpenter.sh" in crds and "nodeclaims.karpenter.sh" in crds
     assert cli.returncode == 0, output
     assert "control plane ready" in output
     assert not kubeconfig.exists()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import ssl
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from azure.identity import DefaultAzureCredential
 from azure.mgmt.containerservice import ContainerServiceClient
 
 from gpu_provisioner.sim import AksSimulator
-from tests.integration.harness import wait_for
+from tests.integration.harness import interrupt, wait_for
 
 GPU_POOL = {"properties": {"count": 1, "vmSize": "Standard_NC6s_v3", "osType": "Linux", "mode": "User",
                            "nodeLabels": {"kaito.sh/workspace": "ws"}, "nodeTaints": ["sku=gpu:NoSchedule"]}}
@@ -229,12 +228,9 @@ def test_simulate_aks_command_serves_until_interrupted(tmp_path, monkeypatch):
         client = ContainerServiceClient(DefaultAzureCredential(disable_instance_discovery=True),
                                         environment["ARM_SUBSCRIPTION_ID"], base_url=environment["ARM_ENDPOINT"])
         cluster = client.managed_clusters.get(environment["ARM_RESOURCE_GROUP"], environment["AZURE_CLUSTER_NAME"])
-        assert cluster.provisioning_state == "Succeeded"
-        process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=30)
     finally:
-        if process.poll() is None:
-            process.kill()
+        output = interrupt(process, timeout_s=30)
+    assert cluster.provisioning_state == "Succeeded"
     assert process.returncode == 0, output
     assert environment["ARM_ENDPOINT"] in output
     assert not os.path.exists(environment["REQUESTS_CA_BUNDLE"])  # its files are gone
