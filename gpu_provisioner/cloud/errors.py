@@ -110,7 +110,7 @@ def classify_code(code: str, message: str, status: int = 0, retry_after_s: float
     if folded in _ALLOCATION_CODES:
         return AllocationFailedError(message, code, status)
     if folded in _CLUSTER_CODES or _CLUSTER_MESSAGE.search(message):
-        return ClusterUnavailableError(message, code, status, )
+        return ClusterUnavailableError(message, code, status)
     if folded in _BUSY_CODES or status == 409:
         return PoolBusyError(message, code, status, retry_after_s)
     if status == 404 or folded in {"notfound", "resourcenotfound"}:

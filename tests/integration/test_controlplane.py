@@ -8,7 +8,6 @@ import os
 import queue
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -194,8 +193,6 @@ def _alive(pid: int) -> bool:
 
 def test_devenv_up_serves_until_interrupted_and_leaves_nothing(control_plane: ControlPlane, tmp_path):
     kubeconfig = tmp_path / "kubeconfig"
-    temp_root = Path(tempfile.gettempdir())
-    before = set(temp_root.glob("gpu-provisioner-cp-*"))
     cli = subprocess.Popen(
         [sys.executable, "-m", "gpu_provisioner", "devenv", "up", "--kubeconfig", str(kubeconfig)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -206,6 +203,12 @@ def test_devenv_up_serves_until_interrupted_and_leaves_nothing(control_plane: Co
     if not kubeconfig.exists():
         pytest.fail(f"no kubeconfig: {interrupt(cli)}")
     servers = _children(cli.pid)
+    # The launcher's own directory, from etcd's --data-dir=<workdir>/etcd.
+    etcd_args = Path(f"/proc/{servers[0]}/cmdline").read_bytes().split(b"\0") + \
+        Path(f"/proc/{servers[-1]}/cmdline").read_bytes().split(b"\0")
+    data_dir = next(a.decode() for a in etcd_args if a.startswith(b"--data-dir="))
+    workdir = Path(data_dir.removeprefix("--data-dir=")).parent
+    assert workdir.name.startswith("gpu-provisioner-cp-") and workdir.exists()
     assert len(servers) == 2  # etcd and kube-apiserver
     crds = subprocess.run(
         [str(control_plane.tools.kubectl), "--kubeconfig", str(kubeconfig), "get", "crds", "-o", "name"],
@@ -217,4 +220,4 @@ def test_devenv_up_serves_until_interrupted_and_leaves_nothing(control_plane: Co
     assert "control plane ready" in output
     assert not kubeconfig.exists()
     assert not [pid for pid in servers if _alive(pid)]
-    assert set(temp_root.glob("gpu-provisioner-cp-*")) <= before
+    assert not workdir.exists()
