@@ -145,12 +145,15 @@ def test_second_operation_on_a_busy_pool_conflicts(simulator, monkeypatch):
     assert busy.status_code == 409 and busy.error.code == "OperationNotAllowed"
 
 
-def test_stopped_cluster_refuses_pool_writes(simulator, monkeypatch):
-    sim = simulator(nodes=False, cluster_power="Stopped")
+@pytest.mark.parametrize(("power", "provisioning"), [("Stopped", "Succeeded"), ("Starting", "Starting")])
+def test_stopped_or_starting_cluster_refuses_pool_writes(simulator, monkeypatch, power, provisioning):
+    sim = simulator(nodes=False, cluster_power=power)
     client = sdk(sim, monkeypatch)
-    assert client.managed_clusters.get(sim.resource_group, sim.cluster_name).power_state.code == "Stopped"
-    stopped = arm_error(lambda: create(client, sim, "pool"))
-    assert stopped.status_code == 409 and "Stopped state" in stopped.error.message
+    cluster = client.managed_clusters.get(sim.resource_group, sim.cluster_name)
+    assert cluster.provisioning_state == provisioning
+    assert cluster.power_state.code == ("Stopped" if power == "Stopped" else "Running")
+    refused = arm_error(lambda: create(client, sim, "pool"))
+    assert refused.status_code == 409 and f"{power} state" in refused.error.message
     sim.set_cluster_power(sim.cluster_name, "Running")
     create(client, sim, "pool").result()
 

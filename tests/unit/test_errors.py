@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from gpu_provisioner.cloud.agentpools import ClusterState
 from gpu_provisioner.cloud.errors import (
     AllocationFailedError,
     ClusterUnavailableError,
@@ -41,3 +42,12 @@ def test_arm_codes_are_classified(code, message, status, cls):
     assert error.code == code and error.message == message
     if isinstance(error, ThrottledError):
         assert error.retry_after_s == 7
+
+
+@pytest.mark.parametrize(
+    ("provisioning", "power", "accepts"),
+    [("Succeeded", "Running", True), ("Failed", "Running", True), ("Succeeded", "Stopped", False),
+     ("Starting", "Running", False), ("Stopping", "Running", False), ("Updating", "Running", False)],
+)
+def test_pool_writes_wait_for_a_running_idle_cluster(provisioning, power, accepts):
+    assert ClusterState(provisioning, power).accepts_pool_changes is accepts
