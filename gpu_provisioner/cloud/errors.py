@@ -94,7 +94,14 @@ _CLUSTER_CODES = {"clusternotrunning", "clusterstopped", "managedclusternotrunni
                   "clusterstopping", "etagmismatch_cluster"}
 _BUSY_CODES = {"operationnotallowed", "anotheroperationinprogress", "conflict"}
 _THROTTLE_CODES = {"toomanyrequests", "subscriptionrequeststhrottled", "throttled"}
-_QUOTA_MESSAGE = re.compile(r"quota", re.IGNORECASE)
+# AKS often answers with a generic code (BadRequest, InvalidTemplateDeployment, PreconditionFailed) and
+# says what happened only in the message, sometimes quoting the inner code.
+_QUOTA_MESSAGE = re.compile(r"exceeding approved .*quota|insufficient vcpu quota|QuotaExceeded", re.IGNORECASE)
+_SKU_MESSAGE = re.compile(
+    r"VM size of .* is not allowed in your subscription|is currently not available in location|SkuNotAvailable",
+    re.IGNORECASE,
+)
+_ALLOCATION_MESSAGE = re.compile(r"AllocationFailed|OverconstrainedAllocationRequest|ZonalAllocationFailed")
 _CLUSTER_MESSAGE = re.compile(r"cluster.*\b(stopped|stopping|starting|not running)\b", re.IGNORECASE)
 
 
@@ -103,11 +110,11 @@ def classify_code(code: str, message: str, status: int = 0, retry_after_s: float
     folded = code.casefold()
     if status == 429 or folded in _THROTTLE_CODES:
         return ThrottledError(message, code, status, retry_after_s)
-    if folded in _QUOTA_CODES or (folded == "operationnotallowed" and _QUOTA_MESSAGE.search(message)):
+    if folded in _QUOTA_CODES or _QUOTA_MESSAGE.search(message):
         return QuotaExceededError(message, code, status)
-    if folded in _SKU_CODES:
+    if folded in _SKU_CODES or _SKU_MESSAGE.search(message):
         return SkuUnavailableError(message, code, status)
-    if folded in _ALLOCATION_CODES:
+    if folded in _ALLOCATION_CODES or _ALLOCATION_MESSAGE.search(message):
         return AllocationFailedError(message, code, status)
     if folded in _CLUSTER_CODES or _CLUSTER_MESSAGE.search(message):
         return ClusterUnavailableError(message, code, status)

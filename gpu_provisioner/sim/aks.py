@@ -140,7 +140,7 @@ class Aks:
                 raise ArmError(400, "InvalidParameter",
                                f"Changing properties of agent pool {name} is not supported by this simulator.")
             self._check_cluster_accepts_writes(cluster)
-            self._check_offer_and_quota(cluster, properties)
+            self._check_offer_and_quota(cluster, name, properties)
             properties.update(provisioningState="Creating", powerState={"code": "Running"},
                               orchestratorVersion=ORCHESTRATOR_VERSION, currentOrchestratorVersion=ORCHESTRATOR_VERSION,
                               nodeImageVersion=NODE_IMAGE_VERSION)
@@ -291,12 +291,14 @@ class Aks:
                 raise ArmError(400, "InvalidParameter", f"Taint {taint} is invalid: taints must be key=value:Effect "
                                "with Effect NoSchedule, PreferNoSchedule or NoExecute.", "agentPoolProfile.nodeTaints")
 
-    def _check_offer_and_quota(self, cluster: str, properties: dict[str, Any]) -> None:
+    def _check_offer_and_quota(self, cluster: str, name: str, properties: dict[str, Any]) -> None:
         size = lookup(properties["vmSize"])
         assert size is not None  # validated
         if size.name.lower() in {s.lower() for s in self.scenario.unavailable_skus}:
-            raise ArmError(400, "SkuNotAvailable", f"The requested VM size {size.name} is currently not available in "
-                           f"location '{self.location}'. Please try another size or deploy to a different location.")
+            # AKS's own wording: a generic code, the cause only in the message.
+            raise ArmError(400, "BadRequest", f"The VM size of AgentPoolProfile:{name} is "
+                           f"not allowed in your subscription in location '{self.location}'. For more details, "
+                           "please visit https://aka.ms/aks/quotas-skus-regions")
         limit = self.scenario.vcpu_quota.get(size.family)
         if limit is None:
             return
@@ -306,8 +308,5 @@ class Aks:
         )
         needed = size.vcpus * properties.get("count", 1)
         if used + needed > limit:
-            raise ArmError(400, "QuotaExceeded", f"Preflight validation check for resource(s) for container service "
-                           f"{cluster} in resource group {self.resource_group} failed. Message: Operation could not be "
-                           f"completed as it results in exceeding approved {size.family} Cores quota. Additional "
-                           f"details - Location: {self.location}, Current Limit: {limit}, Current Usage: {used}, "
-                           f"Additional Required: {needed}, (Minimum) New Limit Required: {used + needed}.")
+            raise ArmError(400, "ErrCode_InsufficientVCPUQuota", f"Insufficient vcpu quota requested {needed}, "
+                           f"remaining {max(limit - used, 0)} for family {size.family} for region {self.location}.")

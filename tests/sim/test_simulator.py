@@ -120,11 +120,13 @@ def test_quota_and_offer_failures_are_synchronous(simulator, monkeypatch):
     client = sdk(sim, monkeypatch)
     create(client, sim, "first").result()  # 6 vCPUs: exactly the quota
     quota = arm_error(lambda: create(client, sim, "second"))
-    assert quota.status_code == 400 and quota.error.code == "QuotaExceeded"
-    assert "standardNCSv3Family" in quota.error.message and "Current Usage: 6" in quota.error.message
+    assert quota.status_code == 400 and quota.error.code == "ErrCode_InsufficientVCPUQuota"
+    assert quota.error.message == "Insufficient vcpu quota requested 6, remaining 0 for family standardNCSv3Family " \
+        "for region eastus."
     a100 = {"properties": {**GPU_POOL["properties"], "vmSize": "Standard_NC24ads_A100_v4"}}
     offer = arm_error(lambda: create(client, sim, "third", a100))
-    assert offer.status_code == 400 and offer.error.code == "SkuNotAvailable"
+    assert offer.status_code == 400 and offer.error.code == "BadRequest"
+    assert "VM size of AgentPoolProfile:third is not allowed in your subscription" in offer.error.message
     assert set(sim.pools()) == {"first"}
 
 

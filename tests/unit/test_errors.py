@@ -34,6 +34,15 @@ from gpu_provisioner.cloud.errors import (
         ("NotFound", "gone", 404, NotFoundError),
         ("InvalidParameter", "The value of parameter agentPoolProfile.name is invalid", 400, InvalidRequestError),
         ("OperationNotAllowed", "The cluster is stopped; start it first", 409, ClusterUnavailableError),
+        # AKS's real wordings, where a generic code hides the cause in the message:
+        ("ErrCode_InsufficientVCPUQuota", "Insufficient vcpu quota requested 2, remaining 0 for family "
+         "StandardDasv7Family for region eastus.", 400, QuotaExceededError),
+        ("InvalidTemplateDeployment", "... results in exceeding approved Total Regional Cores quota ...", 400,
+         QuotaExceededError),
+        ("BadRequest", "The VM size of AgentPoolProfile:gpu is not allowed in your subscription in location "
+         "'westus'.", 400, SkuUnavailableError),
+        ("PreconditionFailed", "The requested size for resource 'x' is currently not available in location "
+         "'eastus2' zones '1'", 400, SkuUnavailableError),
     ],
 )
 def test_arm_codes_are_classified(code, message, status, cls):
