@@ -114,12 +114,16 @@ class Sandbox:
                     self._summary(kubernetes.client.CoreV1Api(api_client), custom, started)
                     if not exit_when_ready:
                         self.console.print("all claims Ready. Ctrl-C deletes them and tears everything down.")
+                        self.console.file.flush()  # so an interrupt never lands in the middle of a write
                         threading.Event().wait()
                 else:
                     self.console.print(f"[red]not ready: {outcome}[/red]")
             except KeyboardInterrupt:
                 self.console.print("interrupted")
             finally:
+                # A second Ctrl-C must not cut the teardown short and leave pools or processes behind.
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, signal.SIG_IGN)
                 if controller.poll() is None:
                     self._delete_claims(custom)
                 api_client.close()
