@@ -31,7 +31,7 @@ from gpu_provisioner.api.claims import AZURE_SKU_LABEL, GROUP, INSTANCE_TYPE_LAB
 from gpu_provisioner.cloud.errors import INSUFFICIENT_CAPACITY_PHRASE
 from gpu_provisioner.devenv.controlplane import REPO_CRDS, ControlPlane, free_port, install_crds
 from gpu_provisioner.devenv.tools import ensure_tools
-from gpu_provisioner.lifecycle.liveness import INVALID_CLAIM_REASONS
+from gpu_provisioner.lifecycle.launch import CLAIM_REFUSALS
 from gpu_provisioner.sim import AksSimulator, Scenario
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -53,7 +53,7 @@ class ClaimProgress:
             return "the claim was deleted (see its Events: kubectl get events)"
         launched = self.conditions.get(api.launched, {})
         final = INSUFFICIENT_CAPACITY_PHRASE in launched.get("message", "") or (
-            launched.get("reason") in INVALID_CLAIM_REASONS
+            launched.get("reason") in CLAIM_REFUSALS
         )
         if launched.get("status") == "False" and final:
             return f"{launched.get('reason')}: {launched.get('message')}"

@@ -34,6 +34,14 @@ CREATED_TAG = "kaito-created-at"
 # able to overwrite them on a Node (node-restriction.kubernetes.io is the one domain meant for users).
 _RESERVED_DOMAINS = ("kubernetes.azure.com", "kubernetes.io", "k8s.io")
 _USER_DOMAINS = ("node-restriction.kubernetes.io",)
+# Reserved labels that only describe the node (Kubernetes' well-known labels, the kubelet's node.kubernetes.io):
+# Karpenter copies single-value requirements into them, so a claim may carry them; AKS sets them itself.
+_NODE_DESCRIPTION_LABELS = frozenset({
+    "kubernetes.io/arch", "kubernetes.io/os", "beta.kubernetes.io/arch", "beta.kubernetes.io/os",
+    "beta.kubernetes.io/instance-type", "topology.kubernetes.io/zone", "topology.kubernetes.io/region",
+    "failure-domain.beta.kubernetes.io/zone", "failure-domain.beta.kubernetes.io/region",
+})
+_NODE_DESCRIPTION_DOMAIN = "node.kubernetes.io"
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -49,10 +57,24 @@ class InvalidClaim(Exception):
 
 
 def is_reserved_label(key: str) -> bool:
-    domain = key.split("/", 1)[0] if "/" in key else ""
+    """A label in a domain AKS and the kubelet own: never sent to AKS nor synced onto the Node."""
+    domain = _domain(key)
     if domain in _USER_DOMAINS:
         return False
     return any(domain == d or domain.endswith("." + d) for d in _RESERVED_DOMAINS)
+
+
+def _domain(key: str) -> str:
+    return key.split("/", 1)[0] if "/" in key else ""
+
+
+def is_restricted_label(key: str) -> bool:
+    """A reserved label a claim may not carry at all: it would make the node pass for what the platform
+    decides (kubernetes.azure.com/mode=system, node-role.kubernetes.io/..., kubernetes.io/hostname)."""
+    domain = _domain(key)
+    describes_node = key in _NODE_DESCRIPTION_LABELS or domain == _NODE_DESCRIPTION_DOMAIN or domain.endswith(
+        "." + _NODE_DESCRIPTION_DOMAIN)
+    return is_reserved_label(key) and not describes_node
 
 
 def is_valid_label_key(key: str) -> bool:
@@ -156,6 +178,13 @@ def _os_sku(claim: Claim) -> str:
 
 
 def _node_labels(claim: Claim, sizes: tuple[VmSize, ...], created_at: str) -> dict[str, str]:
+    restricted = sorted(key for key in claim.labels if is_restricted_label(key))
+    if restricted:
+        raise InvalidClaim(
+            "RestrictedLabel",
+            f"labels {restricted} are in domains AKS and the kubelet own (kubernetes.azure.com, kubernetes.io, "
+            "k8s.io); a claim may not set them on a node: remove them from the workspace's labelSelector",
+        )
     pool_key, pool_value = claim.api.pool_label
     labels = {key: value for key, value in claim.labels.items() if not is_reserved_label(key)}
     labels.setdefault(pool_key, pool_value)

@@ -23,7 +23,7 @@ class ClaimLifecycle:
         self.deps = deps
         self.launch = Launch(deps)
         self.phases = (self.launch, Registration(deps), Initialization(deps))
-        self.liveness = Liveness(deps)
+        self.liveness = Liveness(deps, self.launch)
         self.termination = Termination(deps)
 
     def forget(self, uid: str) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime
 
 import structlog
 
-from gpu_provisioner.api.claims import INSTANCE_TYPE_LABEL, now_rfc3339
+from gpu_provisioner.api.claims import INSTANCE_TYPE_LABEL, Claim, now_rfc3339
 from gpu_provisioner.cloud.agentpools import PoolState
 from gpu_provisioner.cloud.errors import (
     INSUFFICIENT_CAPACITY_PHRASE,
@@ -35,6 +36,11 @@ IN_PROGRESS = {"Creating", "Updating", "Scaling", "Upgrading", "Starting"}
 # After every size failed for capacity, try the whole list again this much later.
 CAPACITY_RETRY_S = 60.0
 CLUSTER_RETRY_S = 30.0
+# Launched reasons that mean "fix the claim", never "wait longer": the claim itself is refused.
+CLAIM_REFUSALS = frozenset({
+    "InvalidPoolName", "InstanceTypeMissing", "UnknownInstanceType", "InvalidStorageRequest",
+    "UnsupportedNodeImageFamily", "InvalidTaint", "RestrictedLabel", "InvalidAgentPoolRequest", "AgentPoolNameTaken",
+})
 
 
 class Launch:
@@ -47,11 +53,18 @@ class Launch:
         self._rejected: dict[str, int] = {}
         # claim uid -> monotonic time before which no size is tried again (all were unavailable)
         self._capacity_backoff: dict[str, float] = {}
+        # claim uid -> when a claim refused earlier became launchable (its launch timeout starts there)
+        self._refusal_ended: dict[str, datetime] = {}
 
     def forget(self, uid: str) -> None:
         with self._lock:
-            for memory in (self._unavailable, self._rejected, self._capacity_backoff):
+            for memory in (self._unavailable, self._rejected, self._capacity_backoff, self._refusal_ended):
                 memory.pop(uid, None)
+
+    def attempt_started(self, claim: Claim) -> datetime:
+        """When the current launch attempt began: the claim's creation, or the moment a refused claim was fixed."""
+        with self._lock:
+            return self._refusal_ended.get(claim.uid, claim.created)
 
     def reconcile(self, r: Reconciliation) -> Outcome:
         claim, condition = r.claim, r.claim.api.launched
@@ -64,6 +77,10 @@ class Launch:
             return WAITING
         if self._rejected.get(claim.uid) == claim.generation:
             return WAITING
+        previous = claim.condition(condition) or {}
+        if previous.get("status") == "False" and previous.get("reason") in CLAIM_REFUSALS:
+            with self._lock:
+                self._refusal_ended[claim.uid] = datetime.now(UTC)
         if not self.deps.inventory.synced:
             # After a restart a PUT may be in flight: only a LIST can tell, so no write before one.
             self.deps.inventory.request_refresh()

@@ -13,19 +13,16 @@ import structlog
 
 from gpu_provisioner.api.claims import parse_time
 from gpu_provisioner.lifecycle.base import Deps, Reconciliation
+from gpu_provisioner.lifecycle.launch import CLAIM_REFUSALS, Launch
 from gpu_provisioner.runtime import metrics
 
 log = structlog.get_logger(__name__)
-# Launched reasons that mean "fix the claim", never "wait longer".
-INVALID_CLAIM_REASONS = {
-    "InvalidPoolName", "InstanceTypeMissing", "UnknownInstanceType", "InvalidStorageRequest",
-    "UnsupportedNodeImageFamily", "InvalidTaint", "InvalidAgentPoolRequest", "AgentPoolNameTaken",
-}
 
 
 class Liveness:
-    def __init__(self, deps: Deps) -> None:
+    def __init__(self, deps: Deps, launch: Launch) -> None:
         self.deps = deps
+        self.launch = launch
 
     def reconcile(self, r: Reconciliation) -> None:
         claim, status, settings = r.claim, r.status, self.deps.settings
@@ -36,9 +33,10 @@ class Liveness:
             # Someone deleted the pool under a launched claim: a new claim gets a new node.
             self._expire(r, "AgentPoolVanished", f"agent pool {claim.name} no longer exists in AKS; deleting the claim")
         elif launched.get("status") != "True":
-            if launched.get("reason") in INVALID_CLAIM_REASONS:
+            if launched.get("reason") in CLAIM_REFUSALS:
                 return
-            self._check(r, "LaunchTimeout", "launch", claim.created, settings.launch_timeout_s, now)
+            since = self.launch.attempt_started(claim)
+            self._check(r, "LaunchTimeout", "launch", since, settings.launch_timeout_s, now)
         elif not status.is_true(claim.api.registered):
             since = parse_time(launched.get("lastTransitionTime")) or claim.created
             self._check(r, "RegistrationTimeout", "registration", since, settings.registration_timeout_s, now)

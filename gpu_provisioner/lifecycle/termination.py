@@ -29,6 +29,14 @@ def _evictable(pod: Any) -> bool:
     return not any(owner.kind == "DaemonSet" for owner in metadata.owner_references or [])
 
 
+def _belongs_to(claim: Claim, node: dict[str, Any]) -> bool:
+    """Whether registration made this Node the claim's (its providerID, or its ownerReference)."""
+    metadata = node["metadata"]
+    if claim.provider_id and (node.get("spec") or {}).get("providerID") == claim.provider_id:
+        return True
+    return any(owner.get("uid") == claim.uid for owner in metadata.get("ownerReferences") or [])
+
+
 class Termination:
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
@@ -44,13 +52,17 @@ class Termination:
         """Returns when to look again, or None once the finalizer is released."""
         if TERMINATION_FINALIZER not in claim.finalizers:
             return None
+        inventory = self.deps.inventory
+        pool = inventory.get(claim.name)
+        pool_is_ours = pool is not None and pool.managed and pool.claim_key in ("", claim.key)
         for node in self.deps.nodes.nodes_for(claim):
+            # A pool of the claim's name made by someone else (AgentPoolNameTaken) keeps its nodes.
+            if not (pool_is_ours or _belongs_to(claim, node)):
+                continue
             wait = self._retire_node(claim, node)
             if wait is not None:
                 return wait
-        inventory = self.deps.inventory
-        pool = inventory.get(claim.name)
-        if pool is not None and pool.managed and pool.claim_key in ("", claim.key):
+        if pool_is_ours:
             if pool.provisioning_state in IN_PROGRESS:
                 # AKS refuses a DELETE while the create runs: wait for the LIST to show it ended.
                 return inventory.interval_s

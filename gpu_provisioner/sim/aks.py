@@ -274,7 +274,7 @@ class Aks:
             raise ArmError(400, "InvalidParameter", f"The value of parameter agentPoolProfile.count is invalid: "
                            f"{count}.", "agentPoolProfile.count")
         vm_size = properties.get("vmSize", "")
-        if lookup(vm_size) is None:
+        if lookup(vm_size) is None or vm_size.lower() in {s.lower() for s in self.scenario.unsupported_skus}:
             raise ArmError(400, "InvalidParameter", f"The VM size of {vm_size or '(none)'} is not supported.",
                            "agentPoolProfile.vmSize")
         disk = properties.get("osDiskSizeGB")

@@ -38,6 +38,8 @@ class Scenario(BaseSettings):
     # Regional vCPU quota per family; a family not listed is unlimited.
     vcpu_quota: dict[str, int] = Field(default_factory=dict)
     unavailable_skus: list[str] = Field(default_factory=list)
+    # Sizes this AKS refuses as invalid (400 InvalidParameter on vmSize), not for capacity.
+    unsupported_skus: list[str] = Field(default_factory=list)
     allocation_failure_skus: list[str] = Field(default_factory=list)
     throttle_rate: float = Field(0.0, ge=0, le=1)
     retry_after_s: int = 1

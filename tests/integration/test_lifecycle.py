@@ -7,7 +7,7 @@ import time
 import kubernetes
 import pytest
 
-from gpu_provisioner.api.claims import MACHINE, NODECLAIM, READY, TERMINATION_FINALIZER
+from gpu_provisioner.api.claims import GROUP, MACHINE, NODECLAIM, READY, TERMINATION_FINALIZER
 from gpu_provisioner.cloud.errors import INSUFFICIENT_CAPACITY_PHRASE
 from gpu_provisioner.cloud.pool_request import MANAGED_TAG
 from tests.integration.harness import kaito_claim, wait_for
@@ -73,8 +73,9 @@ def test_kaito_claim_gets_a_ready_gpu_node_and_deletion_removes_the_pool(
         (lambda m: m["spec"]["resources"]["requests"].update(storage="5Ti"), "InvalidStorageRequest"),
         (lambda m: m["metadata"].setdefault("annotations", {}).update({"kaito.sh/node-image-family": "windows"}),
          "UnsupportedNodeImageFamily"),
+        (lambda m: m["metadata"]["labels"].update({"kubernetes.azure.com/mode": "system"}), "RestrictedLabel"),
     ],
-    ids=["pool-name", "unknown-sku", "no-instance-type", "disk-too-big", "image-family"],
+    ids=["pool-name", "unknown-sku", "no-instance-type", "disk-too-big", "image-family", "hostile-label"],
 )
 def test_bad_claim_is_refused_locally_with_a_reason_and_kept(
     mutate, reason, claims, start_sim, start_controller, unique_name
@@ -95,18 +96,39 @@ def test_bad_claim_is_refused_locally_with_a_reason_and_kept(
     assert pool_writes(sim) == 0 and sim.pools() == {}
 
 
-def test_reserved_labels_stay_off_the_pool_and_the_node(claims, start_sim, start_controller, unique_name):
+def test_labels_that_describe_the_node_are_left_to_aks(claims, start_sim, start_controller, unique_name):
     sim = start_sim()
     start_controller(sim)
     manifest = kaito_claim(NODECLAIM, unique_name)
-    manifest["metadata"]["labels"].update({"kubernetes.azure.com/mode": "system", "kubernetes.io/hostname": "evil"})
+    manifest["metadata"]["labels"].update({"kubernetes.io/os": "linux", "topology.kubernetes.io/zone": "elsewhere-9"})
     claims.create(NODECLAIM, manifest)
     claims.wait_condition(NODECLAIM, unique_name, READY, "True")
     node_labels = sim.pools()[unique_name]["properties"]["nodeLabels"]
-    assert "kubernetes.azure.com/mode" not in node_labels and "kubernetes.io/hostname" not in node_labels
+    assert "kubernetes.io/os" not in node_labels and "topology.kubernetes.io/zone" not in node_labels
     node = claims.node(claims.get(NODECLAIM, unique_name)["status"]["nodeName"])
-    assert node.metadata.labels["kubernetes.io/hostname"] != "evil"
-    assert node.metadata.labels["kubernetes.azure.com/mode"] == "user"
+    assert node.metadata.labels["topology.kubernetes.io/zone"] != "elsewhere-9"  # AKS's, not the claim's
+    assert node.metadata.labels["kaito.sh/workspace"] == "workspace-phi-3-mini"
+
+
+def test_a_pool_of_the_claims_name_made_by_someone_else_is_never_touched(
+    claims, start_sim, start_controller, unique_name
+):
+    sim = start_sim()
+    sim.seed_pool(unique_name, vm_size="Standard_NC6s_v3", tags={"team": "research"})
+    node = wait_for("the other pool's node", lambda: next(
+        (n for n in claims.core.list_node().items if n.metadata.labels.get("agentpool") == unique_name), None))
+    start_controller(sim)
+    claims.create(MACHINE, kaito_claim(MACHINE, unique_name))
+
+    launched = claims.wait_condition(MACHINE, unique_name, MACHINE.launched, "False", reason="AgentPoolNameTaken")
+    assert "not made by gpu-provisioner" in launched["message"]
+    wait_for("an AgentPoolNameTaken event", lambda: "AgentPoolNameTaken" in claims.event_reasons(unique_name))
+    claims.delete(MACHINE, unique_name)
+    claims.wait_gone(MACHINE, unique_name)
+
+    assert pool_writes(sim) == 0 and unique_name in sim.pools()
+    kept = claims.node(node.metadata.name)
+    assert kept is not None and not kept.spec.unschedulable and kept.metadata.deletion_timestamp is None
 
 
 def test_quota_exhausted_fails_fast_with_kaitos_phrase(claims, start_sim, start_controller, unique_name):
@@ -137,6 +159,29 @@ def test_allocation_failure_of_every_size_deletes_the_failed_pool(claims, start_
     wait_for("the failed pool to be deleted", lambda: unique_name not in sim.pools())
 
 
+def test_request_aks_refuses_is_not_retried_until_the_claim_changes(
+    claims, start_sim, start_controller, unique_name
+):
+    sim = start_sim(unsupported_skus=["Standard_NV36ads_A10_v5"], create_delay_s=0.5)
+    start_controller(sim, launch_timeout_s=3)
+    claims.create(MACHINE, kaito_claim(MACHINE, unique_name, ["Standard_NV36ads_A10_v5"]))
+    launched = claims.wait_condition(MACHINE, unique_name, MACHINE.launched, "False", reason="InvalidAgentPoolRequest")
+    assert "Standard_NV36ads_A10_v5" in launched["message"] and "not supported" in launched["message"]
+    wait_for("an InvalidAgentPoolRequest event", lambda: "InvalidAgentPoolRequest" in claims.event_reasons(unique_name))
+
+    # A change that is not to the spec (same generation) is reconciled but sends nothing.
+    claims.custom.patch_cluster_custom_object(GROUP, MACHINE.version, MACHINE.plural, unique_name,
+                                              {"metadata": {"labels": {"touched": "yes"}}})
+    time.sleep(4)  # several pool refreshes, and past the launch timeout: the claim is kept
+    assert sim.count_requests("agentpools.create") == 1 and claims.get(MACHINE, unique_name) is not None
+
+    # The fixed claim gets a launch timeout of its own, counted from the fix, not from its creation.
+    claims.custom.patch_cluster_custom_object(GROUP, MACHINE.version, MACHINE.plural, unique_name, {"spec": {
+        "requirements": kaito_claim(MACHINE, unique_name)["spec"]["requirements"]}})
+    claims.wait_condition(MACHINE, unique_name, READY, "True")
+    assert sim.count_requests("agentpools.create", 400) == 1 and sim.count_requests("agentpools.create", 201) == 1
+
+
 def test_gpu_wait_keeps_claim_uninitialized_until_gpus_are_allocatable(
     claims, start_sim, start_controller, unique_name
 ):
@@ -151,13 +196,15 @@ def test_gpu_wait_keeps_claim_uninitialized_until_gpus_are_allocatable(
     assert claims.condition(NODECLAIM, unique_name, READY)["status"] != "True"
 
 
-def test_stopped_cluster_gets_no_put_and_the_launch_timeout_deletes_the_claim(
-    claims, start_sim, start_controller, unique_name
+@pytest.mark.parametrize("power", ["Stopped", "Starting"])
+def test_stopped_or_starting_cluster_gets_no_put_and_the_launch_timeout_deletes_the_claim(
+    power, claims, start_sim, start_controller, unique_name
 ):
-    sim = start_sim("cluster-stopped")
+    sim = start_sim(cluster_power=power)
     start_controller(sim, launch_timeout_s=4)
     claims.create(MACHINE, kaito_claim(MACHINE, unique_name))
-    claims.wait_condition(MACHINE, unique_name, MACHINE.launched, "Unknown", reason="ClusterNotReady")
+    launched = claims.wait_condition(MACHINE, unique_name, MACHINE.launched, "Unknown", reason="ClusterNotReady")
+    assert power in launched["message"]
     claims.wait_gone(MACHINE, unique_name, timeout_s=30)
     assert "LaunchTimeout" in claims.event_reasons(unique_name)
     assert sim.count_requests("agentpools.create") == 0

@@ -88,15 +88,25 @@ def test_bad_claims_are_refused_with_a_reason(mutate, reason):
     assert refused.value.message
 
 
-def test_reserved_label_domains_are_dropped_from_node_labels():
-    def hostile(m):
-        m["metadata"]["labels"].update({
-            "kubernetes.azure.com/mode": "system", "kubernetes.io/hostname": "x", "node-role.kubernetes.io/master": "",
-            "node-restriction.kubernetes.io/team": "a",
-        })
+@pytest.mark.parametrize("label", [
+    "kubernetes.azure.com/mode", "kubernetes.io/hostname", "node-role.kubernetes.io/control-plane",
+    "kubelet.kubernetes.io/anything", "storage.k8s.io/class",
+])
+def test_labels_that_would_disguise_the_node_refuse_the_claim(label):
+    with pytest.raises(InvalidClaim) as refused:
+        build_pool_request(claim(MACHINE, lambda m: m["metadata"]["labels"].update({label: "system"})), CREATED)
+    assert refused.value.reason == "RestrictedLabel"
+    assert label in refused.value.message
 
-    labels = build_pool_request(claim(MACHINE, hostile), CREATED).node_labels
-    assert "kubernetes.azure.com/mode" not in labels and "kubernetes.io/hostname" not in labels
-    assert "node-role.kubernetes.io/master" not in labels
+
+def test_labels_that_describe_the_node_are_allowed_but_left_to_aks():
+    describing = {"kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64", "topology.kubernetes.io/zone": "eastus-1",
+                  "node.kubernetes.io/instance-type": "Standard_NC6s_v3"}
+
+    def labelled(m):
+        m["metadata"]["labels"].update({**describing, "node-restriction.kubernetes.io/team": "a"})
+
+    labels = build_pool_request(claim(MACHINE, labelled), CREATED).node_labels
+    assert not set(describing) & set(labels)
     assert labels["node-restriction.kubernetes.io/team"] == "a"
     assert not is_reserved_label("kaito.sh/workspace") and is_reserved_label("topology.kubernetes.io/zone")
