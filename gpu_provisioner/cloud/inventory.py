@@ -15,7 +15,7 @@ from collections.abc import Callable
 import structlog
 
 from gpu_provisioner.cloud.agentpools import AgentPools, ClusterState, PoolState
-from gpu_provisioner.cloud.errors import CloudError
+from gpu_provisioner.cloud.errors import CloudError, TransientError
 
 log = structlog.get_logger(__name__)
 
@@ -108,5 +108,8 @@ class PoolInventory:
                 self.refresh()
             except CloudError as error:
                 log.warning("agent pool list failed", error=error.describe(), error_class=error.reason)
+                if isinstance(error, TransientError) and error.retry_after_s:
+                    # ARM asked for a pause: claims asking for an early LIST must not cut it short.
+                    stop.wait(error.retry_after_s)
             self._wake.wait(self.interval_s)
             self._wake.clear()
