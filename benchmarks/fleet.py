@@ -8,6 +8,7 @@ budget), and the controller process's peak memory and CPU time. Run: `make bench
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import kubernetes
 import typer
 
 from gpu_provisioner.api.claims import CLAIM_APIS, GROUP, READY
-from gpu_provisioner.devenv.controlplane import ControlPlane, free_port
+from gpu_provisioner.devenv.controlplane import ControlPlane, die_with_parent, free_port
 from gpu_provisioner.devenv.tools import ensure_tools
 from gpu_provisioner.sandbox import kaito_claim
 from gpu_provisioner.sim import AksSimulator, Scenario
@@ -51,7 +52,7 @@ def main(
                    HEALTH_PROBE_PORT=str(free_port()), LOG_LEVEL="warning")
         with open(workdir / "controller.log", "wb") as log:
             controller = subprocess.Popen([sys.executable, "-m", "gpu_provisioner", "run"], env=env,
-                                          stdout=log, stderr=subprocess.STDOUT)
+                                          stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         try:
             custom = kubernetes.client.CustomObjectsApi(client)
             names = [f"ws{index:09x}" for index in range(claims)]
@@ -78,6 +79,11 @@ def main(
                 time.sleep(0.2)
             all_deleted_s = time.monotonic() - deleting
             peak_mib, cpu_s = process_figures(controller.pid)
+        except BaseException:
+            print(f"controller log kept in {workdir / 'controller.log'}", file=sys.stderr)
+            raise
+        else:
+            shutil.rmtree(workdir)
         finally:
             controller.terminate()
             controller.wait(timeout=30)

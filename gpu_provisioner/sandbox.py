@@ -29,7 +29,7 @@ from rich.table import Table
 
 from gpu_provisioner.api.claims import AZURE_SKU_LABEL, GROUP, INSTANCE_TYPE_LABEL, READY, ClaimApi
 from gpu_provisioner.cloud.errors import INSUFFICIENT_CAPACITY_PHRASE
-from gpu_provisioner.devenv.controlplane import REPO_CRDS, ControlPlane, free_port, install_crds
+from gpu_provisioner.devenv.controlplane import REPO_CRDS, ControlPlane, die_with_parent, free_port, install_crds
 from gpu_provisioner.devenv.tools import ensure_tools
 from gpu_provisioner.lifecycle.launch import CLAIM_REFUSALS
 from gpu_provisioner.sim import AksSimulator, Scenario
@@ -93,8 +93,9 @@ class Sandbox:
     # the whole run -------------------------------------------------------------------------------
 
     def run(self, exit_when_ready: bool) -> int:
-        # `kill` and CI timeouts tear down as Ctrl-C does: nothing may outlive the sandbox.
-        signal.signal(signal.SIGTERM, _interrupt)
+        # `kill`, CI timeouts and a closed terminal tear down as Ctrl-C does: nothing may outlive the sandbox.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _interrupt)
         with self._environment() as (kubeconfig_path, metrics_port, controller):
             api_client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig_path))
             custom = kubernetes.client.CustomObjectsApi(api_client)
@@ -122,7 +123,7 @@ class Sandbox:
                 self.console.print("interrupted")
             finally:
                 # A second Ctrl-C must not cut the teardown short and leave pools or processes behind.
-                for sig in (signal.SIGINT, signal.SIGTERM):
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_IGN)
                 if controller.poll() is None:
                     self._delete_claims(custom)
@@ -166,8 +167,11 @@ class Sandbox:
             "POOL_REFRESH_INTERVAL_SECONDS": "2",
         }
         log = open(self.workdir / "controller.log", "wb")  # noqa: SIM115 - handed to the child
+        # Its own session: the terminal's Ctrl-C goes to the sandbox alone, which still needs the controller
+        # to delete the claims' pools before it stops it.
         process = subprocess.Popen(
-            [sys.executable, "-m", "gpu_provisioner", "run"], env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "gpu_provisioner", "run"], env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=die_with_parent,
         )
         log.close()
         return process

@@ -8,6 +8,7 @@ CRD validation are the real ones.
 from __future__ import annotations
 
 import base64
+import ctypes
 import os
 import shutil
 import signal
@@ -26,6 +27,16 @@ import yaml
 
 from gpu_provisioner.devenv.tools import Toolset
 from gpu_provisioner.pki import CertificateAuthority, rsa_private_key_pem
+
+# Resolved in the parent: a child between fork and exec must not touch the dynamic loader.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """preexec_fn for local processes (etcd, kube-apiserver, a controller): the kernel sends them SIGTERM
+    when the process that started them dies, even by SIGKILL, so nothing outlives a killed sandbox or test run."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 REPO_CRDS = Path(__file__).resolve().parents[2] / "crds"
 ADMIN_USER = "gpu-provisioner-admin"
@@ -107,7 +118,8 @@ class ControlPlane:
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child process
         # A new session so the whole process group can be signalled and none is left behind.
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=die_with_parent)
         log.close()
         self._processes.append((name, proc))
         return proc

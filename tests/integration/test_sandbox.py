@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gpu_provisioner.cloud.errors import INSUFFICIENT_CAPACITY_PHRASE
-from tests.integration.harness import CLEAN_ENV
+from tests.integration.harness import CLEAN_ENV, wait_for
 
 
 def run_sandbox(*args: str) -> subprocess.CompletedProcess[str]:
@@ -20,7 +22,6 @@ def run_sandbox(*args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "gpu_provisioner", "sandbox", "--exit-when-ready", "--timeout", "120", *args],
         capture_output=True, text=True, timeout=300, env={**CLEAN_ENV, "COLUMNS": "200"},
     )
-
 
 
 @pytest.mark.parametrize(("api", "kind"), [("machine", "Machine"), ("nodeclaim", "NodeClaim")])
@@ -48,16 +49,18 @@ def test_ctrl_c_deletes_the_claims_then_tears_everything_down():
     process = subprocess.Popen(
         [sys.executable, "-m", "gpu_provisioner", "sandbox", "--api", "nodeclaim"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**CLEAN_ENV, "COLUMNS": "200"},
+        start_new_session=True,
     )
     output = []
     try:
         for line in process.stdout:
             output.append(line)
             if "Ctrl-C deletes them" in line and len([o for o in output if "Ctrl-C deletes them" in o]) == 1:
-                process.send_signal(signal.SIGINT)
+                # As a terminal does: the whole foreground process group gets it.
+                os.killpg(process.pid, signal.SIGINT)
                 # An impatient user presses it twice: teardown must still finish.
                 time.sleep(0.5)
-                process.send_signal(signal.SIGINT)
+                os.killpg(process.pid, signal.SIGINT)
         process.wait(timeout=120)
     finally:
         if process.poll() is None:
@@ -74,3 +77,59 @@ def test_sandbox_on_an_existing_cluster(control_plane):
     assert result.returncode == 0, output
     assert "all 1 claim(s) Ready" in output
     assert "starting etcd" not in output  # the given cluster was used, none was started
+
+
+def start_sandbox_until_ready(*args: str) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start the sandbox (output piped) and read until it says all claims are Ready."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpu_provisioner", "sandbox", "--api", "nodeclaim", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**CLEAN_ENV, "COLUMNS": "200"},
+    )
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "Ctrl-C deletes them" in line:
+            return process, lines
+    process.wait()
+    raise AssertionError("".join(lines))
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line or environment contains `text`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if any(text.encode() in (proc / part).read_bytes() for part in ("cmdline", "environ")):
+                found.append(int(proc.name))
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
+def test_ctrl_c_with_nobody_reading_the_output_still_deletes_everything(control_plane, claims):
+    process, _ = start_sandbox_until_ready("--kubeconfig", str(control_plane.kubeconfig))
+    try:
+        process.stdout.close()  # like `sandbox | tee log` where the same Ctrl-C stops tee first
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert claims.custom.list_cluster_custom_object("karpenter.sh", "v1", "nodeclaims")["items"] == []
+    assert claims.core.list_node().items == []
+
+
+def test_a_killed_sandbox_leaves_no_process_behind():
+    process, lines = start_sandbox_until_ready()
+    kubeconfig = next(line.split("--kubeconfig ", 1)[1].split()[0] for line in lines if line.startswith("kubectl:"))
+    workdir = str(Path(kubeconfig).parent)
+    assert len(processes_mentioning(workdir)) >= 3  # etcd, kube-apiserver, the controller
+    process.kill()
+    process.wait()
+    try:
+        wait_for("etcd, kube-apiserver and the controller to exit", lambda: not processes_mentioning(workdir),
+                 timeout_s=30)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
