@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 from azure.core.exceptions import (
+    ClientAuthenticationError,
     HttpResponseError,
     ResourceNotFoundError,
     ServiceRequestError,
@@ -20,6 +21,8 @@ INSUFFICIENT_CAPACITY_PHRASE = "all requested instance types were unavailable du
 
 class CloudError(Exception):
     reason = "CloudError"
+    # What a person can do about it, when that is not in ARM's message.
+    hint = ""
 
     def __init__(self, message: str, code: str = "", status: int = 0) -> None:
         super().__init__(message)
@@ -28,7 +31,8 @@ class CloudError(Exception):
         self.status = status
 
     def describe(self) -> str:
-        return f"{self.code}: {self.message}" if self.code else self.message
+        described = f"{self.code}: {self.message}" if self.code else self.message
+        return f"{described} ({self.hint})" if self.hint else described
 
 
 class TransientError(CloudError):
@@ -69,6 +73,14 @@ class InvalidRequestError(CloudError):
     reason = "InvalidAgentPoolRequest"
 
 
+class AccessDeniedError(CloudError):
+    """The controller's identity may not do this: a role assignment fixes it, not the claim; retried."""
+
+    reason = "AccessDenied"
+    hint = ("give gpu-provisioner's identity a role on the cluster with managedClusters/read and "
+            "agentPools/read, write and delete, such as Azure Kubernetes Service Contributor Role")
+
+
 class ClusterUnavailableError(CloudError):
     """The managed cluster is stopped, starting, stopping or busy with an operation of its own."""
 
@@ -94,6 +106,8 @@ _CLUSTER_CODES = {"clusternotrunning", "clusterstopped", "managedclusternotrunni
                   "clusterstopping", "etagmismatch_cluster"}
 _BUSY_CODES = {"operationnotallowed", "anotheroperationinprogress", "conflict"}
 _THROTTLE_CODES = {"toomanyrequests", "subscriptionrequeststhrottled", "throttled"}
+_ACCESS_CODES = {"authorizationfailed", "linkedauthorizationfailed", "authenticationfailed",
+                 "invalidauthenticationtoken", "invalidauthenticationtokentenant"}
 # AKS often answers with a generic code (BadRequest, InvalidTemplateDeployment, PreconditionFailed) and
 # says what happened only in the message, sometimes quoting the inner code.
 _QUOTA_MESSAGE = re.compile(r"exceeding approved .*quota|insufficient vcpu quota|QuotaExceeded", re.IGNORECASE)
@@ -110,6 +124,8 @@ def classify_code(code: str, message: str, status: int = 0, retry_after_s: float
     folded = code.casefold()
     if status == 429 or folded in _THROTTLE_CODES:
         return ThrottledError(message, code, status, retry_after_s)
+    if status in (401, 403) or folded in _ACCESS_CODES:
+        return AccessDeniedError(message, code, status)
     if folded in _QUOTA_CODES or _QUOTA_MESSAGE.search(message):
         return QuotaExceededError(message, code, status)
     if folded in _SKU_CODES or _SKU_MESSAGE.search(message):
@@ -133,6 +149,9 @@ def classify(error: Exception) -> CloudError:
         return error
     if isinstance(error, ServiceRequestError | ServiceResponseError):
         return TransientError(f"connection to ARM failed: {error}", "ConnectionError")
+    if isinstance(error, ClientAuthenticationError) and error.status_code is None:
+        # No token at all (workload identity not federated, wrong client id or secret): said by azure-identity.
+        return AccessDeniedError(f"getting an Azure token failed: {error.message or error}", "AuthenticationFailed")
     if isinstance(error, ResourceNotFoundError):
         return NotFoundError(str(error.message or error), _error_code(error), 404)
     if isinstance(error, HttpResponseError):

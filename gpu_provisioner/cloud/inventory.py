@@ -39,6 +39,8 @@ class PoolInventory:
         self._cluster: ClusterState | None = None
         self._cluster_read_at = float("-inf")
         self._wake = threading.Event()
+        # Why the last LIST failed (None once one succeeds), for claims waiting on a first LIST.
+        self.list_error: CloudError | None = None
 
     # reads ------------------------------------------------------------------------------------
 
@@ -106,7 +108,9 @@ class PoolInventory:
         while not stop.is_set():
             try:
                 self.refresh()
+                self.list_error = None
             except CloudError as error:
+                self.list_error = error
                 log.warning("agent pool list failed", error=error.describe(), error_class=error.reason)
                 if isinstance(error, TransientError) and error.retry_after_s:
                     # ARM asked for a pause: claims asking for an early LIST must not cut it short.

@@ -17,6 +17,7 @@ from gpu_provisioner.api.claims import INSTANCE_TYPE_LABEL, Claim, now_rfc3339
 from gpu_provisioner.cloud.agentpools import PoolState
 from gpu_provisioner.cloud.errors import (
     INSUFFICIENT_CAPACITY_PHRASE,
+    AccessDeniedError,
     CapacityError,
     CloudError,
     ClusterUnavailableError,
@@ -36,6 +37,7 @@ IN_PROGRESS = {"Creating", "Updating", "Scaling", "Upgrading", "Starting"}
 # After every size failed for capacity, try the whole list again this much later.
 CAPACITY_RETRY_S = 60.0
 CLUSTER_RETRY_S = 30.0
+ACCESS_RETRY_S = 60.0
 # Launched reasons that mean "fix the claim", never "wait longer": the claim itself is refused.
 CLAIM_REFUSALS = frozenset({
     "InvalidPoolName", "InstanceTypeMissing", "UnknownInstanceType", "InvalidStorageRequest",
@@ -81,12 +83,19 @@ class Launch:
         if previous.get("status") == "False" and previous.get("reason") in CLAIM_REFUSALS:
             with self._lock:
                 self._refusal_ended[claim.uid] = datetime.now(UTC)
-        if not self.deps.inventory.synced:
+        inventory = self.deps.inventory
+        if not inventory.synced:
             # After a restart a PUT may be in flight: only a LIST can tell, so no write before one.
-            self.deps.inventory.request_refresh()
-            r.requeue(1.0)
+            error = inventory.list_error
+            if error is None:
+                inventory.request_refresh()
+                r.requeue(1.0)
+            else:
+                message = f"cannot list the cluster's agent pools: {error.describe()}"
+                r.status.set(condition, "Unknown", error.reason, message)
+                r.requeue(inventory.interval_s)
             return WAITING
-        pool = self.deps.inventory.get(claim.name)
+        pool = inventory.get(claim.name)
         if pool is not None and not pool.managed:
             self._fail(r, "AgentPoolNameTaken", f"agent pool {claim.name} exists and was not made by gpu-provisioner; "
                        "it is left alone: rename the workspace or delete that pool")
@@ -132,6 +141,10 @@ class Launch:
         except InvalidRequestError as error:
             self._rejected[claim.uid] = claim.generation
             self._fail(r, error.reason, f"AKS refused agent pool {request.name} ({size.name}): {error.describe()}")
+            return WAITING
+        except AccessDeniedError as error:
+            self._fail(r, error.reason, f"may not create agent pool {request.name}: {error.describe()}")
+            r.requeue(ACCESS_RETRY_S)
             return WAITING
         except ClusterUnavailableError as error:
             r.status.set(condition, "Unknown", error.reason, f"waiting before creating agent pool: {error.describe()}")

@@ -22,6 +22,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "no-gpu": {"no_gpu": True},
     "cluster-stopped": {"cluster_power": "Stopped"},
     "flaky": {"server_error_rate": 0.1, "drop_rate": 0.05},
+    "no-write-access": {"denied_actions": [
+        "Microsoft.ContainerService/managedClusters/agentPools/write",
+        "Microsoft.ContainerService/managedClusters/agentPools/delete",
+    ]},
 }
 
 
@@ -48,6 +52,9 @@ class Scenario(BaseSettings):
     node_never_ready: bool = False
     no_gpu: bool = False
     cluster_power: str = "Running"  # Running, Stopped, Starting, Stopping
+    # Azure RBAC actions the controller's identity lacks, e.g. "Microsoft.ContainerService/managedClusters/
+    # agentPools/write": requests needing them get 403 AuthorizationFailed.
+    denied_actions: list[str] = Field(default_factory=list)
 
     @classmethod
     def named(cls, name: str, **overrides: Any) -> Scenario:

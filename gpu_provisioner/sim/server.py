@@ -182,6 +182,16 @@ class AksSimulator:
         with self._lock:
             return header.removeprefix("Bearer ") in self._tokens
 
+    def authorize(self, operation: str, path: str) -> None:
+        """Azure RBAC: 403 AuthorizationFailed, in ARM's words, for an action the scenario denies."""
+        action = _RBAC_ACTIONS.get(operation)
+        if action in self.scenario.denied_actions:
+            scope = path.split("/agentPools", 1)[0]
+            raise ArmError(403, "AuthorizationFailed", f"The client '{self.client_id}' with object id "
+                           f"'{self.client_id}' does not have authorization to perform action '{action}' over scope "
+                           f"'{scope}' or the scope is invalid. If access was recently granted, please refresh your "
+                           "credentials.")
+
     def operation_urls(self, operation: Operation) -> dict[str, str]:
         base = (f"{self.endpoint}/subscriptions/{self.subscription_id}/providers/Microsoft.ContainerService"
                 f"/locations/{self.location}")
@@ -197,6 +207,16 @@ def _handler_for(sim: AksSimulator) -> type[BaseHTTPRequestHandler]:
         simulator = sim
 
     return Handler
+
+
+_CLUSTERS_ACTION = "Microsoft.ContainerService/managedClusters"
+_RBAC_ACTIONS = {
+    "managedclusters.get": f"{_CLUSTERS_ACTION}/read",
+    "agentpools.list": f"{_CLUSTERS_ACTION}/agentPools/read",
+    "agentpools.get": f"{_CLUSTERS_ACTION}/agentPools/read",
+    "agentpools.create": f"{_CLUSTERS_ACTION}/agentPools/write",
+    "agentpools.delete": f"{_CLUSTERS_ACTION}/agentPools/delete",
+}
 
 
 class _ArmHandler(BaseHTTPRequestHandler):
@@ -253,6 +273,7 @@ class _ArmHandler(BaseHTTPRequestHandler):
             if not sim.token_valid(self.headers.get("Authorization")):
                 raise ArmError(401, "AuthenticationFailed", "Authentication failed. The 'Authorization' header is "
                                "missing or the token is invalid.")
+            sim.authorize(name, path)
             if fault == "throttle":
                 after = sim.scenario.retry_after_s
                 raise _Throttled(after)

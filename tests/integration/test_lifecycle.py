@@ -10,6 +10,7 @@ import pytest
 from gpu_provisioner.api.claims import GROUP, MACHINE, NODECLAIM, READY, TERMINATION_FINALIZER
 from gpu_provisioner.cloud.errors import INSUFFICIENT_CAPACITY_PHRASE
 from gpu_provisioner.cloud.pool_request import MANAGED_TAG
+from gpu_provisioner.lifecycle import launch, termination
 from tests.integration.harness import kaito_claim, wait_for
 
 APIS = [MACHINE, NODECLAIM]
@@ -180,6 +181,42 @@ def test_request_aks_refuses_is_not_retried_until_the_claim_changes(
         "requirements": kaito_claim(MACHINE, unique_name)["spec"]["requirements"]}})
     claims.wait_condition(MACHINE, unique_name, READY, "True")
     assert sim.count_requests("agentpools.create", 400) == 1 and sim.count_requests("agentpools.create", 201) == 1
+
+
+def test_missing_azure_role_is_said_on_the_claim_and_work_resumes_once_granted(
+    claims, start_sim, start_controller, unique_name, monkeypatch
+):
+    for phase in (launch, termination):
+        monkeypatch.setattr(phase, "ACCESS_RETRY_S", 0.5)
+    write, delete = (f"Microsoft.ContainerService/managedClusters/agentPools/{verb}" for verb in ("write", "delete"))
+    sim = start_sim(denied_actions=[write, delete])
+    start_controller(sim)
+    claims.create(NODECLAIM, kaito_claim(NODECLAIM, unique_name))
+    launched = claims.wait_condition(NODECLAIM, unique_name, NODECLAIM.launched, "False", reason="AccessDenied")
+    assert write in launched["message"] and "Azure Kubernetes Service Contributor Role" in launched["message"]
+    assert "AccessDenied" in claims.event_reasons(unique_name) and sim.pools() == {}
+
+    sim.update_scenario(denied_actions=[delete])  # the role is granted, but without delete
+    claims.wait_condition(NODECLAIM, unique_name, READY, "True")
+    claims.delete(NODECLAIM, unique_name)
+    wait_for("the refused DELETE", lambda: sim.count_requests("agentpools.delete", 403) > 0)
+    assert claims.get(NODECLAIM, unique_name) is not None and unique_name in sim.pools()  # nothing leaks
+
+    sim.update_scenario(denied_actions=[])
+    claims.wait_gone(NODECLAIM, unique_name)
+    assert sim.pools() == {}
+
+
+def test_a_list_azure_refuses_is_said_on_the_claim(claims, start_sim, start_controller, unique_name):
+    sim = start_sim(denied_actions=["Microsoft.ContainerService/managedClusters/agentPools/read"])
+    start_controller(sim)
+    claims.create(MACHINE, kaito_claim(MACHINE, unique_name))
+    launched = claims.wait_condition(MACHINE, unique_name, MACHINE.launched, "Unknown", reason="AccessDenied")
+    assert "cannot list the cluster's agent pools" in launched["message"]
+    assert sim.count_requests("agentpools.create") == 0
+
+    sim.update_scenario(denied_actions=[])
+    claims.wait_condition(MACHINE, unique_name, READY, "True")
 
 
 def test_gpu_wait_keeps_claim_uninitialized_until_gpus_are_allocatable(

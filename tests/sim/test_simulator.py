@@ -179,6 +179,16 @@ def test_server_errors_and_dropped_connections_are_retried_by_the_sdk(simulator,
     assert {0, 503} <= statuses and sim.count_requests("managedclusters.get", 200) == 4
 
 
+def test_an_action_the_identity_lacks_gets_403_authorization_failed(simulator, monkeypatch):
+    write = "Microsoft.ContainerService/managedClusters/agentPools/write"
+    sim = simulator(nodes=False, denied_actions=[write])
+    client = sdk(sim, monkeypatch)
+    assert list(client.agent_pools.list(sim.resource_group, sim.cluster_name)) == []  # reading is allowed
+    denied = arm_error(lambda: create(client, sim, "pool"))
+    assert denied.status_code == 403 and denied.error.code == "AuthorizationFailed"
+    assert write in denied.error.message and sim.pools() == {}
+
+
 def test_requests_without_a_token_are_refused(simulator):
     sim = simulator(nodes=False)
     context = ssl.create_default_context(cafile=str(sim.ca_bundle))

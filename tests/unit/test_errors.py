@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from azure.core.exceptions import ClientAuthenticationError
 
 from gpu_provisioner.cloud.agentpools import ClusterState
 from gpu_provisioner.cloud.errors import (
+    AccessDeniedError,
     AllocationFailedError,
     ClusterUnavailableError,
     InvalidRequestError,
@@ -15,6 +17,7 @@ from gpu_provisioner.cloud.errors import (
     SkuUnavailableError,
     ThrottledError,
     TransientError,
+    classify,
     classify_code,
 )
 
@@ -34,6 +37,9 @@ from gpu_provisioner.cloud.errors import (
         ("NotFound", "gone", 404, NotFoundError),
         ("InvalidParameter", "The value of parameter agentPoolProfile.name is invalid", 400, InvalidRequestError),
         ("OperationNotAllowed", "The cluster is stopped; start it first", 409, ClusterUnavailableError),
+        ("AuthorizationFailed", "The client 'x' does not have authorization to perform action "
+         "'Microsoft.ContainerService/managedClusters/agentPools/write'", 403, AccessDeniedError),
+        ("InvalidAuthenticationToken", "The access token is invalid.", 401, AccessDeniedError),
         # AKS's real wordings, where a generic code hides the cause in the message:
         ("ErrCode_InsufficientVCPUQuota", "Insufficient vcpu quota requested 2, remaining 0 for family "
          "StandardDasv7Family for region eastus.", 400, QuotaExceededError),
@@ -60,3 +66,9 @@ def test_arm_codes_are_classified(code, message, status, cls):
 )
 def test_pool_writes_wait_for_a_running_idle_cluster(provisioning, power, accepts):
     assert ClusterState(provisioning, power).accepts_pool_changes is accepts
+
+
+def test_no_token_at_all_is_access_denied_with_what_to_grant():
+    error = classify(ClientAuthenticationError("WorkloadIdentityCredential authentication failed: AADSTS70021"))
+    assert isinstance(error, AccessDeniedError)
+    assert "AADSTS70021" in error.describe() and "Azure Kubernetes Service Contributor Role" in error.describe()
