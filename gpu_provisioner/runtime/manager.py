@@ -114,8 +114,11 @@ class Manager:
         self.pools.close()
 
     def synced(self) -> bool:
+        return self._caches_synced() and self.inventory.synced
+
+    def _caches_synced(self) -> bool:
         informers = [i for i in self.claim_informers.values() if i.available]
-        return self.node_informer.has_synced and all(i.has_synced for i in informers) and self.inventory.synced
+        return self.node_informer.has_synced and all(i.has_synced for i in informers)
 
     def _spawn(self, name: str, target: Any, *args: Any) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -162,6 +165,11 @@ class Manager:
     # work -------------------------------------------------------------------------------------
 
     def _work(self) -> None:
+        # Nothing is reconciled before the caches hold the cluster: an empty Node cache would read as
+        # "the node has not joined" and flip Ready claims, or time them out and delete them.
+        while not self._caches_synced():
+            if self._stop.wait(QUEUE_POLL_S / 5):
+                return
         while not self._stop.is_set():
             key = self.queue.get(timeout_s=QUEUE_POLL_S)
             if key is None:
