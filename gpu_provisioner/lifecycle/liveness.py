@@ -1,4 +1,5 @@
-"""Liveness: a claim that does not launch or register in time is deleted, with an Event saying why.
+"""Liveness: a claim that does not launch or register in time, or whose Node or pool is gone, is deleted,
+with an Event saying why.
 
 Deleting it (rather than waiting forever) hands the decision back to Kaito, which makes a new claim.
 A claim refused for its own content is kept: deleting it would lose the user's input, and it
@@ -29,9 +30,16 @@ class Liveness:
         now = datetime.now(UTC)
         launched = status.get(claim.api.launched) or {}
         inventory = self.deps.inventory
-        if launched.get("status") == "True" and inventory.synced and inventory.get(claim.name) is None:
-            # Someone deleted the pool under a launched claim: a new claim gets a new node.
-            self._expire(r, "AgentPoolVanished", f"agent pool {claim.name} no longer exists in AKS; deleting the claim")
+        pool = inventory.get(claim.name)
+        pool_going = inventory.synced and (pool is None or pool.provisioning_state == "Deleting")
+        node_gone = self._node_gone(r)
+        if launched.get("status") == "True" and pool_going:
+            # Someone deleted the pool under a launched claim (its Node goes with it): a new claim gets a new node.
+            whereabouts = "no longer exists in AKS" if pool is None else "is being deleted outside gpu-provisioner"
+            self._expire(r, "AgentPoolVanished", f"agent pool {claim.name} {whereabouts}; deleting the claim")
+        elif node_gone:
+            # As in Karpenter, deleting a claim's Node deletes the claim, so that its pool goes too.
+            self._expire(r, "NodeDeleted", f"{node_gone}; deleting the claim so that its agent pool goes too")
         elif launched.get("status") != "True":
             if launched.get("reason") in CLAIM_REFUSALS:
                 return
@@ -40,6 +48,17 @@ class Liveness:
         elif not status.is_true(claim.api.registered):
             since = parse_time(launched.get("lastTransitionTime")) or claim.created
             self._check(r, "RegistrationTimeout", "registration", since, settings.registration_timeout_s, now)
+
+    def _node_gone(self, r: Reconciliation) -> str:
+        """Why the claim's registered Node is going or gone, or "" when it is not."""
+        claim = r.claim
+        if not claim.is_true(claim.api.registered):
+            return ""
+        nodes = self.deps.nodes.nodes_for(claim)
+        if not nodes:
+            return f"node {claim.node_name} no longer exists"
+        going = next((n["metadata"]["name"] for n in nodes if n["metadata"].get("deletionTimestamp")), None)
+        return f"node {going} is being deleted" if going else ""
 
     def _check(self, r: Reconciliation, reason: str, phase: str, since: datetime, timeout_s: float,
                now: datetime) -> None:

@@ -323,7 +323,7 @@ def test_many_claims_share_one_list_per_interval(claims, start_sim, start_contro
 
 
 def test_launched_claim_whose_pool_vanished_is_deleted(claims, start_sim, start_controller, unique_name):
-    sim = start_sim()
+    sim = start_sim(delete_delay_s=3)  # the LIST sees the pool Deleting before its Node goes
     start_controller(sim)
     claims.create(MACHINE, kaito_claim(MACHINE, unique_name))
     claims.wait_condition(MACHINE, unique_name, READY, "True")
@@ -331,6 +331,26 @@ def test_launched_claim_whose_pool_vanished_is_deleted(claims, start_sim, start_
     claims.wait_gone(MACHINE, unique_name, timeout_s=30)
     assert "AgentPoolVanished" in claims.event_reasons(unique_name)
     assert sim.pools() == {}
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["kubectl-delete-node", "node-object-removed"])
+def test_deleting_a_claims_node_deletes_the_claim_and_its_pool(
+    force, claims, start_sim, start_controller, unique_name
+):
+    sim = start_sim()
+    start_controller(sim)
+    claims.create(MACHINE, kaito_claim(MACHINE, unique_name))
+    claims.wait_condition(MACHINE, unique_name, READY, "True")
+    node_name = claims.get(MACHINE, unique_name)["status"]["nodeName"]
+    if force:  # gone at once, without our finalizer's drain
+        claims.core.patch_node(node_name, {"metadata": {"finalizers": None}},
+                               _content_type="application/merge-patch+json")
+    claims.core.delete_node(node_name)
+
+    claims.wait_gone(MACHINE, unique_name, timeout_s=30)
+    assert "NodeDeleted" in claims.event_reasons(unique_name)
+    wait_for("the pool to be deleted", lambda: unique_name not in sim.pools())
+    assert claims.node(node_name) is None
 
 
 def test_flaky_arm_with_5xx_and_dropped_connections_still_gets_the_claim_ready(
