@@ -102,12 +102,18 @@ class Termination:
         if not (node.get("spec") or {}).get("unschedulable"):
             node = kube.patch_node(name, {"spec": {"unschedulable": True}})
         pods = [pod for pod in kube.pods_on_node(name) if _evictable(pod)]
+        blocked = []
         for pod in pods:
             try:
                 kube.evict(pod)
             except ApiException as error:
                 if error.status != 429:  # 429: a PodDisruptionBudget says not yet
                     raise
+                blocked.append(f"{pod.metadata.namespace}/{pod.metadata.name}")
+        if blocked:
+            # Said, because the node and its pool (and their cost) stay until the budget allows it.
+            self.deps.events.warning(claim.obj, "DrainBlocked", f"node {name} keeps running: a PodDisruptionBudget "
+                                     f"does not allow evicting {', '.join(sorted(blocked))} yet")
         if pods:
             self.deps.events.normal(claim.obj, "Draining", f"evicting {len(pods)} pod(s) from node {name}")
             return DRAIN_RETRY_S

@@ -289,6 +289,40 @@ def test_deletion_drains_pods_before_deleting_node_and_pool(
     assert "Draining" in claims.event_reasons(unique_name)
 
 
+def test_a_pod_disruption_budget_holds_the_node_and_pool_until_it_allows_the_eviction(
+    claims, kube_api, start_sim, start_controller, unique_name
+):
+    sim = start_sim()
+    start_controller(sim)
+    claims.create(NODECLAIM, kaito_claim(NODECLAIM, unique_name))
+    claims.wait_condition(NODECLAIM, unique_name, READY, "True")
+    node_name = claims.get(NODECLAIM, unique_name)["status"]["nodeName"]
+    labels = {"app": unique_name}
+    claims.core.create_namespaced_pod("default", {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{unique_name}-model", "labels": labels},
+        "spec": {"nodeName": node_name, "containers": [{"name": "model", "image": "mcr.microsoft.com/phi-3"}]},
+    })
+    # What the kubelet would report; a Pending pod may be evicted whatever its budget says.
+    claims.core.patch_namespaced_pod_status(f"{unique_name}-model", "default", {"status": {
+        "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
+    policy = kubernetes.client.PolicyV1Api(kube_api)
+    policy.create_namespaced_pod_disruption_budget("default", {
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": unique_name},
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": labels}},
+    })
+    try:
+        claims.delete(NODECLAIM, unique_name)
+        blocked = wait_for("a DrainBlocked event", lambda: next(
+            (e for e in claims.events(unique_name) if e.reason == "DrainBlocked"), None))
+        assert f"default/{unique_name}-model" in blocked.message
+        assert unique_name in sim.pools() and claims.node(node_name) is not None
+        assert claims.get(NODECLAIM, unique_name) is not None
+    finally:
+        policy.delete_namespaced_pod_disruption_budget(unique_name, "default")
+    claims.wait_gone(NODECLAIM, unique_name)
+    assert unique_name not in sim.pools() and claims.node(node_name) is None
+
+
 def test_orphan_sweep_deletes_only_our_pools_without_claims(claims, start_sim, start_controller, unique_name):
     sim = start_sim()
     orphan, foreign = f"{unique_name[:8]}o", f"{unique_name[:8]}f"
