@@ -56,16 +56,16 @@ class InvalidClaim(Exception):
         self.message = message
 
 
+def _domain(key: str) -> str:
+    return key.split("/", 1)[0] if "/" in key else ""
+
+
 def is_reserved_label(key: str) -> bool:
     """A label in a domain AKS and the kubelet own: never sent to AKS nor synced onto the Node."""
     domain = _domain(key)
     if domain in _USER_DOMAINS:
         return False
     return any(domain == d or domain.endswith("." + d) for d in _RESERVED_DOMAINS)
-
-
-def _domain(key: str) -> str:
-    return key.split("/", 1)[0] if "/" in key else ""
 
 
 def is_restricted_label(key: str) -> bool:

@@ -28,6 +28,10 @@ import yaml
 from gpu_provisioner.devenv.tools import Toolset
 from gpu_provisioner.pki import CertificateAuthority, rsa_private_key_pem
 
+REPO_CRDS = Path(__file__).resolve().parents[2] / "crds"
+ADMIN_USER = "gpu-provisioner-admin"
+_READY_TIMEOUT_S = 90.0
+_STOP_GRACE_S = 15.0
 # Resolved in the parent: a child between fork and exec must not touch the dynamic loader.
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
 _PR_SET_PDEATHSIG = 1
@@ -37,11 +41,6 @@ def die_with_parent() -> None:
     """preexec_fn for local processes (etcd, kube-apiserver, a controller): the kernel sends them SIGTERM
     when the process that started them dies, even by SIGKILL, so nothing outlives a killed sandbox or test run."""
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-REPO_CRDS = Path(__file__).resolve().parents[2] / "crds"
-ADMIN_USER = "gpu-provisioner-admin"
-_READY_TIMEOUT_S = 90.0
-_STOP_GRACE_S = 15.0
 
 
 class ControlPlaneError(RuntimeError):

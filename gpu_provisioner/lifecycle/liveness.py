@@ -32,12 +32,11 @@ class Liveness:
         inventory = self.deps.inventory
         pool = inventory.get(claim.name)
         pool_going = inventory.synced and (pool is None or pool.provisioning_state == "Deleting")
-        node_gone = self._node_gone(r)
         if launched.get("status") == "True" and pool_going:
             # Someone deleted the pool under a launched claim (its Node goes with it): a new claim gets a new node.
             whereabouts = "no longer exists in AKS" if pool is None else "is being deleted outside gpu-provisioner"
             self._expire(r, "AgentPoolVanished", f"agent pool {claim.name} {whereabouts}; deleting the claim")
-        elif node_gone:
+        elif node_gone := self._node_gone(r):
             # As in Karpenter, deleting a claim's Node deletes the claim, so that its pool goes too.
             self._expire(r, "NodeDeleted", f"{node_gone}; deleting the claim so that its agent pool goes too")
         elif launched.get("status") != "True":
