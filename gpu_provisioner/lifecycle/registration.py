@@ -66,7 +66,10 @@ class Registration:
         wanted_labels[REGISTERED_LABEL] = "true"
         label_changes = {k: v for k, v in wanted_labels.items() if labels.get(k) != v}
         annotations = metadata.get("annotations") or {}
-        annotation_changes = {k: v for k, v in claim.annotations.items() if annotations.get(k) != v}
+        # Annotations in the platform's domains (kubectl's last-applied-configuration, AKS's) stay the claim's.
+        annotation_changes = {
+            k: v for k, v in claim.annotations.items() if not is_reserved_label(k) and annotations.get(k) != v
+        }
         finalizers = metadata.get("finalizers") or []
         owners = metadata.get("ownerReferences") or []
         taints = (node.get("spec") or {}).get("taints") or []

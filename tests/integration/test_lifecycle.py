@@ -97,11 +97,13 @@ def test_bad_claim_is_refused_locally_with_a_reason_and_kept(
     assert pool_writes(sim) == 0 and sim.pools() == {}
 
 
-def test_labels_that_describe_the_node_are_left_to_aks(claims, start_sim, start_controller, unique_name):
+def test_labels_and_annotations_of_the_platform_are_left_to_aks(claims, start_sim, start_controller, unique_name):
     sim = start_sim()
     start_controller(sim)
     manifest = kaito_claim(NODECLAIM, unique_name)
     manifest["metadata"]["labels"].update({"kubernetes.io/os": "linux", "topology.kubernetes.io/zone": "elsewhere-9"})
+    manifest["metadata"]["annotations"].update({"kubectl.kubernetes.io/last-applied-configuration": "{}",
+                                                "kubernetes.azure.com/managed": "false"})
     claims.create(NODECLAIM, manifest)
     claims.wait_condition(NODECLAIM, unique_name, READY, "True")
     node_labels = sim.pools()[unique_name]["properties"]["nodeLabels"]
@@ -109,6 +111,10 @@ def test_labels_that_describe_the_node_are_left_to_aks(claims, start_sim, start_
     node = claims.node(claims.get(NODECLAIM, unique_name)["status"]["nodeName"])
     assert node.metadata.labels["topology.kubernetes.io/zone"] != "elsewhere-9"  # AKS's, not the claim's
     assert node.metadata.labels["kaito.sh/workspace"] == "workspace-phi-3-mini"
+    annotations = node.metadata.annotations or {}
+    assert annotations.get("kaito.sh/node-image-family") == "ubuntu"
+    assert "kubectl.kubernetes.io/last-applied-configuration" not in annotations
+    assert "kubernetes.azure.com/managed" not in annotations
 
 
 def test_a_pool_of_the_claims_name_made_by_someone_else_is_never_touched(
