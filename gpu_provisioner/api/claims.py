@@ -6,6 +6,7 @@ and writes back status, so a typed model would only add a second copy to keep in
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -70,6 +71,18 @@ def parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
+_DURATION_PART = re.compile(r"([0-9]+)([smh])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(value: str | None) -> float | None:
+    """Seconds of a Karpenter duration such as "1h30m" (the CRD's pattern); None when unset or not one."""
+    parts = _DURATION_PART.findall(value or "")
+    if not parts or "".join(number + unit for number, unit in parts) != value:
+        return None
+    return float(sum(int(number) * _UNIT_S[unit] for number, unit in parts))
+
+
 @dataclass(frozen=True)
 class Claim:
     """A read view over one claim object."""
@@ -117,6 +130,15 @@ class Claim:
     @property
     def deleting(self) -> bool:
         return bool(self.metadata.get("deletionTimestamp"))
+
+    @property
+    def deleted_at(self) -> datetime | None:
+        return parse_time(self.metadata.get("deletionTimestamp"))
+
+    @property
+    def termination_grace_s(self) -> float | None:
+        """NodeClaim spec.terminationGracePeriod: the longest drain once deletion starts; None: no limit."""
+        return parse_duration(self.spec.get("terminationGracePeriod"))
 
     @property
     def spec(self) -> dict[str, Any]:

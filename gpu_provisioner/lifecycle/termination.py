@@ -5,6 +5,7 @@ then release the claim's finalizer. Nothing is released before the cloud confirm
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -28,6 +29,13 @@ def _evictable(pod: Any) -> bool:
     if (metadata.annotations or {}).get("kubernetes.io/config.mirror"):
         return False  # static pod: the kubelet owns it
     return not any(owner.kind == "DaemonSet" for owner in metadata.owner_references or [])
+
+
+def _drain_time_is_up(claim: Claim) -> bool:
+    grace_s, deleted_at = claim.termination_grace_s, claim.deleted_at
+    if grace_s is None or deleted_at is None:
+        return False
+    return datetime.now(UTC) >= deleted_at + timedelta(seconds=grace_s)
 
 
 def _belongs_to(claim: Claim, node: dict[str, Any]) -> bool:
@@ -102,6 +110,13 @@ class Termination:
         if not (node.get("spec") or {}).get("unschedulable"):
             node = kube.patch_node(name, {"spec": {"unschedulable": True}})
         pods = [pod for pod in kube.pods_on_node(name) if _evictable(pod)]
+        if pods and _drain_time_is_up(claim):
+            # The NodeClaim's terminationGracePeriod bounds the drain: the Node goes with its pods on it
+            # (the pod garbage collector removes them), so a blocked eviction cannot keep a GPU VM forever.
+            self.deps.events.warning(claim.obj, "TerminationGracePeriodExpired", f"terminationGracePeriod "
+                                     f"{claim.spec.get('terminationGracePeriod')} has passed: deleting node {name} "
+                                     f"with {len(pods)} pod(s) still on it")
+            pods = []
         blocked = []
         for pod in pods:
             try:

@@ -1,8 +1,10 @@
-"""StatusWriter: condition shapes per API, transition times, derived Ready."""
+"""StatusWriter: condition shapes per API, transition times, derived Ready; the claim fields read as durations."""
 
 from __future__ import annotations
 
-from gpu_provisioner.api.claims import MACHINE, NODECLAIM, READY, Claim, StatusWriter
+import pytest
+
+from gpu_provisioner.api.claims import MACHINE, NODECLAIM, READY, Claim, StatusWriter, parse_duration
 
 
 def bare(api, status=None) -> Claim:
@@ -41,3 +43,9 @@ def test_unchanged_status_is_not_rewritten_and_keeps_transition_time():
     again.set("Launched", "True", "Launched")
     assert again.changed()
     assert again.get("Launched")["lastTransitionTime"] != "2026-01-01T00:00:00Z"
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("1h30m", 5400), ("2m5s", 125), ("", None),
+                                               (None, None), ("1.5h", None), ("Never", None)])
+def test_karpenter_durations(text, seconds):
+    assert parse_duration(text) == seconds
