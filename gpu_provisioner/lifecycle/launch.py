@@ -50,7 +50,7 @@ class Launch:
         self.deps = deps
         self._lock = threading.Lock()
         # claim uid -> sizes that failed for capacity in this launch attempt
-        self._unavailable: dict[str, dict[str, str]] = {}
+        self._unavailable: dict[str, dict[str, CloudError]] = {}
         # claim uid -> generation ARM refused: no retry until the claim changes
         self._rejected: dict[str, int] = {}
         # claim uid -> monotonic time before which no size is tried again (all were unavailable)
@@ -195,7 +195,7 @@ class Launch:
 
     def _size_unavailable(self, r: Reconciliation, request: PoolRequest, size: VmSize, error: CloudError) -> Outcome:
         with self._lock:
-            self._unavailable.setdefault(r.claim.uid, {})[size.name] = error.describe()
+            self._unavailable.setdefault(r.claim.uid, {})[size.name] = error
         self.deps.events.warning(r.claim.obj, error.reason, f"{size.name} unavailable: {error.describe()}")
         if self._next_size(r.claim.uid, request) is None:
             return self._all_unavailable(r)
@@ -207,16 +207,12 @@ class Launch:
         with self._lock:
             causes = self._unavailable.pop(r.claim.uid, {})
             self._capacity_backoff[r.claim.uid] = time.monotonic() + CAPACITY_RETRY_S
-        detail = "; ".join(f"{name}: {cause}" for name, cause in causes.items())
-        reasons = {self._reason_of(cause) for cause in causes.values()}
+        detail = "; ".join(f"{name}: {cause.describe()}" for name, cause in causes.items())
+        reasons = {cause.reason for cause in causes.values()}
         reason = reasons.pop() if len(reasons) == 1 else "InsufficientCapacity"
         self._fail(r, reason, f"{INSUFFICIENT_CAPACITY_PHRASE} ({detail})")
         r.requeue(CAPACITY_RETRY_S)
         return WAITING
-
-    @staticmethod
-    def _reason_of(cause: str) -> str:
-        return classify_code(cause.split(":", 1)[0], cause).reason
 
     def _next_size(self, uid: str, request: PoolRequest) -> VmSize | None:
         with self._lock:
