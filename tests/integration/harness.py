@@ -56,6 +56,13 @@ class Claims:
     def create(self, api: ClaimApi, manifest: dict[str, Any]) -> dict[str, Any]:
         return self.custom.create_cluster_custom_object(GROUP, api.version, api.plural, copy.deepcopy(manifest))
 
+    def create_ready(self, api: ClaimApi, manifest: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
+        """Create a claim and wait until it is Ready; returns it as it is then."""
+        name = manifest["metadata"]["name"]
+        self.create(api, manifest)
+        self.wait_condition(api, name, "Ready", "True", timeout_s)
+        return self.get(api, name) or {}
+
     def get(self, api: ClaimApi, name: str) -> dict[str, Any] | None:
         try:
             return self.custom.get_cluster_custom_object(GROUP, api.version, api.plural, name)

@@ -270,9 +270,7 @@ def test_deletion_drains_pods_before_deleting_node_and_pool(
 ):
     sim = start_sim()
     start_controller(sim)
-    claims.create(MACHINE, kaito_claim(MACHINE, unique_name))
-    claims.wait_condition(MACHINE, unique_name, READY, "True")
-    node_name = claims.get(MACHINE, unique_name)["status"]["nodeName"]
+    node_name = claims.create_ready(MACHINE, kaito_claim(MACHINE, unique_name))["status"]["nodeName"]
     core = kubernetes.client.CoreV1Api(kube_api)
     pod = core.create_namespaced_pod("default", {
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{unique_name}-inference"},
@@ -321,9 +319,7 @@ def test_a_pod_disruption_budget_holds_the_node_and_pool_until_it_allows_the_evi
 ):
     sim = start_sim()
     start_controller(sim)
-    claims.create(NODECLAIM, kaito_claim(NODECLAIM, unique_name))
-    claims.wait_condition(NODECLAIM, unique_name, READY, "True")
-    node_name = claims.get(NODECLAIM, unique_name)["status"]["nodeName"]
+    node_name = claims.create_ready(NODECLAIM, kaito_claim(NODECLAIM, unique_name))["status"]["nodeName"]
     pod = f"{unique_name}-model"
     start_guarded_pod(claims, kube_api, node_name, pod)
     try:
@@ -344,9 +340,7 @@ def test_termination_grace_period_bounds_a_blocked_drain(claims, kube_api, start
     start_controller(sim)
     manifest = kaito_claim(NODECLAIM, unique_name)
     manifest["spec"]["terminationGracePeriod"] = "4s"
-    claims.create(NODECLAIM, manifest)
-    claims.wait_condition(NODECLAIM, unique_name, READY, "True")
-    node_name = claims.get(NODECLAIM, unique_name)["status"]["nodeName"]
+    node_name = claims.create_ready(NODECLAIM, manifest)["status"]["nodeName"]
     pod = f"{unique_name}-model"
     start_guarded_pod(claims, kube_api, node_name, pod)
     try:
@@ -409,9 +403,7 @@ def test_deleting_a_claims_node_deletes_the_claim_and_its_pool(
 ):
     sim = start_sim()
     start_controller(sim)
-    claims.create(MACHINE, kaito_claim(MACHINE, unique_name))
-    claims.wait_condition(MACHINE, unique_name, READY, "True")
-    node_name = claims.get(MACHINE, unique_name)["status"]["nodeName"]
+    node_name = claims.create_ready(MACHINE, kaito_claim(MACHINE, unique_name))["status"]["nodeName"]
     if force:  # gone at once, without our finalizer's drain
         claims.core.patch_node(node_name, {"metadata": {"finalizers": None}},
                                _content_type="application/merge-patch+json")
