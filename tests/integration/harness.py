@@ -52,6 +52,7 @@ class Claims:
     def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
         self.core = kubernetes.client.CoreV1Api(api_client)
+        self.policy = kubernetes.client.PolicyV1Api(api_client)
 
     def create(self, api: ClaimApi, manifest: dict[str, Any]) -> dict[str, Any]:
         return self.custom.create_cluster_custom_object(GROUP, api.version, api.plural, copy.deepcopy(manifest))
@@ -104,6 +105,25 @@ class Claims:
             if error.status == 404:
                 return None
             raise
+
+    def start_guarded_pod(self, node_name: str, name: str) -> None:
+        """A running pod on the node whose PodDisruptionBudget allows no eviction."""
+        labels = {"app": name}
+        self.core.create_namespaced_pod("default", {
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
+            "spec": {"nodeName": node_name, "containers": [{"name": "model", "image": "mcr.microsoft.com/phi-3"}]},
+        })
+        # What the kubelet would report; a Pending pod may be evicted whatever its budget says.
+        self.core.patch_namespaced_pod_status(name, "default", {"status": {
+            "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
+        self.policy.create_namespaced_pod_disruption_budget("default", {
+            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": name},
+            "spec": {"minAvailable": 1, "selector": {"matchLabels": labels}},
+        })
+
+    def remove_guarded_pod(self, name: str) -> None:
+        _ignore_404(lambda: self.policy.delete_namespaced_pod_disruption_budget(name, "default"))
+        _ignore_404(lambda: self.core.delete_namespaced_pod(name, "default", grace_period_seconds=0))
 
     def remove_everything(self) -> None:
         """Strip finalizers and delete every claim and Node, so the next test starts clean."""

@@ -11,8 +11,8 @@ import kubernetes
 import pytest
 import yaml
 
-from gpu_provisioner.api.claims import NODECLAIM, READY
-from tests.integration.harness import kaito_claim
+from gpu_provisioner.api.claims import NODECLAIM
+from tests.integration.harness import kaito_claim, wait_for
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "gpu-provisioner"
 REPO = CHART.parents[1]
@@ -122,10 +122,19 @@ def test_installed_chart_rbac_is_enough_for_a_full_lifecycle(
     }))
     sim = start_sim()
     process = controller_process(sim, KUBECONFIG=str(kubeconfig), LEADER_ELECT="true", POD_NAMESPACE=namespace)
-    claims.create(NODECLAIM, kaito_claim(NODECLAIM, unique_name))
-    claims.wait_condition(NODECLAIM, unique_name, READY, "True", timeout_s=60)
-    claims.delete(NODECLAIM, unique_name)
+    node_name = claims.create_ready(NODECLAIM, kaito_claim(NODECLAIM, unique_name))["status"]["nodeName"]
+    # Every write the chart grants: deleting the Node makes the controller delete the claim; the drain
+    # lists and evicts pods, and a budget that blocks it repeats (patches) an Event.
+    pod = f"{unique_name}-model"
+    claims.start_guarded_pod(node_name, pod)
+    try:
+        core.delete_node(node_name)
+        wait_for("a repeated DrainBlocked event", lambda: any(
+            e.reason == "DrainBlocked" and e.count >= 2 for e in claims.events(unique_name)))
+    finally:
+        claims.remove_guarded_pod(pod)
     claims.wait_gone(NODECLAIM, unique_name)
+    assert unique_name not in sim.pools() and claims.node(node_name) is None
     assert process.poll() is None
     log = (tmp_path / "controller-0.log").read_text()
     assert "403" not in log and "Forbidden" not in log, log[-3000:]

@@ -293,35 +293,14 @@ def test_deletion_drains_pods_before_deleting_node_and_pool(
     assert "Draining" in claims.event_reasons(unique_name)
 
 
-def start_guarded_pod(claims, kube_api, node_name: str, name: str) -> None:
-    """A running pod on the node whose PodDisruptionBudget allows no eviction."""
-    labels = {"app": name}
-    claims.core.create_namespaced_pod("default", {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
-        "spec": {"nodeName": node_name, "containers": [{"name": "model", "image": "mcr.microsoft.com/phi-3"}]},
-    })
-    # What the kubelet would report; a Pending pod may be evicted whatever its budget says.
-    claims.core.patch_namespaced_pod_status(name, "default", {"status": {
-        "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
-    kubernetes.client.PolicyV1Api(kube_api).create_namespaced_pod_disruption_budget("default", {
-        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": name},
-        "spec": {"minAvailable": 1, "selector": {"matchLabels": labels}},
-    })
-
-
-def remove_guarded_pod(claims, kube_api, name: str) -> None:
-    kubernetes.client.PolicyV1Api(kube_api).delete_namespaced_pod_disruption_budget(name, "default")
-    claims.core.delete_namespaced_pod(name, "default", grace_period_seconds=0)
-
-
 def test_a_pod_disruption_budget_holds_the_node_and_pool_until_it_allows_the_eviction(
-    claims, kube_api, start_sim, start_controller, unique_name
+    claims, start_sim, start_controller, unique_name
 ):
     sim = start_sim()
     start_controller(sim)
     node_name = claims.create_ready(NODECLAIM, kaito_claim(NODECLAIM, unique_name))["status"]["nodeName"]
     pod = f"{unique_name}-model"
-    start_guarded_pod(claims, kube_api, node_name, pod)
+    claims.start_guarded_pod(node_name, pod)
     try:
         claims.delete(NODECLAIM, unique_name)
         blocked = wait_for("a DrainBlocked event", lambda: next(
@@ -330,19 +309,19 @@ def test_a_pod_disruption_budget_holds_the_node_and_pool_until_it_allows_the_evi
         assert unique_name in sim.pools() and claims.node(node_name) is not None
         assert claims.get(NODECLAIM, unique_name) is not None
     finally:
-        kubernetes.client.PolicyV1Api(kube_api).delete_namespaced_pod_disruption_budget(pod, "default")
+        claims.policy.delete_namespaced_pod_disruption_budget(pod, "default")
     claims.wait_gone(NODECLAIM, unique_name)
     assert unique_name not in sim.pools() and claims.node(node_name) is None
 
 
-def test_termination_grace_period_bounds_a_blocked_drain(claims, kube_api, start_sim, start_controller, unique_name):
+def test_termination_grace_period_bounds_a_blocked_drain(claims, start_sim, start_controller, unique_name):
     sim = start_sim()
     start_controller(sim)
     manifest = kaito_claim(NODECLAIM, unique_name)
     manifest["spec"]["terminationGracePeriod"] = "4s"
     node_name = claims.create_ready(NODECLAIM, manifest)["status"]["nodeName"]
     pod = f"{unique_name}-model"
-    start_guarded_pod(claims, kube_api, node_name, pod)
+    claims.start_guarded_pod(node_name, pod)
     try:
         claims.delete(NODECLAIM, unique_name)
         wait_for("a DrainBlocked event", lambda: "DrainBlocked" in claims.event_reasons(unique_name))
@@ -350,7 +329,7 @@ def test_termination_grace_period_bounds_a_blocked_drain(claims, kube_api, start
         assert "TerminationGracePeriodExpired" in claims.event_reasons(unique_name)
         assert unique_name not in sim.pools() and claims.node(node_name) is None
     finally:
-        remove_guarded_pod(claims, kube_api, pod)
+        claims.remove_guarded_pod(pod)
 
 
 def test_orphan_sweep_deletes_only_our_pools_without_claims(claims, start_sim, start_controller, unique_name):
