@@ -81,6 +81,8 @@ def run() -> None:
             )
             campaign.start()
             wait_for_interrupt()
+            # Workers first: the Lease released, a successor starts at once and must not overlap with them.
+            manager.stop()
             stop.set()
             campaign.join()
         else:

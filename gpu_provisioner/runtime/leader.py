@@ -36,6 +36,8 @@ class LeaderElector:
         self.lease_duration_s, self.renew_deadline_s, self.retry_period_s = (
             lease_duration_s, renew_deadline_s, retry_period_s)
         self.is_leader = False
+        # No Lease call may outlast the renew deadline, or a hung request would keep a deposed leader working.
+        self._timeout_s = max(renew_deadline_s / 2, 1.0)
 
     def run(self, on_started_leading: Callable[[], None], on_stopped_leading: Callable[[], None],
             stop: threading.Event) -> None:
@@ -45,8 +47,10 @@ class LeaderElector:
         while not stop.is_set():
             try:
                 held = self._try_acquire_or_renew()
-            except ApiException as error:
-                log.warning("lease update failed", status=error.status, lease=LEASE_NAME)
+            except Exception as error:
+                # Any failure (an unreachable API server too) is a missed renewal: were this thread to die,
+                # a leader would keep reconciling while a standby takes the Lease.
+                log.warning("lease update failed", error=str(error)[:300], lease=LEASE_NAME)
                 held = False
             now = time.monotonic()
             if held:
@@ -69,11 +73,11 @@ class LeaderElector:
     def _try_acquire_or_renew(self) -> bool:
         now = datetime.now(UTC)
         try:
-            lease = self._api.read_namespaced_lease(LEASE_NAME, self.namespace)
+            lease = self._api.read_namespaced_lease(LEASE_NAME, self.namespace, _request_timeout=self._timeout_s)
         except ApiException as error:
             if error.status != 404:
                 raise
-            self._api.create_namespaced_lease(self.namespace, {
+            self._api.create_namespaced_lease(self.namespace, _request_timeout=self._timeout_s, body={
                 "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                 "metadata": {"name": LEASE_NAME, "namespace": self.namespace},
                 "spec": self._spec(now, now, 0),
@@ -91,7 +95,7 @@ class LeaderElector:
                              "resourceVersion": lease.metadata.resource_version},
                 "spec": self._spec(acquired or now, now, transitions)}
         try:
-            self._api.replace_namespaced_lease(LEASE_NAME, self.namespace, body)
+            self._api.replace_namespaced_lease(LEASE_NAME, self.namespace, body, _request_timeout=self._timeout_s)
         except ApiException as error:
             if error.status == 409:  # another candidate wrote first
                 return False
@@ -106,9 +110,9 @@ class LeaderElector:
     def _release(self) -> None:
         # Hand over at once on a clean shutdown instead of making the standby wait out the lease.
         try:
-            lease = self._api.read_namespaced_lease(LEASE_NAME, self.namespace)
+            lease = self._api.read_namespaced_lease(LEASE_NAME, self.namespace, _request_timeout=self._timeout_s)
             if lease.spec.holder_identity == self.identity:
                 lease.spec.holder_identity = ""
-                self._api.replace_namespaced_lease(LEASE_NAME, self.namespace, lease)
-        except ApiException as error:
-            log.warning("lease release failed", status=error.status)
+                self._api.replace_namespaced_lease(LEASE_NAME, self.namespace, lease, _request_timeout=self._timeout_s)
+        except Exception as error:
+            log.warning("lease release failed", error=str(error)[:300])

@@ -104,6 +104,8 @@ class Manager:
                  workers=self.settings.workers)
 
     def stop(self) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
         self.queue.shutdown()
         self.inventory.request_refresh()
