@@ -14,7 +14,7 @@ import structlog
 
 from gpu_provisioner.api.claims import parse_time
 from gpu_provisioner.lifecycle.base import Deps, Reconciliation
-from gpu_provisioner.lifecycle.launch import CLAIM_REFUSALS, Launch
+from gpu_provisioner.lifecycle.launch import CLAIM_REFUSALS, IN_PROGRESS, Launch
 from gpu_provisioner.runtime import metrics
 
 log = structlog.get_logger(__name__)
@@ -42,8 +42,12 @@ class Liveness:
         elif launched.get("status") != "True":
             if launched.get("reason") in CLAIM_REFUSALS:
                 return
-            since = self.launch.attempt_started(claim)
-            self._check(r, "LaunchTimeout", "launch", since, settings.launch_timeout_s, now)
+            timeout_s = settings.launch_timeout_s
+            if pool is not None and pool.provisioning_state in IN_PROGRESS:
+                # AKS accepted the pool: creating a GPU pool takes minutes and its node joins only then. Karpenter's
+                # registration timeout covers that stretch once an instance exists; so it does here.
+                timeout_s += settings.registration_timeout_s
+            self._check(r, "LaunchTimeout", "launch", self.launch.attempt_started(claim), timeout_s, now)
         elif not status.is_true(claim.api.registered):
             since = parse_time(launched.get("lastTransitionTime")) or claim.created
             self._check(r, "RegistrationTimeout", "registration", since, settings.registration_timeout_s, now)

@@ -253,6 +253,16 @@ def test_stopped_or_starting_cluster_gets_no_put_and_the_launch_timeout_deletes_
     assert sim.count_requests("agentpools.create") == 0
 
 
+def test_a_pool_that_takes_longer_than_the_launch_timeout_to_create_is_waited_for(
+    claims, start_sim, start_controller, unique_name
+):
+    sim = start_sim(create_delay_s=5)  # AKS GPU pools take minutes; the launch timeout is for getting one accepted
+    start_controller(sim, launch_timeout_s=2, registration_timeout_s=15)
+    claims.create_ready(NODECLAIM, kaito_claim(NODECLAIM, unique_name))
+    assert "LaunchTimeout" not in claims.event_reasons(unique_name)
+    assert sim.count_requests("agentpools.create") == 1
+
+
 def test_node_that_never_joins_hits_the_registration_timeout_and_the_pool_is_deleted(
     claims, start_sim, start_controller, unique_name
 ):
