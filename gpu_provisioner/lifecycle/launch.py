@@ -22,6 +22,7 @@ from gpu_provisioner.cloud.errors import (
     CloudError,
     ClusterUnavailableError,
     InvalidRequestError,
+    ThrottledError,
     TransientError,
     classify_code,
 )
@@ -151,6 +152,10 @@ class Launch:
             r.requeue(CLUSTER_RETRY_S)
             return WAITING
         except TransientError as error:
+            if not isinstance(error, ThrottledError):
+                # A 5xx, a lost answer, or AKS's 409 because it did: the PUT may have landed, so no other PUT
+                # before a LIST tells (the next one replaces this guess).
+                self.deps.inventory.record(PoolState(request.name, "Creating", size.name, request.tags))
             r.status.set(condition, "Unknown", error.reason, f"creating agent pool {request.name}: {error.describe()}")
             raise
         self.deps.inventory.record(state)

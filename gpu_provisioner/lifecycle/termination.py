@@ -50,12 +50,13 @@ class Termination:
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
         self._lock = threading.Lock()
-        # claim uid -> inventory clock time of our DELETE; a LIST after it that lacks the pool proves it gone
-        self._deletes_sent: dict[str, float] = {}
+        # claim uid -> inventory clock time (our DELETE, or the start of termination) after which a LIST that
+        # lacks the pool proves it gone
+        self._gone_after: dict[str, float] = {}
 
     def forget(self, uid: str) -> None:
         with self._lock:
-            self._deletes_sent.pop(uid, None)
+            self._gone_after.pop(uid, None)
 
     def reconcile(self, claim: Claim) -> float | None:
         """Returns when to look again, or None once the finalizer is released."""
@@ -84,21 +85,23 @@ class Termination:
                     return ACCESS_RETRY_S
                 inventory.record(PoolState(pool.name, "Deleting", pool.vm_size, pool.tags))
                 with self._lock:
-                    self._deletes_sent[claim.uid] = inventory.now()
+                    self._gone_after[claim.uid] = inventory.now()
                 self.deps.events.normal(claim.obj, "DeletingAgentPool", f"deleting agent pool {pool.name}")
                 log.info("agent pool delete started", claim=claim.key, pool=pool.name)
             return inventory.interval_s * 3
         with self._lock:
-            sent = self._deletes_sent.get(claim.uid, float("-inf"))
-        if not inventory.synced or not inventory.listed_since(sent):
+            # No pool in sight yet may still mean a PUT whose answer was lost: only a LIST that began after
+            # termination did can say there is none.
+            gone_after = self._gone_after.setdefault(claim.uid, inventory.now())
+        if not inventory.synced or not inventory.listed_since(gone_after):
             inventory.request_refresh()
-            return inventory.interval_s
+            return min(inventory.interval_s, 1.0)
         self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": {
             "finalizers": [f for f in claim.finalizers if f != TERMINATION_FINALIZER],
             "resourceVersion": claim.metadata["resourceVersion"],
         }})
         with self._lock:
-            self._deletes_sent.pop(claim.uid, None)
+            self._gone_after.pop(claim.uid, None)
         self.deps.events.normal(claim.obj, "Terminated", f"agent pool {claim.name} deleted")
         metrics.TERMINATIONS.labels(kind=claim.api.kind, result="Terminated").inc()
         log.info("claim terminated", claim=claim.key)

@@ -170,6 +170,14 @@ class AksSimulator:
             return "error"
         return None
 
+    def lose_create_answer(self) -> bool:
+        """Whether this PUT's answer is to be lost (it was carried out all the same)."""
+        with self._lock:
+            if self.scenario.lost_create_answers <= 0:
+                return False
+            self.scenario.lost_create_answers -= 1
+            return True
+
     def issue_token(self) -> str:
         token = secrets.token_urlsafe(24)
         with self._lock:
@@ -245,6 +253,10 @@ class _ArmHandler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         self._reply: tuple[int, dict[str, str], bytes] | None = None
         operation, status = self._dispatch(url.path, parse_qs(url.query), raw)
+        if operation == "agentpools.create" and status in (200, 201) and self.simulator.lose_create_answer():
+            self._reply, status = None, 0
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
         # Recorded before the reply leaves, so a client that has its answer always finds it in the log.
         self.simulator._record(RequestRecord(self.command, url.path, status, time.monotonic() - started, operation))
         if self._reply is not None:

@@ -440,3 +440,23 @@ def test_claim_deleted_while_its_pool_is_creating_waits_out_the_busy_pool(
     # It waited for the create to end instead of sending DELETEs AKS would refuse.
     assert sim.count_requests("agentpools.delete", 409) == 0
     assert sim.count_requests("agentpools.delete", 202) == 1
+
+
+def test_a_lost_put_answer_sends_no_second_pool_request(claims, start_sim, start_controller, unique_name):
+    sim = start_sim(lost_create_answers=1)
+    start_controller(sim, pool_refresh_interval_s=3)  # a LIST is seconds away: the guess must hold until then
+    claims.create_ready(NODECLAIM, kaito_claim(NODECLAIM, unique_name))
+    # The lost one, then the SDK's retry that AKS refuses because the first is creating; nothing more.
+    assert sim.count_requests("agentpools.create", 0) == 1 and sim.count_requests("agentpools.create", 409) == 1
+    assert sim.count_requests("agentpools.create") == 2 and list(sim.pools()) == [unique_name]
+
+
+def test_a_claim_deleted_right_after_a_lost_put_answer_leaves_no_pool(claims, start_sim, start_controller, unique_name):
+    sim = start_sim(lost_create_answers=1, create_delay_s=2)
+    start_controller(sim, pool_refresh_interval_s=3)
+    claims.create(NODECLAIM, kaito_claim(NODECLAIM, unique_name))
+    wait_for("the PUT whose answer is lost", lambda: sim.count_requests("agentpools.create", 0) == 1)
+    claims.delete(NODECLAIM, unique_name)
+    claims.wait_gone(NODECLAIM, unique_name)
+    # The finalizer held until the pool AKS made was deleted.
+    assert sim.pools() == {} and sim.count_requests("agentpools.delete", 202) == 1
