@@ -36,6 +36,9 @@ class Initialization:
 
     def reconcile(self, r: Reconciliation) -> Outcome:
         claim, condition = r.claim, r.claim.api.initialized
+        if r.status.is_true(condition):
+            # Once, as in Karpenter: a kubelet or device-plugin restart on a serving node must not flip Ready.
+            return DONE
         nodes = self.deps.nodes.nodes_for(claim)
         if not nodes:
             return WAITING

@@ -239,6 +239,22 @@ def test_gpu_wait_keeps_claim_uninitialized_until_gpus_are_allocatable(
     assert claims.condition(NODECLAIM, unique_name, READY)["status"] != "True"
 
 
+def test_a_serving_node_that_blips_not_ready_does_not_flip_the_claim(
+    claims, start_sim, start_controller, unique_name
+):
+    sim = start_sim()
+    start_controller(sim)
+    node_name = claims.create_ready(NODECLAIM, kaito_claim(NODECLAIM, unique_name))["status"]["nodeName"]
+    # A kubelet restart: NotReady, and the device plugin has not re-published the GPUs yet.
+    claims.core.patch_node_status(node_name, {"status": {
+        "conditions": [{"type": "Ready", "status": "False", "reason": "KubeletNotReady"}],
+        "allocatable": {"nvidia.com/gpu": "0"}}})
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert claims.condition(NODECLAIM, unique_name, READY).get("status") == "True"
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("power", ["Stopped", "Starting"])
 def test_stopped_or_starting_cluster_gets_no_put_and_the_launch_timeout_deletes_the_claim(
     power, claims, start_sim, start_controller, unique_name
