@@ -1,0 +1,49 @@
+"""The orphan sweep's choices: which pools it deletes, and that one failure does not stop it."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from gpu_provisioner.cloud.agentpools import PoolState
+from gpu_provisioner.cloud.errors import PoolBusyError
+from gpu_provisioner.lifecycle.orphans import OrphanSweep
+
+OLD = "2026-01-01T00:00:00Z"
+
+
+def ours(name: str, state: str = "Succeeded", created: str = OLD) -> PoolState:
+    tags = {"kaito-gpu-provisioner": "managed", "kaito-claim": f"nodeclaims/{name}", "kaito-created-at": created}
+    return PoolState(name, state, "Standard_NC6s_v3", tags)
+
+
+class Pools:
+    def __init__(self, refusing: set[str]) -> None:
+        self.refusing, self.deleted = refusing, []
+
+    def delete(self, name: str) -> None:
+        if name in self.refusing:
+            raise PoolBusyError("another operation is in progress", "OperationNotAllowed", 409)
+        self.deleted.append(name)
+
+
+def sweep(states: list[PoolState], refusing: set[str] = frozenset(), live_claims: set[str] = frozenset()):
+    recorded = []
+    pools = Pools(set(refusing))
+    deps = SimpleNamespace(
+        inventory=SimpleNamespace(all=lambda: states, record=recorded.append),
+        pools=pools, settings=SimpleNamespace(orphan_grace_s=600),
+    )
+    deleted = OrphanSweep(deps, lambda key: key.split("/", 1)[1] in live_claims).sweep()
+    return deleted, pools.deleted, {state.name: state.provisioning_state for state in recorded}
+
+
+def test_old_orphans_are_deleted_and_everything_else_is_left_alone():
+    states = [ours("orphan"), ours("young", created="2999-01-01T00:00:00Z"), ours("creating", "Creating"),
+              ours("going", "Deleting"), ours("claimed"), PoolState("foreign", "Succeeded", "Standard_NC6s_v3", {})]
+    deleted, sent, recorded = sweep(states, live_claims={"claimed"})
+    assert deleted == sent == ["orphan"] and recorded == {"orphan": "Deleting"}
+
+
+def test_a_pool_that_refuses_its_delete_does_not_stop_the_sweep():
+    deleted, sent, _ = sweep([ours("stuck"), ours("next")], refusing={"stuck"})
+    assert deleted == sent == ["next"]
