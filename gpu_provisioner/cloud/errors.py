@@ -68,9 +68,16 @@ class AllocationFailedError(CapacityError):
 
 
 class InvalidRequestError(CloudError):
-    """ARM refused the request itself: retrying the same request cannot help."""
+    """ARM refused the request's content: retrying the same request cannot help."""
 
     reason = "InvalidAgentPoolRequest"
+
+
+class RequestFailedError(CloudError):
+    """ARM refused for a reason that may pass without the claim changing (a full subnet, a limit, a
+    precondition): said, and tried again later."""
+
+    reason = "AgentPoolRequestFailed"
 
 
 class AccessDeniedError(CloudError):
@@ -106,6 +113,10 @@ _CLUSTER_CODES = {"clusternotrunning", "clusterstopped", "managedclusternotrunni
                   "clusterstopping", "etagmismatch_cluster"}
 _BUSY_CODES = {"operationnotallowed", "anotheroperationinprogress", "conflict"}
 _THROTTLE_CODES = {"toomanyrequests", "subscriptionrequeststhrottled", "throttled"}
+# Codes that fault the request's content; any other 4xx may pass by itself.
+_INVALID_REQUEST_CODES = {"invalidparameter", "badrequest", "invalidrequestcontent", "invalidrequestformat",
+                          "propertychangenotallowed", "linkedinvalidpropertypath", "invalidresourcename",
+                          "missingapiversionparameter", "invalidapiversionparameter"}
 _ACCESS_CODES = {"authorizationfailed", "linkedauthorizationfailed", "authenticationfailed",
                  "invalidauthenticationtoken", "invalidauthenticationtokentenant"}
 # AKS often answers with a generic code (BadRequest, InvalidTemplateDeployment, PreconditionFailed) and
@@ -140,7 +151,9 @@ def classify_code(code: str, message: str, status: int = 0, retry_after_s: float
         return NotFoundError(message, code, status)
     if status >= 500 or status == 0:
         return TransientError(message, code, status, retry_after_s)
-    return InvalidRequestError(message, code, status)
+    if folded in _INVALID_REQUEST_CODES:
+        return InvalidRequestError(message, code, status)
+    return RequestFailedError(message, code, status)
 
 
 def classify(error: Exception) -> CloudError:

@@ -22,6 +22,7 @@ from gpu_provisioner.cloud.errors import (
     CloudError,
     ClusterUnavailableError,
     InvalidRequestError,
+    RequestFailedError,
     ThrottledError,
     TransientError,
     classify_code,
@@ -38,7 +39,8 @@ IN_PROGRESS = {"Creating", "Updating", "Scaling", "Upgrading", "Starting"}
 # After every size failed for capacity, try the whole list again this much later.
 CAPACITY_RETRY_S = 60.0
 CLUSTER_RETRY_S = 30.0
-ACCESS_RETRY_S = 60.0
+# A refusal that is not the claim's fault (a missing role, a full subnet) is tried again this much later.
+REFUSED_RETRY_S = 60.0
 # Launched reasons that mean "fix the claim", never "wait longer": the claim itself is refused.
 CLAIM_REFUSALS = frozenset({
     "InvalidPoolName", "InstanceTypeMissing", "UnknownInstanceType", "InvalidStorageRequest",
@@ -143,9 +145,9 @@ class Launch:
             self._rejected[claim.uid] = claim.generation
             self._fail(r, error.reason, f"AKS refused agent pool {request.name} ({size.name}): {error.describe()}")
             return WAITING
-        except AccessDeniedError as error:
-            self._fail(r, error.reason, f"may not create agent pool {request.name}: {error.describe()}")
-            r.requeue(ACCESS_RETRY_S)
+        except (AccessDeniedError, RequestFailedError) as error:
+            self._fail(r, error.reason, f"AKS refused agent pool {request.name} ({size.name}): {error.describe()}")
+            r.requeue(REFUSED_RETRY_S)
             return WAITING
         except ClusterUnavailableError as error:
             r.status.set(condition, "Unknown", error.reason, f"waiting before creating agent pool: {error.describe()}")

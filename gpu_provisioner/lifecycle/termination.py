@@ -13,9 +13,9 @@ from kubernetes.client import ApiException
 
 from gpu_provisioner.api.claims import TERMINATION_FINALIZER, Claim
 from gpu_provisioner.cloud.agentpools import PoolState
-from gpu_provisioner.cloud.errors import AccessDeniedError
+from gpu_provisioner.cloud.errors import AccessDeniedError, RequestFailedError
 from gpu_provisioner.lifecycle.base import Deps
-from gpu_provisioner.lifecycle.launch import ACCESS_RETRY_S, IN_PROGRESS
+from gpu_provisioner.lifecycle.launch import IN_PROGRESS, REFUSED_RETRY_S
 from gpu_provisioner.runtime import metrics
 
 log = structlog.get_logger(__name__)
@@ -79,10 +79,10 @@ class Termination:
             if pool.provisioning_state != "Deleting":
                 try:
                     self.deps.pools.delete(pool.name)
-                except AccessDeniedError as error:
+                except (AccessDeniedError, RequestFailedError) as error:
                     self.deps.events.warning(claim.obj, error.reason, f"may not delete agent pool {pool.name}, so "
                                              f"the claim is kept until it can: {error.describe()}")
-                    return ACCESS_RETRY_S
+                    return REFUSED_RETRY_S
                 inventory.record(PoolState(pool.name, "Deleting", pool.vm_size, pool.tags))
                 with self._lock:
                     self._gone_after[claim.uid] = inventory.now()

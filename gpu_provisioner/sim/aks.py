@@ -140,6 +140,9 @@ class Aks:
                 raise ArmError(400, "InvalidParameter",
                                f"Changing properties of agent pool {name} is not supported by this simulator.")
             self._check_cluster_accepts_writes(cluster)
+            if self.scenario.subnet_full:
+                raise ArmError(400, "InsufficientSubnetSize", "Pre-allocated IPs 31 exceeds IPs available 0 in Subnet "
+                               "Cidr 10.224.0.0/24, Subnet Name aks-subnet. http://aka.ms/aks-insufficient-subnet-size")
             self._check_offer_and_quota(cluster, name, properties)
             properties.update(provisioningState="Creating", powerState={"code": "Running"},
                               orchestratorVersion=ORCHESTRATOR_VERSION, currentOrchestratorVersion=ORCHESTRATOR_VERSION,

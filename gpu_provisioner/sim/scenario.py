@@ -49,6 +49,8 @@ class Scenario(BaseSettings):
     retry_after_s: int = 1
     server_error_rate: float = Field(0.0, ge=0, le=1)
     drop_rate: float = Field(0.0, ge=0, le=1)
+    # The cluster's subnet has no room for another node: pool PUTs get AKS's InsufficientSubnetSize.
+    subnet_full: bool = False
     # The next N agent-pool PUTs are carried out but their answers are lost (the connection drops).
     lost_create_answers: int = Field(0, ge=0)
     node_never_ready: bool = False

@@ -193,7 +193,7 @@ def test_missing_azure_role_is_said_on_the_claim_and_work_resumes_once_granted(
     claims, start_sim, start_controller, unique_name, monkeypatch
 ):
     for phase in (launch, termination):
-        monkeypatch.setattr(phase, "ACCESS_RETRY_S", 0.5)
+        monkeypatch.setattr(phase, "REFUSED_RETRY_S", 0.5)
     write, delete = (f"Microsoft.ContainerService/managedClusters/agentPools/{verb}" for verb in ("write", "delete"))
     sim = start_sim(denied_actions=[write, delete])
     start_controller(sim)
@@ -211,6 +211,20 @@ def test_missing_azure_role_is_said_on_the_claim_and_work_resumes_once_granted(
     sim.update_scenario(denied_actions=[])
     claims.wait_gone(NODECLAIM, unique_name)
     assert sim.pools() == {}
+
+
+def test_a_refusal_that_is_not_the_claims_fault_is_retried(claims, start_sim, start_controller, unique_name,
+                                                              monkeypatch):
+    monkeypatch.setattr(launch, "REFUSED_RETRY_S", 0.5)
+    sim = start_sim(subnet_full=True)
+    start_controller(sim)
+    claims.create(MACHINE, kaito_claim(MACHINE, unique_name))
+    launched = claims.wait_condition(MACHINE, unique_name, MACHINE.launched, "False", reason="AgentPoolRequestFailed")
+    assert "InsufficientSubnetSize" in launched["message"]
+    wait_for("an AgentPoolRequestFailed event", lambda: "AgentPoolRequestFailed" in claims.event_reasons(unique_name))
+
+    sim.update_scenario(subnet_full=False)  # someone widened the subnet; the claim did not change
+    claims.wait_condition(MACHINE, unique_name, READY, "True")
 
 
 def test_a_list_azure_refuses_is_said_on_the_claim(claims, start_sim, start_controller, unique_name):

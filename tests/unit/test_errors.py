@@ -14,6 +14,7 @@ from gpu_provisioner.cloud.errors import (
     NotFoundError,
     PoolBusyError,
     QuotaExceededError,
+    RequestFailedError,
     SkuUnavailableError,
     ThrottledError,
     TransientError,
@@ -40,6 +41,9 @@ from gpu_provisioner.cloud.errors import (
         ("AuthorizationFailed", "The client 'x' does not have authorization to perform action "
          "'Microsoft.ContainerService/managedClusters/agentPools/write'", 403, AccessDeniedError),
         ("InvalidAuthenticationToken", "The access token is invalid.", 401, AccessDeniedError),
+        ("InsufficientSubnetSize", "Pre-allocated IPs 31 exceeds IPs available 0 in Subnet Cidr 10.224.0.0/24",
+         400, RequestFailedError),
+        ("PreconditionFailed", "The operation could not be completed", 412, RequestFailedError),
         # AKS's real wordings, where a generic code hides the cause in the message:
         ("ErrCode_InsufficientVCPUQuota", "Insufficient vcpu quota requested 2, remaining 0 for family "
          "StandardDasv7Family for region eastus.", 400, QuotaExceededError),
