@@ -22,13 +22,20 @@ log = structlog.get_logger(__name__)
 DRAIN_RETRY_S = 2.0
 
 
-def _evictable(pod: Any) -> bool:
+def _drained(pod: Any) -> bool:
+    """Pods a drain leaves where they are: static pods (the kubelet owns them) and DaemonSet pods."""
     metadata = pod.metadata
-    if metadata.deletion_timestamp is not None:
-        return False  # already going
     if (metadata.annotations or {}).get("kubernetes.io/config.mirror"):
-        return False  # static pod: the kubelet owns it
+        return False
     return not any(owner.kind == "DaemonSet" for owner in metadata.owner_references or [])
+
+
+def _still_leaving(pod: Any, now: datetime) -> bool:
+    """An evicted pod inside its grace period (the API server sets deletionTimestamp to its end): its
+    in-flight work finishes before the VM goes."""
+    going = pod.metadata.deletion_timestamp
+    return going is not None and now < going and (pod.status.phase if pod.status else None) not in (
+        "Succeeded", "Failed")
 
 
 def _drain_time_is_up(claim: Claim) -> bool:
@@ -112,14 +119,17 @@ class Termination:
         kube, name = self.deps.kube, node["metadata"]["name"]
         if not (node.get("spec") or {}).get("unschedulable"):
             node = kube.patch_node(name, {"spec": {"unschedulable": True}})
-        pods = [pod for pod in kube.pods_on_node(name) if _evictable(pod)]
-        if pods and _drain_time_is_up(claim):
+        now = datetime.now(UTC)
+        drained = [pod for pod in kube.pods_on_node(name) if _drained(pod)]
+        pods = [pod for pod in drained if pod.metadata.deletion_timestamp is None]
+        leaving = [pod for pod in drained if _still_leaving(pod, now)]
+        if (pods or leaving) and _drain_time_is_up(claim):
             # The NodeClaim's terminationGracePeriod bounds the drain: the Node goes with its pods on it
             # (the pod garbage collector removes them), so a blocked eviction cannot keep a GPU VM forever.
             self.deps.events.warning(claim.obj, "TerminationGracePeriodExpired", f"terminationGracePeriod "
                                      f"{claim.spec.get('terminationGracePeriod')} has passed: deleting node {name} "
-                                     f"with {len(pods)} pod(s) still on it")
-            pods = []
+                                     f"with {len(pods) + len(leaving)} pod(s) still on it")
+            pods, leaving = [], []
         blocked = []
         for pod in pods:
             try:
@@ -134,6 +144,7 @@ class Termination:
                                      f"does not allow evicting {', '.join(sorted(blocked))} yet")
         if pods:
             self.deps.events.normal(claim.obj, "Draining", f"evicting {len(pods)} pod(s) from node {name}")
+        if pods or leaving:
             return DRAIN_RETRY_S
         finalizers = node["metadata"].get("finalizers") or []
         if TERMINATION_FINALIZER in finalizers:

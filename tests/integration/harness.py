@@ -111,7 +111,8 @@ class Claims:
         labels = {"app": name}
         self.core.create_namespaced_pod("default", {
             "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
-            "spec": {"nodeName": node_name, "containers": [{"name": "model", "image": "mcr.microsoft.com/phi-3"}]},
+            "spec": {"nodeName": node_name, "containers": [{"name": "model", "image": "mcr.microsoft.com/phi-3"}],
+                     "terminationGracePeriodSeconds": 1},
         })
         # What the kubelet would report; a Pending pod may be evicted whatever its budget says.
         self.core.patch_namespaced_pod_status(name, "default", {"status": {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 import kubernetes
 import pytest
@@ -305,7 +306,7 @@ def test_node_that_never_joins_hits_the_registration_timeout_and_the_pool_is_del
     assert unique_name not in sim.pools()
 
 
-def test_deletion_drains_pods_before_deleting_node_and_pool(
+def test_deletion_drains_pods_and_lets_them_finish_before_deleting_node_and_pool(
     claims, kube_api, start_sim, start_controller, unique_name
 ):
     sim = start_sim()
@@ -315,22 +316,20 @@ def test_deletion_drains_pods_before_deleting_node_and_pool(
     pod = core.create_namespaced_pod("default", {
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{unique_name}-inference"},
         "spec": {"nodeName": node_name, "containers": [{"name": "model", "image": "mcr.microsoft.com/phi-3"}],
+                 "terminationGracePeriodSeconds": 5,
                  "tolerations": [{"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]},
     })
 
     claims.delete(MACHINE, unique_name)
+    evicted = wait_for("the eviction", lambda: core.read_namespaced_pod(
+        pod.metadata.name, "default").metadata.deletion_timestamp)
     claims.wait_gone(MACHINE, unique_name)
-
-    def pod_evicted() -> bool:
-        try:
-            return core.read_namespaced_pod(pod.metadata.name, "default").metadata.deletion_timestamp is not None
-        except kubernetes.client.ApiException as error:
-            return error.status == 404
-
-    assert pod_evicted()
+    # The node went only once the pod's grace period (which deletionTimestamp marks the end of) was over.
+    assert datetime.now(UTC) >= evicted
     assert claims.node(node_name) is None
     assert unique_name not in sim.pools()
     assert "Draining" in claims.event_reasons(unique_name)
+    core.delete_namespaced_pod(pod.metadata.name, "default", grace_period_seconds=0)
 
 
 def test_a_pod_disruption_budget_holds_the_node_and_pool_until_it_allows_the_eviction(
