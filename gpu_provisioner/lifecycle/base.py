@@ -42,6 +42,15 @@ class Reconciliation:
     def requeue(self, after_s: float) -> None:
         self.requeue_after.append(max(after_s, 0.0))
 
+    def report(self, events: EventRecorder, condition: str, status: str, reason: str, message: str) -> bool:
+        """Set a condition that is not True; a Warning Event says it once per change. True if it changed."""
+        previous = self.status.get(condition) or {}
+        self.status.set(condition, status, reason, message)
+        changed = (previous.get("status"), previous.get("reason")) != (status, reason)
+        if changed:
+            events.warning(self.claim.obj, reason, message)
+        return changed
+
 
 @dataclass(frozen=True)
 class Outcome:

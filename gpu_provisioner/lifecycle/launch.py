@@ -95,7 +95,7 @@ class Launch:
                 r.requeue(1.0)
             else:
                 message = f"cannot list the cluster's agent pools: {error.describe()}"
-                r.status.set(condition, "Unknown", error.reason, message)
+                r.report(self.deps.events, condition, "Unknown", error.reason, message)
                 r.requeue(inventory.interval_s)
             return WAITING
         pool = inventory.get(claim.name)
@@ -150,7 +150,8 @@ class Launch:
             r.requeue(REFUSED_RETRY_S)
             return WAITING
         except ClusterUnavailableError as error:
-            r.status.set(condition, "Unknown", error.reason, f"waiting before creating agent pool: {error.describe()}")
+            message = f"waiting before creating agent pool: {error.describe()}"
+            r.report(self.deps.events, condition, "Unknown", error.reason, message)
             r.requeue(CLUSTER_RETRY_S)
             return WAITING
         except TransientError as error:
@@ -158,7 +159,8 @@ class Launch:
                 # A 5xx, a lost answer, or AKS's 409 because it did: the PUT may have landed, so no other PUT
                 # before a LIST tells (the next one replaces this guess).
                 self.deps.inventory.record(PoolState(request.name, "Creating", size.name, request.tags))
-            r.status.set(condition, "Unknown", error.reason, f"creating agent pool {request.name}: {error.describe()}")
+            message = f"creating agent pool {request.name}: {error.describe()}"
+            r.report(self.deps.events, condition, "Unknown", error.reason, message)
             raise
         self.deps.inventory.record(state)
         r.status.set(condition, "Unknown", "Launching", f"creating agent pool {request.name} ({size.name})")
@@ -227,8 +229,5 @@ class Launch:
         return next((size for size in request.vm_sizes if size.name not in failed), None)
 
     def _fail(self, r: Reconciliation, reason: str, message: str) -> None:
-        previous = r.status.get(r.claim.api.launched)
-        r.status.set(r.claim.api.launched, "False", reason, message)
-        if previous is None or previous.get("reason") != reason or previous.get("status") != "False":
-            self.deps.events.warning(r.claim.obj, reason, message)
+        if r.report(self.deps.events, r.claim.api.launched, "False", reason, message):
             metrics.LAUNCHES.labels(kind=r.claim.api.kind, result=reason).inc()

@@ -43,7 +43,7 @@ class Registration:
         if len(nodes) > 1:
             names = ", ".join(sorted(n["metadata"]["name"] for n in nodes))
             message = f"agent pool {claim.name} has several nodes: {names}"
-            r.status.set(condition, "False", "MultipleNodesFound", message)
+            r.report(self.deps.events, condition, "False", "MultipleNodesFound", message)
             return WAITING
         node = nodes[0]
         first_registration = not r.status.is_true(condition)

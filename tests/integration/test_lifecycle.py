@@ -146,6 +146,7 @@ def test_quota_exhausted_fails_fast_with_kaitos_phrase(claims, start_sim, start_
     launched = claims.wait_condition(MACHINE, unique_name, MACHINE.launched, "False", reason="QuotaExceeded")
     assert INSUFFICIENT_CAPACITY_PHRASE in launched["message"]
     assert "Standard_NC6s_v3" in launched["message"]
+    wait_for("a QuotaExceeded event", lambda: "QuotaExceeded" in claims.event_reasons(unique_name))
     assert sim.pools() == {}
 
 
@@ -164,6 +165,7 @@ def test_allocation_failure_of_every_size_deletes_the_failed_pool(claims, start_
     claims.create(MACHINE, kaito_claim(MACHINE, unique_name))
     launched = claims.wait_condition(MACHINE, unique_name, MACHINE.launched, "False", reason="AllocationFailed")
     assert INSUFFICIENT_CAPACITY_PHRASE in launched["message"]
+    wait_for("an AllocationFailed event", lambda: "AllocationFailed" in claims.event_reasons(unique_name))
     wait_for("the failed pool to be deleted", lambda: unique_name not in sim.pools())
 
 
@@ -234,6 +236,7 @@ def test_a_list_azure_refuses_is_said_on_the_claim(claims, start_sim, start_cont
     claims.create(MACHINE, kaito_claim(MACHINE, unique_name))
     launched = claims.wait_condition(MACHINE, unique_name, MACHINE.launched, "Unknown", reason="AccessDenied")
     assert "cannot list the cluster's agent pools" in launched["message"]
+    wait_for("an AccessDenied event", lambda: "AccessDenied" in claims.event_reasons(unique_name))
     assert sim.count_requests("agentpools.create") == 0
 
     sim.update_scenario(denied_actions=[])
@@ -279,6 +282,7 @@ def test_stopped_or_starting_cluster_gets_no_put_and_the_launch_timeout_deletes_
     claims.create(MACHINE, kaito_claim(MACHINE, unique_name))
     launched = claims.wait_condition(MACHINE, unique_name, MACHINE.launched, "Unknown", reason="ClusterNotReady")
     assert power in launched["message"]
+    wait_for("a ClusterNotReady event", lambda: "ClusterNotReady" in claims.event_reasons(unique_name))
     claims.wait_gone(MACHINE, unique_name, timeout_s=30)
     assert "LaunchTimeout" in claims.event_reasons(unique_name)
     assert sim.count_requests("agentpools.create") == 0
