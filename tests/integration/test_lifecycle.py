@@ -257,6 +257,30 @@ def test_gpu_wait_keeps_claim_uninitialized_until_gpus_are_allocatable(
     assert claims.condition(NODECLAIM, unique_name, READY)["status"] != "True"
 
 
+def test_startup_taints_go_on_once_and_hold_initialization_until_removed(
+    claims, start_sim, start_controller, unique_name
+):
+    sim = start_sim()
+    start_controller(sim)
+    manifest = kaito_claim(NODECLAIM, unique_name)
+    startup = {"key": "example.com/driver-not-ready", "effect": "NoSchedule"}
+    manifest["spec"]["startupTaints"] = [startup]
+    claims.create(NODECLAIM, manifest)
+    initialized = claims.wait_condition(NODECLAIM, unique_name, NODECLAIM.initialized, "Unknown",
+                                        reason="StartupTaintsExist")
+    assert startup["key"] in initialized["message"]
+    node_name = claims.get(NODECLAIM, unique_name)["status"]["nodeName"]
+    taints = claims.node(node_name).spec.taints
+    assert {(t.key, t.effect) for t in taints} >= {(startup["key"], "NoSchedule"), ("sku", "NoSchedule")}
+
+    # What the daemon that owns the taint does once its work is done.
+    kept = [{"key": t.key, "value": t.value, "effect": t.effect} for t in taints if t.key != startup["key"]]
+    claims.core.patch_node(node_name, {"spec": {"taints": kept}}, _content_type="application/merge-patch+json")
+    claims.wait_condition(NODECLAIM, unique_name, READY, "True")
+    time.sleep(1)  # a few reconciles later it is still gone: startup taints are put on once
+    assert startup["key"] not in {t.key for t in claims.node(node_name).spec.taints or []}
+
+
 def test_a_serving_node_that_blips_not_ready_does_not_flip_the_claim(
     claims, start_sim, start_controller, unique_name
 ):
