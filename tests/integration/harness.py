@@ -7,15 +7,18 @@ import os
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import kubernetes
+from prometheus_client.parser import text_string_to_metric_families
 
 from gpu_provisioner.api.claims import CLAIM_APIS, GROUP, ClaimApi
 from gpu_provisioner.sandbox import EXAMPLES, kaito_claim
 
-__all__ = ["CLEAN_ENV", "EXAMPLES", "Claims", "interrupt", "kaito_claim", "wait_for"]
+__all__ = ["CLEAN_ENV", "EXAMPLES", "Claims", "http_get", "interrupt", "kaito_claim", "metric_samples", "wait_for"]
 
 T = TypeVar("T")
 # Processes the tests start get only the simulator's settings, never the caller's Azure ones.
@@ -44,6 +47,23 @@ def interrupt(process: subprocess.Popen[str], timeout_s: float = 60) -> str:
             process.kill()
             process.wait()
     return output
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text) for sample in family.samples
+    }
 
 
 class Claims:

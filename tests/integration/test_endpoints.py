@@ -2,31 +2,9 @@
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
-
-from prometheus_client.parser import text_string_to_metric_families
-
-from gpu_provisioner.api.claims import NODECLAIM, READY
+from gpu_provisioner.api.claims import NODECLAIM
 from gpu_provisioner.devenv.controlplane import free_port
-from tests.integration.harness import kaito_claim, wait_for
-
-
-def http_get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-    except OSError:
-        return 0, ""
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text) for sample in family.samples
-    }
+from tests.integration.harness import http_get, kaito_claim, metric_samples, wait_for
 
 
 def test_probes_and_metrics_tell_what_happened(claims, start_sim, controller_process, unique_name):
@@ -37,17 +15,21 @@ def test_probes_and_metrics_tell_what_happened(claims, start_sim, controller_pro
     wait_for("/healthz", lambda: http_get(f"{base}/healthz")[0] == 200, timeout_s=30)
     wait_for("/readyz", lambda: http_get(f"{base}/readyz")[0] == 200, timeout_s=30)
 
-    claims.create(NODECLAIM, kaito_claim(NODECLAIM, unique_name))
-    claims.wait_condition(NODECLAIM, unique_name, READY, "True")
+    claims.create_ready(NODECLAIM, kaito_claim(NODECLAIM, unique_name))
+    ready_gauge = ("gpu_provisioner_claims", (("kind", "NodeClaim"), ("phase", "Ready")))
+    wait_for("one Ready claim in the claims-by-phase gauge", lambda: metric_samples(
+        http_get(f"http://127.0.0.1:{metrics_port}/metrics")[1]).get(ready_gauge) == 1, timeout_s=15)
     claims.delete(NODECLAIM, unique_name)
     claims.wait_gone(NODECLAIM, unique_name)
 
     def scraped() -> dict | None:
-        values = samples(http_get(f"http://127.0.0.1:{metrics_port}/metrics")[1])
+        values = metric_samples(http_get(f"http://127.0.0.1:{metrics_port}/metrics")[1])
         done = values.get(("gpu_provisioner_terminations_total", (("kind", "NodeClaim"), ("result", "Terminated"))))
-        return values if done else None
+        # Claims by phase are published every few seconds; none is left in any phase.
+        phases = [v for (name, _), v in values.items() if name == "gpu_provisioner_claims"]
+        return values if done and phases and not any(phases) else None
 
-    values = wait_for("the termination to be counted", scraped, timeout_s=10)
+    values = wait_for("the termination and an empty claims-by-phase gauge", scraped, timeout_s=15)
     assert values[("gpu_provisioner_launches_total", (("kind", "NodeClaim"), ("result", "Launched")))] == 1
     assert values[("gpu_provisioner_arm_requests_total", (("code", "201"), ("operation", "agentpools.create")))] == 1
     assert values[("gpu_provisioner_arm_requests_total", (("code", "202"), ("operation", "agentpools.delete")))] == 1

@@ -8,8 +8,9 @@ import time
 import kubernetes
 
 from gpu_provisioner.api.claims import NODECLAIM, READY
+from gpu_provisioner.devenv.controlplane import free_port
 from gpu_provisioner.runtime.leader import LEASE_NAME
-from tests.integration.harness import kaito_claim, wait_for
+from tests.integration.harness import http_get, kaito_claim, metric_samples, wait_for
 
 LEASE_S = 3
 
@@ -20,7 +21,13 @@ def test_standby_takes_over_when_the_leader_is_killed(claims, kube_api, start_si
     namespace = "default"
     coordination = kubernetes.client.CoordinationV1Api(kube_api)
     env = {"LEADER_ELECT": "true", "LEASE_DURATION_SECONDS": str(LEASE_S), "POD_NAMESPACE": namespace}
-    replicas = {name: controller_process(sim, POD_NAME=name, **env) for name in ("replica-a", "replica-b")}
+    metrics_ports = {name: free_port() for name in ("replica-a", "replica-b")}
+    replicas = {name: controller_process(sim, POD_NAME=name, METRICS_PORT=str(port), **env)
+                for name, port in metrics_ports.items()}
+
+    def leader_gauge(name: str) -> float | None:
+        values = metric_samples(http_get(f"http://127.0.0.1:{metrics_ports[name]}/metrics")[1])
+        return values.get(("gpu_provisioner_leader", ()))
 
     def holder() -> str | None:
         try:
@@ -30,6 +37,8 @@ def test_standby_takes_over_when_the_leader_is_killed(claims, kube_api, start_si
 
     leader = wait_for("a leader", holder, timeout_s=30)
     standby = next(name for name in replicas if name != leader)
+    wait_for("the leader's gauge", lambda: leader_gauge(leader) == 1)
+    assert leader_gauge(standby) == 0
     first = f"{unique_name[:9]}a"
     claims.create(NODECLAIM, kaito_claim(NODECLAIM, first))
     claims.wait_condition(NODECLAIM, first, READY, "True")
