@@ -47,6 +47,10 @@ class ClaimProgress:
     conditions: dict[str, dict[str, Any]] = field(default_factory=dict)
     gone: bool = False
 
+    def waiting_for(self) -> str:
+        ready = self.conditions.get(READY, {})
+        return f"{ready.get('reason', 'no status yet')}: {ready.get('message', '')}"
+
     def failure(self, api: ClaimApi) -> str | None:
         """Why this claim cannot become Ready on its own, or None while it still may."""
         if self.gone:
@@ -89,6 +93,7 @@ class Sandbox:
         self.timeout_s = timeout_s
         self.workdir = Path(tempfile.mkdtemp(prefix="gpu-provisioner-sandbox-"))
         self.progress = {name: ClaimProgress(name, 0.0) for name in self.names}
+        self.kubectl = "kubectl"  # the one built for the embedded cluster, once there is one
 
     # the whole run -------------------------------------------------------------------------------
 
@@ -99,7 +104,7 @@ class Sandbox:
         with self._environment() as (kubeconfig_path, metrics_port, controller):
             api_client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig_path))
             custom = kubernetes.client.CustomObjectsApi(api_client)
-            self.console.print(f"kubectl: kubectl --kubeconfig {kubeconfig_path} get {self.api.plural}")
+            self.console.print(f"kubectl: {self.kubectl} --kubeconfig {kubeconfig_path} get {self.api.plural}")
             self.console.print(f"metrics: http://127.0.0.1:{metrics_port}/metrics")
             self.console.print(f"controller log: {self.workdir / 'controller.log'}")
             outcome: str | None = "interrupted"
@@ -139,7 +144,9 @@ class Sandbox:
         plane: ControlPlane | None = None
         with contextlib.ExitStack() as stack:
             if self.kubeconfig is None:
-                plane = ControlPlane(ensure_tools(self.console))
+                tools = ensure_tools(self.console)
+                self.kubectl = str(tools.kubectl)
+                plane = ControlPlane(tools)
                 with self.console.status("starting etcd and kube-apiserver ..."):
                     plane.start()
                 stack.callback(plane.stop)
@@ -203,7 +210,8 @@ class Sandbox:
                 if all(READY in p.reached for p in self.progress.values()):
                     return None
                 time.sleep(POLL_S)
-        return f"claims not Ready after {self.timeout_s:.0f}s"
+        waiting = "; ".join(f"{p.name}: {p.waiting_for()}" for p in self.progress.values() if READY not in p.reached)
+        return f"claims not Ready after {self.timeout_s:.0f}s ({waiting})"
 
     def _poll(self, custom: kubernetes.client.CustomObjectsApi) -> None:
         for progress in self.progress.values():

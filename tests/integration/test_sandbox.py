@@ -36,6 +36,13 @@ def test_sandbox_gets_every_claim_ready_then_tears_down(api, kind):
     assert "claims, nodes and agent pools deleted" in output
 
 
+def test_a_sandbox_that_times_out_says_what_each_claim_waits_for():
+    result = run_sandbox("--scenario", "node-never-ready", "--timeout", "15")
+    output = (result.stdout + result.stderr).replace("\n", " ")
+    assert result.returncode == 1, output
+    assert "claims not Ready after 15s" in output and "NodeNotReady" in output
+
+
 def test_sandbox_exits_non_zero_with_the_reason_when_capacity_is_missing():
     result = run_sandbox("--scenario", "quota-exhausted")
     output = result.stdout + result.stderr
@@ -123,7 +130,11 @@ def test_ctrl_c_with_nobody_reading_the_output_still_deletes_everything(control_
 
 def test_a_killed_sandbox_leaves_no_process_behind():
     process, lines = start_sandbox_until_ready()
-    kubeconfig = next(line.split("--kubeconfig ", 1)[1].split()[0] for line in lines if line.startswith("kubectl:"))
+    kubectl_line = next(line for line in lines if line.startswith("kubectl:"))
+    kubeconfig = kubectl_line.split("--kubeconfig ", 1)[1].split()[0]
+    # The command it prints works as printed, on a machine with no kubectl of its own.
+    listed = subprocess.run(kubectl_line.removeprefix("kubectl:").split(), capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0 and "ws" in listed.stdout, listed.stderr
     workdir = str(Path(kubeconfig).parent)
     assert len(processes_mentioning(workdir)) >= 3  # etcd, kube-apiserver, the controller
     process.kill()
