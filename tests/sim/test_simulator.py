@@ -101,6 +101,8 @@ def test_pool_lifecycle_and_its_node(simulator, monkeypatch, kube_api, unique_na
     [
         ("Bad_Name", {}, "agentPoolProfile.name"),
         ("toolongpoolname", {}, "agentPoolProfile.name"),
+        ("1abc", {}, "agentPoolProfile.name"),
+        ("ok", {"count": 1001}, "agentPoolProfile.count"),
         ("ok", {"vmSize": "Standard_Imaginary_v9"}, "agentPoolProfile.vmSize"),
         ("ok", {"osDiskSizeGB": 10}, "agentPoolProfile.osDiskSizeGB"),
         ("ok", {"nodeLabels": {"kubernetes.azure.com/mode": "system"}}, "agentPoolProfile.nodeLabels"),
@@ -229,10 +231,11 @@ def test_same_seed_same_faults(simulator, monkeypatch):
     assert runs[0] == runs[1] and set(runs[0]) != {200}
 
 
-def test_simulate_aks_command_serves_until_interrupted(tmp_path, monkeypatch):
+def test_simulate_aks_command_serves_until_interrupted(tmp_path, monkeypatch, control_plane, kube_api, unique_name):
     env_file = tmp_path / "aks.env"
     process = subprocess.Popen(
-        [sys.executable, "-m", "gpu_provisioner", "simulate-aks", "--scenario", "default", "--env-file", str(env_file)],
+        [sys.executable, "-m", "gpu_provisioner", "simulate-aks", "--scenario", "default", "--env-file", str(env_file),
+         "--kubeconfig", str(control_plane.kubeconfig)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -243,8 +246,14 @@ def test_simulate_aks_command_serves_until_interrupted(tmp_path, monkeypatch):
         client = ContainerServiceClient(DefaultAzureCredential(disable_instance_discovery=True),
                                         environment["ARM_SUBSCRIPTION_ID"], base_url=environment["ARM_ENDPOINT"])
         cluster = client.managed_clusters.get(environment["ARM_RESOURCE_GROUP"], environment["AZURE_CLUSTER_NAME"])
+        client.agent_pools.begin_create_or_update(environment["ARM_RESOURCE_GROUP"], environment["AZURE_CLUSTER_NAME"],
+                                                  unique_name, GPU_POOL).result()
+        core = kubernetes.client.CoreV1Api(kube_api)
+        node = wait_for("the pool's Node in the cluster given by --kubeconfig", lambda: next(
+            (n for n in core.list_node().items if n.metadata.labels.get("agentpool") == unique_name), None))
     finally:
         output = interrupt(process, timeout_s=30)
+    core.delete_node(node.metadata.name)
     assert cluster.provisioning_state == "Succeeded"
     assert process.returncode == 0, output
     assert environment["ARM_ENDPOINT"] in output
