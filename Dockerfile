@@ -1,5 +1,5 @@
-# Build a wheel with its dependencies in a builder stage; the final stage has no compiler, no pip
-# cache and no source tree, and runs as a non-root user.
+# Install with its dependencies in a builder stage; the final stage has no compiler, no pip (nor its
+# cache) and no source tree, and runs as a non-root user.
 FROM python:3.11.11-slim-bookworm AS builder
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -8,7 +8,8 @@ COPY crds ./crds
 COPY examples ./examples
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
- && /opt/venv/bin/pip install --no-cache-dir .
+ && /opt/venv/bin/pip install --no-cache-dir . \
+ && /opt/venv/bin/python -m pip uninstall --yes pip setuptools
 
 FROM python:3.11.11-slim-bookworm
 LABEL org.opencontainers.image.source="https://github.com/kaito-project/gpu-provisioner" \
@@ -17,8 +18,9 @@ COPY --from=builder /opt/venv /opt/venv
 ENV PATH="/opt/venv/bin:$PATH" \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
-# The chart runs the pod as this uid with a read-only root filesystem.
-RUN groupadd --system --gid 65532 nonroot && useradd --system --uid 65532 --gid 65532 --no-create-home nonroot
+# The chart runs the pod as this uid with a read-only root filesystem. No installer is left to run.
+RUN groupadd --system --gid 65532 nonroot && useradd --system --uid 65532 --gid 65532 --no-create-home nonroot \
+ && python -m pip uninstall --yes pip setuptools wheel
 USER 65532:65532
 EXPOSE 8080 8081
 HEALTHCHECK NONE

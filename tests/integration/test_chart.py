@@ -3,6 +3,7 @@ exactly enough for a full claim lifecycle."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -142,10 +143,17 @@ def test_installed_chart_rbac_is_enough_for_a_full_lifecycle(
          "--namespace", namespace)
 
 
-def test_dockerfile_passes_hadolint():
+def test_dockerfile_passes_hadolint_and_ships_only_the_installed_venv():
     hadolint = Path(sys.executable).with_name("hadolint")
     result = subprocess.run([str(hadolint), str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+    dockerfile = (REPO / "Dockerfile").read_text()
+    bases = re.findall(r"^FROM (\S+)", dockerfile, re.MULTILINE)
+    assert len(bases) == 2 and len(set(bases)) == 1 and ":" in bases[0]  # builder + final, one pinned base
+    builder, final = dockerfile.split("\nFROM ")[-2:]
+    copies = [line for line in final.splitlines() if line.startswith("COPY")]
+    assert copies == ["COPY --from=builder /opt/venv /opt/venv"]
+    assert "pip uninstall --yes pip" in builder and "pip uninstall --yes pip" in final  # no installer ships
 
 
 def leaf_values(values: dict, prefix: str = "") -> list[tuple[str, object]]:

@@ -1,13 +1,15 @@
-"""What a cluster sees of a running controller: /healthz, /readyz and /metrics after a lifecycle."""
+"""What a cluster sees of a running controller: /healthz, /readyz, /metrics and its log after a lifecycle."""
 
 from __future__ import annotations
+
+import json
 
 from gpu_provisioner.api.claims import NODECLAIM
 from gpu_provisioner.devenv.controlplane import free_port
 from tests.integration.harness import http_get, kaito_claim, metric_samples, wait_for
 
 
-def test_probes_and_metrics_tell_what_happened(claims, start_sim, controller_process, unique_name):
+def test_probes_metrics_and_log_tell_what_happened(claims, start_sim, controller_process, unique_name, tmp_path):
     sim = start_sim()
     metrics_port, health_port = free_port(), free_port()
     controller_process(sim, METRICS_PORT=str(metrics_port), HEALTH_PROBE_PORT=str(health_port))
@@ -39,3 +41,9 @@ def test_probes_and_metrics_tell_what_happened(claims, start_sim, controller_pro
     assert values[stage] == 1
     assert values[("gpu_provisioner_workqueue_adds_total", (("name", "claims"),))] >= 1
     assert any(name == "gpu_provisioner_build_info" for name, _ in values)
+
+    # The log: one JSON object a line, each reconcile's line naming its claim.
+    lines = [json.loads(line) for line in (tmp_path / "controller-0.log").read_text().splitlines()]
+    about_claim = [line for line in lines if line.get("claim") == f"nodeclaims/{unique_name}"]
+    assert {"agent pool create started", "claim terminated"} <= {line["event"] for line in about_claim}
+    assert all({"level", "timestamp"} <= line.keys() for line in lines)
