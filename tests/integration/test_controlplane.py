@@ -221,3 +221,21 @@ def test_devenv_up_serves_until_interrupted_and_leaves_nothing(control_plane: Co
     assert not kubeconfig.exists()
     assert not [pid for pid in servers if _alive(pid)]
     assert not workdir.exists()
+
+
+def test_devenv_tools_reuses_the_cached_build_and_names_each_binary(control_plane: ControlPlane):
+    result = subprocess.run([sys.executable, "-m", "gpu_provisioner", "devenv", "tools"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    paths = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    assert {"kube-apiserver", "kubectl", "etcd", "helm"} <= set(paths)
+    assert all(Path(path).is_file() and os.access(path, os.X_OK) for path in paths.values())
+    assert "cached kubernetes v1.33.13" in result.stderr and "building" not in result.stderr
+
+
+def test_stop_can_keep_the_server_logs(control_plane: ControlPlane, tmp_path):
+    plane = ControlPlane(control_plane.tools, crds_dir=None)
+    plane.start()
+    plane.stop(keep_logs_in=tmp_path / "logs")
+    assert (tmp_path / "logs" / "kube-apiserver.log").stat().st_size > 0
+    assert (tmp_path / "logs" / "etcd.log").exists() and not plane.workdir.exists()

@@ -1,4 +1,5 @@
-"""The informer against the real API server: cache, events, relist after 410, absent CRDs, stop."""
+"""The informer against the real API server: cache, events, relist after 410 or a dropped connection, absent
+CRDs, stop."""
 
 from __future__ import annotations
 
@@ -77,6 +78,33 @@ def test_relist_after_410_reports_what_was_deleted_during_the_gap(kube_api, uniq
     informer._relist()
     assert next_for(events, unique_name) == "DELETED"
     assert informer.get(unique_name) is None
+
+
+def test_a_dropped_watch_connection_loses_no_event(kube_api, unique_name):
+    events, handler = recorder()
+    informer = Informer(kube_api, NODES, handler)
+    core = kubernetes.client.CoreV1Api(kube_api)
+    first, second = f"{unique_name}a", f"{unique_name}b"
+    informer.start()
+    try:
+        assert informer.wait_for_sync(10)
+        core.create_node({"apiVersion": "v1", "kind": "Node", "metadata": {"name": first}})
+        assert next_for(events, first) == "ADDED"
+        informer._response.shutdown()  # the connection drops (a proxy, an API server restart)
+        core.delete_node(first)
+        core.create_node({"apiVersion": "v1", "kind": "Node", "metadata": {"name": second}})
+        seen: set[tuple[str, str]] = set()
+
+        def both_told() -> bool:
+            while not events.empty():
+                seen.add(events.get())
+            return {("DELETED", first), ("ADDED", second)} <= seen
+
+        wait_for("the deletion and the addition made while disconnected", both_told, timeout_s=15)
+        assert informer.get(first) is None and informer.get(second) is not None
+    finally:
+        informer.stop()
+        core.delete_node(second)
 
 
 def test_resource_without_crd_becomes_available_when_the_crd_appears(kube_api, unique_name):

@@ -18,7 +18,7 @@ from azure.core.exceptions import HttpResponseError
 from azure.identity import DefaultAzureCredential
 from azure.mgmt.containerservice import ContainerServiceClient
 
-from gpu_provisioner.sim import AksSimulator
+from gpu_provisioner.sim import AksSimulator, Scenario
 from tests.integration.harness import interrupt, wait_for
 
 GPU_POOL = {"properties": {"count": 1, "vmSize": "Standard_NC6s_v3", "osType": "Linux", "mode": "User",
@@ -139,6 +139,16 @@ def test_allocation_failure_ends_the_operation_failed(simulator, monkeypatch):
     assert error.error.code == "AllocationFailed"
     pool = sim.pools()["alloc"]["properties"]
     assert pool["provisioningState"] == "Failed" and pool["status"]["provisioningError"]["code"] == "AllocationFailed"
+
+
+def test_clusters_keep_their_pools_apart(monkeypatch):
+    with AksSimulator(Scenario(**FAST), clusters=("kaito-cluster", "research")) as sim:
+        client = sdk(sim, monkeypatch)
+        client.agent_pools.begin_create_or_update(sim.resource_group, "research", "gpu", GPU_POOL).result()
+        assert [p.name for p in client.agent_pools.list(sim.resource_group, "research")] == ["gpu"]
+        assert list(client.agent_pools.list(sim.resource_group, "kaito-cluster")) == []
+        missing = arm_error(lambda: client.managed_clusters.get(sim.resource_group, "elsewhere"))
+        assert missing.status_code == 404 and missing.error.code == "ResourceNotFound"
 
 
 def test_second_operation_on_a_busy_pool_conflicts(simulator, monkeypatch):
