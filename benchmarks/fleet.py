@@ -62,6 +62,8 @@ def main(
                                                     kaito_claim(claim_api, name))
             ready_after: dict[str, float] = {}
             while len(ready_after) < claims and time.monotonic() - started < 600:
+                if controller.poll() is not None:
+                    raise SystemExit(f"the controller exited with code {controller.returncode}")
                 for item in custom.list_cluster_custom_object(GROUP, claim_api.version, claim_api.plural)["items"]:
                     conditions = (item.get("status") or {}).get("conditions") or []
                     name = item["metadata"]["name"]

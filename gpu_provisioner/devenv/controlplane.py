@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -47,10 +48,29 @@ class ControlPlaneError(RuntimeError):
     """The control plane did not come up; the message carries the tail of the failing log."""
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port free now, for a server to bind soon. It is picked below the kernel's ephemeral range:
+    a port from that range can be taken by any outgoing connection before its server binds it."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    low = max(ephemeral_low // 2, 1024)
+    for _ in range(1000):
+        port = random.randrange(low, ephemeral_low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise ControlPlaneError(f"no free loopback port in {low}-{ephemeral_low - 1}")
 
 
 def _tail(path: Path, lines: int = 30) -> str:
