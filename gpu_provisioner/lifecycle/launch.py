@@ -134,10 +134,12 @@ class Launch:
         size = self._next_size(claim.uid, request)
         if size is None:
             return self._all_unavailable(r)
+        put_sent = False
         try:
             cluster = self.deps.inventory.cluster()
             if not cluster.accepts_pool_changes:
                 raise ClusterUnavailableError(f"cluster {self.deps.settings.cluster_name}: {cluster.describe()}")
+            put_sent = True
             state = self.deps.pools.create(request.name, request.body(size))
         except CapacityError as error:
             return self._size_unavailable(r, request, size, error)
@@ -155,7 +157,7 @@ class Launch:
             r.requeue(CLUSTER_RETRY_S)
             return WAITING
         except TransientError as error:
-            if not isinstance(error, ThrottledError):
+            if put_sent and not isinstance(error, ThrottledError):
                 # A 5xx, a lost answer, or AKS's 409 because it did: the PUT may have landed, so no other PUT
                 # before a LIST tells (the next one replaces this guess).
                 self.deps.inventory.record(PoolState(request.name, "Creating", size.name, request.tags))
