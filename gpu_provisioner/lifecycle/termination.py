@@ -22,8 +22,8 @@ log = structlog.get_logger(__name__)
 DRAIN_RETRY_S = 2.0
 
 
-def _drained(pod: Any) -> bool:
-    """Pods a drain leaves where they are: static pods (the kubelet owns them) and DaemonSet pods."""
+def _drainable(pod: Any) -> bool:
+    """Whether a drain moves the pod off its node: all but static pods (the kubelet owns them) and DaemonSet pods."""
     metadata = pod.metadata
     if (metadata.annotations or {}).get("kubernetes.io/config.mirror"):
         return False
@@ -120,9 +120,9 @@ class Termination:
         if not (node.get("spec") or {}).get("unschedulable"):
             node = kube.patch_node(name, {"spec": {"unschedulable": True}})
         now = datetime.now(UTC)
-        drained = [pod for pod in kube.pods_on_node(name) if _drained(pod)]
-        pods = [pod for pod in drained if pod.metadata.deletion_timestamp is None]
-        leaving = [pod for pod in drained if _still_leaving(pod, now)]
+        drainable = [pod for pod in kube.pods_on_node(name) if _drainable(pod)]
+        pods = [pod for pod in drainable if pod.metadata.deletion_timestamp is None]
+        leaving = [pod for pod in drainable if _still_leaving(pod, now)]
         if (pods or leaving) and _drain_time_is_up(claim):
             # The NodeClaim's terminationGracePeriod bounds the drain: the Node goes with its pods on it
             # (the pod garbage collector removes them), so a blocked eviction cannot keep a GPU VM forever.
