@@ -47,3 +47,16 @@ def test_probes_metrics_and_log_tell_what_happened(claims, start_sim, controller
     about_claim = [line for line in lines if line.get("claim") == f"nodeclaims/{unique_name}"]
     assert {"agent pool create started", "claim terminated"} <= {line["event"] for line in about_claim}
     assert all({"level", "timestamp"} <= line.keys() for line in lines)
+
+
+def test_readyz_waits_for_the_first_agent_pool_list(claims, start_sim, controller_process):
+    sim = start_sim(denied_actions=["Microsoft.ContainerService/managedClusters/agentPools/read"])
+    health_port = free_port()
+    controller_process(sim, HEALTH_PROBE_PORT=str(health_port))
+    base = f"http://127.0.0.1:{health_port}"
+    wait_for("/healthz", lambda: http_get(f"{base}/healthz")[0] == 200, timeout_s=30)
+    wait_for("a refused LIST", lambda: sim.count_requests("agentpools.list", 403) > 0, timeout_s=30)
+    assert http_get(f"{base}/readyz") == (503, "caches not synced")
+
+    sim.update_scenario(denied_actions=[])
+    wait_for("/readyz once a LIST succeeded", lambda: http_get(f"{base}/readyz")[0] == 200, timeout_s=30)
