@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from rich.console import Console
 
 from gpu_provisioner.devenv.controlplane import ControlPlane
 from gpu_provisioner.devenv.tools import ALL_TOOLS, ensure_tools
+from gpu_provisioner.signals import wait_for_interrupt
 from gpu_provisioner.sim.cli import simulate_aks
 
 app = typer.Typer(no_args_is_help=True, help="Kaito's GPU node provisioner for AKS.")
@@ -27,21 +27,13 @@ app.command("simulate-aks")(simulate_aks)
 console = Console(stderr=True)
 
 
-def wait_for_interrupt() -> None:
-    """Block until SIGINT or SIGTERM."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-
-
 @app.command("run")
 def run() -> None:
     """Run the controller: settings come from the environment (ARM_SUBSCRIPTION_ID, ... see the README)."""
+    from gpu_provisioner import metrics
     from gpu_provisioner.logs import configure_logging
-    from gpu_provisioner.runtime import metrics
+    from gpu_provisioner.manager import Manager
     from gpu_provisioner.runtime.leader import LeaderElector
-    from gpu_provisioner.runtime.manager import Manager
     from gpu_provisioner.runtime.probes import ProbeServer, start_metrics_server
     from gpu_provisioner.settings import Settings, SettingsError
 

@@ -21,10 +21,10 @@ from azure.identity import DefaultAzureCredential
 from azure.mgmt.containerservice import ContainerServiceClient
 from tenacity import retry, retry_if_exception, stop_after_attempt
 
+from gpu_provisioner import metrics
 from gpu_provisioner.api.claims import parse_time
 from gpu_provisioner.cloud.errors import NotFoundError, PoolBusyError, TransientError, classify
 from gpu_provisioner.cloud.pool_request import CLAIM_TAG, CREATED_TAG, MANAGED_TAG, MANAGED_VALUE
-from gpu_provisioner.runtime import metrics
 from gpu_provisioner.settings import Settings
 
 T = TypeVar("T")

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 import structlog
 
+from gpu_provisioner import metrics
 from gpu_provisioner.api.claims import TERMINATION_FINALIZER, Claim, StatusWriter
 from gpu_provisioner.lifecycle.base import Deps, Reconciliation
 from gpu_provisioner.lifecycle.initialization import Initialization
@@ -13,7 +14,6 @@ from gpu_provisioner.lifecycle.launch import Launch
 from gpu_provisioner.lifecycle.liveness import Liveness
 from gpu_provisioner.lifecycle.registration import Registration
 from gpu_provisioner.lifecycle.termination import Termination
-from gpu_provisioner.runtime import metrics
 
 log = structlog.get_logger(__name__)
 

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 import structlog
 
+from gpu_provisioner import metrics
 from gpu_provisioner.api.claims import INSTANCE_TYPE_LABEL, Claim, now_rfc3339
 from gpu_provisioner.cloud.agentpools import PoolState
 from gpu_provisioner.cloud.errors import (
@@ -30,7 +31,6 @@ from gpu_provisioner.cloud.errors import (
 from gpu_provisioner.cloud.pool_request import InvalidClaim, PoolRequest, build_pool_request
 from gpu_provisioner.cloud.skus import VmSize, lookup
 from gpu_provisioner.lifecycle.base import DONE, WAITING, Deps, Outcome, Reconciliation
-from gpu_provisioner.runtime import metrics
 
 log = structlog.get_logger(__name__)
 

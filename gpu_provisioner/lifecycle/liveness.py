@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 
 import structlog
 
+from gpu_provisioner import metrics
 from gpu_provisioner.api.claims import parse_time
 from gpu_provisioner.lifecycle.base import Deps, Reconciliation
 from gpu_provisioner.lifecycle.launch import CLAIM_REFUSALS, IN_PROGRESS, Launch
-from gpu_provisioner.runtime import metrics
 
 log = structlog.get_logger(__name__)
 

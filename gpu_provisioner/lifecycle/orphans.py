@@ -10,11 +10,11 @@ from datetime import UTC, datetime
 
 import structlog
 
+from gpu_provisioner import metrics
 from gpu_provisioner.cloud.agentpools import PoolState
 from gpu_provisioner.cloud.errors import CloudError
 from gpu_provisioner.lifecycle.base import Deps
 from gpu_provisioner.lifecycle.launch import IN_PROGRESS
-from gpu_provisioner.runtime import metrics
 
 log = structlog.get_logger(__name__)
 

@@ -11,12 +11,12 @@ from typing import Any
 import structlog
 from kubernetes.client import ApiException
 
+from gpu_provisioner import metrics
 from gpu_provisioner.api.claims import TERMINATION_FINALIZER, Claim
 from gpu_provisioner.cloud.agentpools import PoolState
 from gpu_provisioner.cloud.errors import AccessDeniedError, RequestFailedError
 from gpu_provisioner.lifecycle.base import Deps
 from gpu_provisioner.lifecycle.launch import IN_PROGRESS, REFUSED_RETRY_S
-from gpu_provisioner.runtime import metrics
 
 log = structlog.get_logger(__name__)
 DRAIN_RETRY_S = 2.0

@@ -12,7 +12,7 @@ import kubernetes
 import structlog
 from kubernetes.client import ApiException
 
-from gpu_provisioner.runtime import metrics
+from gpu_provisioner import metrics
 
 log = structlog.get_logger(__name__)
 LEASE_NAME = "gpu-provisioner-leader"

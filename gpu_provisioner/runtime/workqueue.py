@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from gpu_provisioner.runtime import metrics
+from gpu_provisioner import metrics
 
 
 class WorkQueue:

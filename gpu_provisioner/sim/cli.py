@@ -9,6 +9,7 @@ import kubernetes
 import typer
 from rich.console import Console
 
+from gpu_provisioner.signals import wait_for_interrupt
 from gpu_provisioner.sim.scenario import PRESETS, Scenario
 from gpu_provisioner.sim.server import AksSimulator
 
@@ -21,7 +22,6 @@ def simulate_aks(
     env_file: Annotated[Path | None, typer.Option(help="Also write the controller's environment here.")] = None,
 ) -> None:
     """Serve the ARM agent-pool API of a simulated AKS cluster until Ctrl-C."""
-    from gpu_provisioner.cli import wait_for_interrupt
 
     console = Console()
     if scenario not in PRESETS:

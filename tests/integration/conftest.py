@@ -11,7 +11,7 @@ import kubernetes
 import pytest
 
 from gpu_provisioner.devenv.controlplane import free_port
-from gpu_provisioner.runtime.manager import Manager
+from gpu_provisioner.manager import Manager
 from gpu_provisioner.settings import Settings
 from gpu_provisioner.sim import AksSimulator
 from tests.integration.harness import CLEAN_ENV, Claims

@@ -14,6 +14,7 @@ import kubernetes
 import structlog
 from azure.core.credentials import TokenCredential
 
+from gpu_provisioner import metrics
 from gpu_provisioner.api.claims import CLAIM_APIS, GROUP, READY, Claim, ClaimApi, claim_key, split_key
 from gpu_provisioner.cloud.agentpools import AgentPools, PoolState
 from gpu_provisioner.cloud.errors import CloudError, TransientError
@@ -21,7 +22,6 @@ from gpu_provisioner.cloud.inventory import PoolInventory
 from gpu_provisioner.lifecycle.base import Deps
 from gpu_provisioner.lifecycle.controller import ClaimLifecycle
 from gpu_provisioner.lifecycle.orphans import OrphanSweep
-from gpu_provisioner.runtime import metrics
 from gpu_provisioner.runtime.events import EventRecorder
 from gpu_provisioner.runtime.informer import NODES, Informer, Resource
 from gpu_provisioner.runtime.kube import Kube
