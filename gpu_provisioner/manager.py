@@ -62,6 +62,17 @@ class NodeIndex:
         return [n for n in nodes if pool_of_node(n) == claim.name]
 
 
+class ClaimIndex:
+    """Answers from the claim informers whether a claim object still exists."""
+
+    def __init__(self, informers: dict[str, Informer]) -> None:
+        self._informers = informers
+
+    def claim_exists(self, claim: Claim) -> bool:
+        current = self._informers[claim.api.name].get(claim.name)
+        return current is not None and current["metadata"].get("uid") == claim.uid
+
+
 def pool_of_node(node: dict[str, Any]) -> str:
     labels = node["metadata"].get("labels") or {}
     return next((labels[k] for k in AGENTPOOL_LABELS if labels.get(k)), "")
@@ -82,7 +93,7 @@ class Manager:
         self.inventory = PoolInventory(self.pools, settings.pool_refresh_interval_s, self._on_pool_change)
         kube = Kube(api_client, lambda api, obj: self.claim_informers[api.name].remember_write(obj))
         deps = Deps(settings, kube, self.pools, self.inventory, NodeIndex(self.node_informer),
-                    EventRecorder(api_client))
+                    ClaimIndex(self.claim_informers), EventRecorder(api_client))
         self.lifecycle = ClaimLifecycle(deps)
         self.orphans = OrphanSweep(deps, self._claim_exists)
         self._stop = threading.Event()
@@ -132,7 +143,7 @@ class Manager:
     def _on_claim_event(self, event_type: str, obj: dict[str, Any]) -> None:
         api = next(a for a in CLAIM_APIS.values() if obj.get("kind") == a.kind)
         if event_type == "DELETED":
-            self.lifecycle.forget(obj["metadata"]["uid"])
+            self.lifecycle.claim_deleted(Claim(api, obj))
         self.queue.add(claim_key(api, obj["metadata"]["name"]))
 
     def _on_node_event(self, event_type: str, node: dict[str, Any]) -> None:
@@ -142,10 +153,13 @@ class Manager:
         state = after or before
         if state is None:
             return
-        if state.claim_key:
+        if state.claim_key in self._watched_keys(state.name):
             self.queue.add(state.claim_key)
-        else:
-            self._wake_claims_named(state.name)
+        # Also every claim of that name: one refused with AgentPoolNameTaken may go ahead once the pool is gone.
+        self._wake_claims_named(state.name)
+
+    def _watched_keys(self, name: str) -> set[str]:
+        return {claim_key(CLAIM_APIS[api_name], name) for api_name in self.claim_informers}
 
     def _wake_claims_named(self, name: str) -> None:
         if not name:
@@ -184,14 +198,10 @@ class Manager:
     def _process(self, key: str) -> None:
         api, name = split_key(key)
         obj = self.claim_informers[api.name].get(name)
-        if obj is None:
-            self.queue.forget(key)
-            return
-        claim = Claim(api, obj)
         started = time.monotonic()
         bound = log.bind(claim=key)
         try:
-            requeue_after = self.lifecycle.reconcile(claim)
+            requeue_after = self.lifecycle.reconcile(Claim(api, obj)) if obj else self.lifecycle.reap(key)
         except TransientError as error:
             if error.retry_after_s:
                 delay = error.retry_after_s
@@ -202,10 +212,11 @@ class Manager:
             bound.warning("reconcile will retry", error=error.describe(), error_class=error.reason, retry_in_s=delay)
             return
         except (CloudError, kubernetes.client.ApiException) as error:
-            if isinstance(error, kubernetes.client.ApiException) and error.status == 409:
-                # A write raced a newer version of the object: the watch brings it, then we try again.
+            if isinstance(error, kubernetes.client.ApiException) and error.status in (404, 409):
+                # A write raced a newer version of the object, or its deletion: the watch brings it, then
+                # we look again (a deleted claim's pool is reaped then).
                 self.queue.add_rate_limited(key)
-                bound.debug("write conflict; retrying with fresh state")
+                bound.debug("write raced a change of the claim; retrying with fresh state", status=error.status)
                 return
             reason = getattr(error, "reason", None) or type(error).__name__
             self._count_error(api, str(reason))

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from azure.core.credentials import TokenCredential
+from azure.core.exceptions import ServiceRequestError
 from azure.core.pipeline import PipelineRequest, PipelineResponse
 from azure.core.pipeline.policies import SansIOHTTPPolicy
 from azure.identity import DefaultAzureCredential
@@ -23,8 +24,8 @@ from tenacity import retry, retry_if_exception, stop_after_attempt
 
 from gpu_provisioner import metrics
 from gpu_provisioner.api.claims import parse_time
-from gpu_provisioner.cloud.errors import NotFoundError, PoolBusyError, TransientError, classify
-from gpu_provisioner.cloud.pool_request import CLAIM_TAG, CREATED_TAG, MANAGED_TAG, MANAGED_VALUE
+from gpu_provisioner.cloud.errors import NotFoundError, PoolBusyError, ThrottledError, TransientError, classify
+from gpu_provisioner.cloud.pool_request import CLAIM_TAG, CLAIM_UID_TAG, CREATED_TAG, MANAGED_TAG, MANAGED_VALUE
 from gpu_provisioner.settings import Settings
 
 T = TypeVar("T")
@@ -62,6 +63,10 @@ class PoolState:
     @property
     def claim_key(self) -> str:
         return self.tags.get(CLAIM_TAG, "")
+
+    @property
+    def claim_uid(self) -> str:
+        return self.tags.get(CLAIM_UID_TAG, "")
 
     @property
     def created_at(self) -> datetime | None:
@@ -122,6 +127,13 @@ def _short_transient(error: BaseException) -> bool:
     )
 
 
+def _short_transient_unsent(error: BaseException) -> bool:
+    """A short transient failure that proves ARM did not carry the request out: only those may be resent
+    when resending is not harmless (a PUT whose answer was lost may have created the pool)."""
+    unsent = isinstance(error, ServiceRequestError) or isinstance(classify(error), ThrottledError)
+    return unsent and _short_transient(error)
+
+
 def _wait(retry_state: Any) -> float:
     error = classify(retry_state.outcome.exception())
     requested = error.retry_after_s if isinstance(error, TransientError) else None
@@ -151,7 +163,7 @@ class AgentPools:
         """Start creating (or updating) a pool; returns its state as ARM accepted it (Creating)."""
         poller = self._call(lambda: self._client.agent_pools.begin_create_or_update(
             self._group, self._cluster, name, body, polling=False
-        ))
+        ), retry_when=_short_transient_unsent)
         return PoolState.from_arm(poller.result().as_dict())
 
     def delete(self, name: str) -> None:
@@ -181,10 +193,10 @@ class AgentPools:
             power_state=(properties.get("powerState") or {}).get("code", ""),
         )
 
-    def _call(self, request: Callable[[], T]) -> T:
+    def _call(self, request: Callable[[], T], retry_when: Callable[[BaseException], bool] = _short_transient) -> T:
         """Run one ARM request with short inline retries; raise a classified CloudError."""
         retrying = retry(
-            retry=retry_if_exception(_short_transient),
+            retry=retry_if_exception(retry_when),
             wait=_wait,
             stop=stop_after_attempt(INLINE_ATTEMPTS),
             reraise=True,

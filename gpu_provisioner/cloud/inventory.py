@@ -34,7 +34,8 @@ class PoolInventory:
         self._clock = clock
         self._lock = threading.Lock()
         self._states: dict[str, PoolState] = {}
-        self._recorded_at: dict[str, float] = {}
+        # Our own writes (None: the pool is known not to exist) and when they were recorded.
+        self._recorded: dict[str, tuple[float, PoolState | None]] = {}
         self._listed_at = float("-inf")
         self._cluster: ClusterState | None = None
         self._cluster_read_at = float("-inf")
@@ -77,8 +78,29 @@ class PoolInventory:
 
     def record(self, state: PoolState) -> None:
         with self._lock:
-            self._states[state.name] = state
-            self._recorded_at[state.name] = self._clock()
+            self._put(state.name, state)
+
+    def reserve(self, state: PoolState) -> PoolState | None:
+        """Take the pool name for `state`'s claim before its PUT; returns the pool of another claim that
+        holds the name instead. Atomic, so two claims of one name (a Machine and a NodeClaim) never both
+        send a PUT: the second would update the first one's pool."""
+        with self._lock:
+            current = self._states.get(state.name)
+            if current is not None and current.claim_key != state.claim_key:
+                return current
+            self._put(state.name, state)
+            return None
+
+    def release(self, state: PoolState) -> None:
+        """Undo `reserve` after a PUT that AKS certainly did not carry out."""
+        with self._lock:
+            if self._states.get(state.name) == state:
+                del self._states[state.name]
+                self._recorded[state.name] = (self._clock(), None)
+
+    def _put(self, name: str, state: PoolState) -> None:
+        self._states[name] = state
+        self._recorded[name] = (self._clock(), state)
 
     def request_refresh(self) -> None:
         """Ask for the next LIST now rather than at the end of the interval."""
@@ -91,11 +113,13 @@ class PoolInventory:
         listed = {state.name: state for state in self._pools.list()}
         with self._lock:
             # Writes recorded after this LIST began are newer than what it returned.
-            for name, recorded_at in list(self._recorded_at.items()):
-                if recorded_at >= started:
-                    listed[name] = self._states[name]
+            for name, (recorded_at, state) in list(self._recorded.items()):
+                if recorded_at < started:
+                    del self._recorded[name]
+                elif state is None:
+                    listed.pop(name, None)
                 else:
-                    del self._recorded_at[name]
+                    listed[name] = state
             previous, self._states = self._states, listed
             self._listed_at = started
         for name in previous.keys() | listed.keys():

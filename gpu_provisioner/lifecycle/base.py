@@ -19,6 +19,12 @@ class NodeLookup(Protocol):
         ...
 
 
+class ClaimLookup(Protocol):
+    def claim_exists(self, claim: Claim) -> bool:
+        """Whether the watch still shows this claim object (same uid): False once it was deleted."""
+        ...
+
+
 @dataclass
 class Deps:
     """The collaborators of the phases; one set per controller."""
@@ -28,7 +34,11 @@ class Deps:
     pools: AgentPools
     inventory: PoolInventory
     nodes: NodeLookup
+    claims: ClaimLookup
     events: EventRecorder
+
+    def claim_exists(self, claim: Claim) -> bool:
+        return self.claims.claim_exists(claim)
 
 
 @dataclass

@@ -26,10 +26,15 @@ class ClaimLifecycle:
         self.liveness = Liveness(deps, self.launch)
         self.termination = Termination(deps)
 
-    def forget(self, uid: str) -> None:
-        """Drop what the phases remember about a claim that no longer exists."""
-        self.launch.forget(uid)
-        self.termination.forget(uid)
+    def claim_deleted(self, claim: Claim) -> None:
+        """The watch saw the claim go: drop what the phases remember of it, and have `reap` make sure that
+        no pool outlives it."""
+        self.launch.forget(claim.uid)
+        self.termination.claim_deleted(claim)
+
+    def reap(self, key: str) -> float | None:
+        """For a key whose claim is gone: delete a pool left behind; returns when to look again."""
+        return self.termination.reap(key)
 
     def reconcile(self, claim: Claim) -> float | None:
         """Drive the claim one step; returns when to look again (None: only on the next event)."""

@@ -18,12 +18,10 @@ from gpu_provisioner.api.claims import INSTANCE_TYPE_LABEL, Claim, now_rfc3339
 from gpu_provisioner.cloud.agentpools import PoolState
 from gpu_provisioner.cloud.errors import (
     INSUFFICIENT_CAPACITY_PHRASE,
-    AccessDeniedError,
     CapacityError,
     CloudError,
     ClusterUnavailableError,
     InvalidRequestError,
-    RequestFailedError,
     ThrottledError,
     TransientError,
     classify_code,
@@ -134,41 +132,54 @@ class Launch:
         size = self._next_size(claim.uid, request)
         if size is None:
             return self._all_unavailable(r)
-        put_sent = False
+        inventory = self.deps.inventory
+        reservation = PoolState(request.name, "Creating", size.name, request.tags)
         try:
-            cluster = self.deps.inventory.cluster()
+            cluster = inventory.cluster()
             if not cluster.accepts_pool_changes:
                 raise ClusterUnavailableError(f"cluster {self.deps.settings.cluster_name}: {cluster.describe()}")
-            put_sent = True
+            if not self.deps.claim_exists(claim):
+                # Deleted while this reconcile ran (its DELETED event came in meanwhile): no pool for it.
+                return WAITING
+            holder = inventory.reserve(reservation)
+            if holder is not None:
+                self._fail(r, "AgentPoolNameTaken", f"agent pool {claim.name} belongs to claim {holder.claim_key}")
+                return WAITING
             state = self.deps.pools.create(request.name, request.body(size))
-        except CapacityError as error:
-            return self._size_unavailable(r, request, size, error)
-        except InvalidRequestError as error:
-            self._rejected[claim.uid] = claim.generation
-            self._fail(r, error.reason, f"AKS refused agent pool {request.name} ({size.name}): {error.describe()}")
-            return WAITING
-        except (AccessDeniedError, RequestFailedError) as error:
-            self._fail(r, error.reason, f"AKS refused agent pool {request.name} ({size.name}): {error.describe()}")
-            r.requeue(REFUSED_RETRY_S)
-            return WAITING
-        except ClusterUnavailableError as error:
-            message = f"waiting before creating agent pool: {error.describe()}"
-            r.report(self.deps.events, condition, "Unknown", error.reason, message)
-            r.requeue(CLUSTER_RETRY_S)
-            return WAITING
         except TransientError as error:
-            if put_sent and not isinstance(error, ThrottledError):
-                # A 5xx, a lost answer, or AKS's 409 because it did: the PUT may have landed, so no other PUT
-                # before a LIST tells (the next one replaces this guess).
-                self.deps.inventory.record(PoolState(request.name, "Creating", size.name, request.tags))
+            if isinstance(error, ThrottledError):
+                inventory.release(reservation)
+            # Otherwise (a 5xx, a lost answer) the PUT may have landed: the reservation stands for it, so no
+            # other PUT goes out before a LIST tells.
             message = f"creating agent pool {request.name}: {error.describe()}"
             r.report(self.deps.events, condition, "Unknown", error.reason, message)
             raise
+        except CloudError as error:
+            # AKS refused it: nothing was created.
+            inventory.release(reservation)
+            return self._refused(r, request, size, error)
         self.deps.inventory.record(state)
         r.status.set(condition, "Unknown", "Launching", f"creating agent pool {request.name} ({size.name})")
         self.deps.events.normal(claim.obj, "LaunchingAgentPool", f"creating agent pool {request.name} with {size.name}")
         log.info("agent pool create started", claim=claim.key, pool=request.name, vm_size=size.name)
         r.requeue(self.deps.inventory.interval_s * 3)
+        return WAITING
+
+    def _refused(self, r: Reconciliation, request: PoolRequest, size: VmSize, error: CloudError) -> Outcome:
+        claim, condition = r.claim, r.claim.api.launched
+        if isinstance(error, CapacityError):
+            return self._size_unavailable(r, request, size, error)
+        if isinstance(error, ClusterUnavailableError):
+            r.report(self.deps.events, condition, "Unknown", error.reason,
+                     f"waiting before creating agent pool: {error.describe()}")
+            r.requeue(CLUSTER_RETRY_S)
+            return WAITING
+        self._fail(r, error.reason, f"AKS refused agent pool {request.name} ({size.name}): {error.describe()}")
+        if isinstance(error, InvalidRequestError):
+            self._rejected[claim.uid] = claim.generation
+        else:
+            # A missing role, a full subnet: not the claim's fault, and it may pass.
+            r.requeue(REFUSED_RETRY_S)
         return WAITING
 
     def _launched(self, r: Reconciliation, pool: PoolState) -> Outcome:

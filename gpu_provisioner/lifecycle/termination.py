@@ -5,6 +5,7 @@ then release the claim's finalizer. Nothing is released before the cloud confirm
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,7 +13,7 @@ import structlog
 from kubernetes.client import ApiException
 
 from gpu_provisioner import metrics
-from gpu_provisioner.api.claims import TERMINATION_FINALIZER, Claim
+from gpu_provisioner.api.claims import CLAIM_APIS, TERMINATION_FINALIZER, Claim
 from gpu_provisioner.cloud.agentpools import PoolState
 from gpu_provisioner.cloud.errors import AccessDeniedError, RequestFailedError
 from gpu_provisioner.lifecycle.base import Deps
@@ -53,17 +54,74 @@ def _belongs_to(claim: Claim, node: dict[str, Any]) -> bool:
     return any(owner.get("uid") == claim.uid for owner in metadata.get("ownerReferences") or [])
 
 
+@dataclass
+class _Progress:
+    """What termination of one claim has seen so far."""
+
+    # inventory clock time (our DELETE, or the start of termination) after which a LIST that lacks the
+    # pool proves it gone
+    gone_after: float
+    # what became of the claim's pool, for the Terminated Event
+    pool_fate: str = ""
+
+
 class Termination:
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
         self._lock = threading.Lock()
-        # claim uid -> inventory clock time (our DELETE, or the start of termination) after which a LIST that
-        # lacks the pool proves it gone
-        self._gone_after: dict[str, float] = {}
+        self._progress: dict[str, _Progress] = {}
+        # claim key -> the last object of a claim the watch saw deleted, until its pool is seen to
+        # and deleted
+        self._vanished: dict[str, dict[str, Any]] = {}
 
     def forget(self, uid: str) -> None:
         with self._lock:
-            self._gone_after.pop(uid, None)
+            self._progress.pop(uid, None)
+
+    def claim_deleted(self, claim: Claim) -> None:
+        """The watch says the claim object is gone; `reap` checks that no pool outlives it."""
+        self.forget(claim.uid)
+        with self._lock:
+            self._vanished[claim.key] = claim.obj
+
+    def reap(self, key: str) -> float | None:
+        """Delete at once the pool made for a deleted claim that termination never released.
+
+        That happens when the API server deletes a claim despite the finalizer: a DELETE that read the
+        claim before the finalizer was added does not look again (so the PUT may already be out), or
+        someone removes the finalizer by hand. Returns when to look again, or None when nothing is left.
+        """
+        with self._lock:
+            obj = self._vanished.get(key)
+        if obj is None:
+            return None
+        claim = Claim(next(a for a in CLAIM_APIS.values() if a.kind == obj.get("kind")), obj)
+        inventory = self.deps.inventory
+        if not inventory.synced:
+            inventory.request_refresh()
+            return min(inventory.interval_s, 1.0)
+        pool = inventory.get(claim.name)
+        if pool is None or not pool.managed or pool.claim_uid != claim.uid or pool.provisioning_state == "Deleting":
+            with self._lock:
+                self._vanished.pop(key, None)
+            return None
+        if pool.provisioning_state in IN_PROGRESS:
+            # AKS refuses a DELETE while the create runs.
+            return inventory.interval_s
+        try:
+            self.deps.pools.delete(pool.name)
+        except (AccessDeniedError, RequestFailedError) as error:
+            log.warning("agent pool of a deleted claim not deleted yet", claim=key, pool=pool.name,
+                        error=error.describe())
+            return REFUSED_RETRY_S
+        inventory.record(PoolState(pool.name, "Deleting", pool.vm_size, pool.tags))
+        metrics.ORPHANS_DELETED.inc()
+        self.deps.events.warning(obj, "DeletingAgentPool", f"claim {claim.name} was deleted before gpu-provisioner "
+                                 f"could release it: deleting its agent pool {pool.name}")
+        log.warning("deleting the agent pool of a deleted claim", claim=key, pool=pool.name)
+        with self._lock:
+            self._vanished.pop(key, None)
+        return None
 
     def reconcile(self, claim: Claim) -> float | None:
         """Returns when to look again, or None once the finalizer is released."""
@@ -79,7 +137,12 @@ class Termination:
             wait = self._retire_node(claim, node)
             if wait is not None:
                 return wait
+        with self._lock:
+            # No pool in sight yet may still mean a PUT whose answer was lost: only a LIST that began after
+            # termination did can say there is none.
+            progress = self._progress.setdefault(claim.uid, _Progress(inventory.now()))
         if pool_is_ours:
+            progress.pool_fate = f"agent pool {pool.name} deleted"
             if pool.provisioning_state in IN_PROGRESS:
                 # AKS refuses a DELETE while the create runs: wait for the LIST to show it ended.
                 return inventory.interval_s
@@ -91,28 +154,28 @@ class Termination:
                                              f"the claim is kept until it can: {error.describe()}")
                     return REFUSED_RETRY_S
                 inventory.record(PoolState(pool.name, "Deleting", pool.vm_size, pool.tags))
-                with self._lock:
-                    self._gone_after[claim.uid] = inventory.now()
+                progress.gone_after = inventory.now()
                 self.deps.events.normal(claim.obj, "DeletingAgentPool", f"deleting agent pool {pool.name}")
                 log.info("agent pool delete started", claim=claim.key, pool=pool.name)
             return inventory.interval_s * 3
-        with self._lock:
-            # No pool in sight yet may still mean a PUT whose answer was lost: only a LIST that began after
-            # termination did can say there is none.
-            gone_after = self._gone_after.setdefault(claim.uid, inventory.now())
-        if not inventory.synced or not inventory.listed_since(gone_after):
+        if not inventory.synced or not inventory.listed_since(progress.gone_after):
             inventory.request_refresh()
             return min(inventory.interval_s, 1.0)
         self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": {
             "finalizers": [f for f in claim.finalizers if f != TERMINATION_FINALIZER],
             "resourceVersion": claim.metadata["resourceVersion"],
         }})
-        with self._lock:
-            self._gone_after.pop(claim.uid, None)
-        self.deps.events.normal(claim.obj, "Terminated", f"agent pool {claim.name} deleted")
+        self.forget(claim.uid)
+        self.deps.events.normal(claim.obj, "Terminated", progress.pool_fate or self._no_pool_of_ours(claim, pool))
         metrics.TERMINATIONS.labels(kind=claim.api.kind, result="Terminated").inc()
         log.info("claim terminated", claim=claim.key)
         return None
+
+    @staticmethod
+    def _no_pool_of_ours(claim: Claim, pool: PoolState | None) -> str:
+        if pool is not None:
+            return f"agent pool {pool.name} was not made by gpu-provisioner for this claim and is left alone"
+        return "AKS has no agent pool for this claim (none was created, or it was already gone)"
 
     def _retire_node(self, claim: Claim, node: dict[str, Any]) -> float | None:
         """Cordon, drain and delete one Node; returns a wait while pods are still leaving."""

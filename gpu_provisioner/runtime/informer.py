@@ -107,7 +107,9 @@ class Informer:
     def get(self, name: str) -> dict[str, Any] | None:
         with self._lock:
             cached, written = self._cache.get(name), self._written.get(name)
-            if written is not None and (cached is None or _version(written) > _version(cached)):
+            # Only the watch says an object exists: a write's answer read after its DELETED event must not
+            # bring a deleted claim back (it would be launched again, and its pool would leak).
+            if cached is not None and written is not None and _version(written) > _version(cached):
                 return written
             return cached
 
@@ -117,8 +119,11 @@ class Informer:
 
     def remember_write(self, obj: dict[str, Any]) -> None:
         """Serve `obj` (the server's answer to our write) until the watch brings that version."""
+        name = obj["metadata"]["name"]
         with self._lock:
-            self._written[obj["metadata"]["name"]] = _with_kind(obj, self.resource)
+            cached = self._cache.get(name)
+            if cached is not None and cached["metadata"].get("uid") == obj["metadata"].get("uid"):
+                self._written[name] = _with_kind(obj, self.resource)
 
     # loop -------------------------------------------------------------------------------------
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
+from gpu_provisioner.cloud.agentpools import PoolState
 from gpu_provisioner.cloud.errors import ThrottledError
 from gpu_provisioner.cloud.inventory import PoolInventory
+from gpu_provisioner.cloud.pool_request import CLAIM_TAG
 
 
 class ThrottledPools:
@@ -56,3 +58,56 @@ def test_without_throttling_an_early_list_is_not_held_back():
     inventory = PoolInventory(pools, interval_s=10.0, on_change=lambda before, after: None)
     run_for(inventory, seconds=0.5, nag_every_s=0.05)
     assert pools.lists >= 5 and inventory.synced
+
+
+def _pool(name: str, claim_key: str, state: str = "Creating") -> PoolState:
+    return PoolState(name, state, "Standard_NC6s_v3", {CLAIM_TAG: claim_key})
+
+
+class ListedPools:
+    """Answers a LIST with what `pools` holds when it is called."""
+
+    def __init__(self) -> None:
+        self.pools: list[PoolState] = []
+
+    def list(self):
+        return list(self.pools)
+
+
+def test_a_pool_name_is_reserved_for_one_claim_only():
+    inventory = PoolInventory(ListedPools(), interval_s=10, on_change=lambda before, after: None)
+    mine = _pool("ws1", "machines/ws1")
+    assert inventory.reserve(mine) is None
+    assert inventory.reserve(_pool("ws1", "nodeclaims/ws1")) == mine
+    assert inventory.reserve(mine) is None  # the same claim again (a retry after a lost answer)
+
+
+def test_a_released_reservation_is_not_brought_back_by_a_list_that_began_before_it():
+    now = [0.0]
+    pools = ListedPools()
+    inventory = PoolInventory(pools, interval_s=10, on_change=lambda before, after: None, clock=lambda: now[0])
+    mine = _pool("ws1", "machines/ws1")
+    inventory.reserve(mine)
+    inventory.release(mine)
+    assert inventory.get("ws1") is None
+    inventory.release(mine)  # twice is harmless
+
+    # A LIST started before the release, answered after it, cannot know of it: the release stands.
+    now[0] = 1.0
+    inventory.record(_pool("ws2", "machines/ws2"))
+    now[0] = 0.5
+    inventory.refresh()
+    assert inventory.get("ws1") is None and inventory.get("ws2") is not None
+    # A LIST that began later is the truth again.
+    now[0] = 2.0
+    pools.pools = [_pool("ws1", "nodeclaims/ws1", "Succeeded")]
+    inventory.refresh()
+    assert inventory.get("ws1").claim_key == "nodeclaims/ws1" and inventory.get("ws2") is None
+
+
+def test_a_release_leaves_a_reservation_of_another_claim_alone():
+    inventory = PoolInventory(ListedPools(), interval_s=10, on_change=lambda before, after: None)
+    theirs = _pool("ws1", "nodeclaims/ws1")
+    inventory.reserve(theirs)
+    inventory.release(_pool("ws1", "machines/ws1"))
+    assert inventory.get("ws1") == theirs

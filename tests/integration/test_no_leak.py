@@ -1,0 +1,105 @@
+"""No pool outlives its claim, and no claim takes a pool that is another's: claims created and deleted at
+once under CPU load, two claims of one name, and PUT answers lost on the way back."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import kubernetes
+
+from gpu_provisioner.api.claims import MACHINE, NODECLAIM, READY
+from tests.integration.harness import Claims, kaito_claim, wait_for
+
+
+def _spin(seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
+
+
+@contextmanager
+def cpu_load(processes: int, seconds: float) -> Iterator[None]:
+    """Busy loops on every core, each stopping by itself after `seconds`."""
+    spinners = [multiprocessing.get_context("spawn").Process(target=_spin, args=(seconds,)) for _ in range(processes)]
+    for spinner in spinners:
+        spinner.start()
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.terminate()
+            spinner.join()
+
+
+def _create_and_delete(claims: Claims, api, name: str, delay_s: float) -> None:
+    claims.create(api, kaito_claim(api, name))
+    # Spread over the moment the controller adds its finalizer, where a DELETE can still remove the claim.
+    time.sleep(delay_s)
+    try:
+        claims.delete(api, name)
+    except kubernetes.client.ApiException as error:
+        if error.status != 404:
+            raise
+
+
+def test_claims_created_and_deleted_at_once_under_cpu_load_leave_no_pool(
+    claims, start_sim, controller_process, unique_name
+):
+    sim = start_sim(create_delay_s=0.5, delete_delay_s=0.2)
+    controller_process(sim, WORKERS="8")
+    names = [f"{unique_name[:9]}{i:03d}" for i in range(5 * 40)]
+    with cpu_load(processes=4, seconds=90), ThreadPoolExecutor(8) as pool:
+        for start in range(0, len(names), 40):
+            # Waves: each starts while the controller is still busy with the last one.
+            batch = names[start:start + 40]
+            list(pool.map(lambda n: _create_and_delete(
+                claims, NODECLAIM if int(n[-1]) % 2 else MACHINE, n, delay_s=int(n[-2:]) % 10 * 0.005), batch))
+            time.sleep(1)
+        for name in names:
+            for api in (MACHINE, NODECLAIM):
+                claims.wait_gone(api, name, timeout_s=120)
+
+    # The orphan sweep is off in these tests (hourly): whatever PUT went out is deleted by the lifecycle.
+    wait_for("no agent pool left", lambda: not sim.pools() or None, timeout_s=60)
+    assert sim.count_requests("agentpools.create", 201) == sim.count_requests("agentpools.delete", 202)
+
+
+def test_a_machine_and_a_nodeclaim_of_one_name_never_share_a_pool(claims, start_sim, start_controller, unique_name):
+    sim = start_sim(create_delay_s=1.0)
+    start_controller(sim)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda api: claims.create(api, kaito_claim(api, unique_name)), (MACHINE, NODECLAIM)))
+
+    def one_ready_and_one_refused() -> tuple[str, str] | None:
+        ready = [a for a in (MACHINE, NODECLAIM) if claims.condition(a, unique_name, READY).get("status") == "True"]
+        taken = [a for a in (MACHINE, NODECLAIM)
+                 if claims.condition(a, unique_name, a.launched).get("reason") == "AgentPoolNameTaken"]
+        return (ready[0], taken[0]) if len(ready) == 1 and len(taken) == 1 else None
+
+    owner, other = wait_for("one claim Ready and the other refused", one_ready_and_one_refused, timeout_s=60)
+    # One PUT only: a second one would have been an update of the first claim's pool.
+    assert sim.count_requests("agentpools.create") == 1
+    assert sim.pools()[unique_name]["properties"]["tags"]["kaito-claim"] == f"{owner.plural}/{unique_name}"
+    time.sleep(2)  # several reconciles and LISTs later, the owner is still Ready
+    assert claims.condition(owner, unique_name, READY)["status"] == "True"
+
+    claims.delete(owner, unique_name)
+    claims.wait_gone(owner, unique_name, timeout_s=60)
+    # The name is free: the other claim goes ahead at once (woken by the LIST, not by a retry minutes later).
+    claims.wait_condition(other, unique_name, READY, "True", timeout_s=30)
+    assert sim.pools()[unique_name]["properties"]["tags"]["kaito-claim"] == f"{other.plural}/{unique_name}"
+
+
+def test_a_lost_put_answer_is_not_resent_before_a_list_tells(claims, start_sim, start_controller, unique_name):
+    sim = start_sim(lost_create_answers=3)
+    start_controller(sim)
+    for index in range(3):
+        claims.create(NODECLAIM, kaito_claim(NODECLAIM, f"{unique_name}{index}"))
+    for index in range(3):
+        claims.wait_condition(NODECLAIM, f"{unique_name}{index}", READY, "True", timeout_s=60)
+    # Each PUT landed though its answer was lost: the LIST showed the pool, so none was sent twice.
+    assert sim.count_requests("agentpools.create") == 3

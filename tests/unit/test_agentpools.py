@@ -1,0 +1,36 @@
+"""Which ARM failures the AKS door retries inline: a PUT is resent only when ARM certainly did not carry it out."""
+
+from __future__ import annotations
+
+from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
+
+from gpu_provisioner.cloud.agentpools import _short_transient, _short_transient_unsent
+
+
+class _Response:
+    def __init__(self, status: int, retry_after: str | None = None) -> None:
+        self.status_code = status
+        self.headers = {"Retry-After": retry_after} if retry_after else {}
+        self.reason = "x"
+
+    def text(self) -> str:
+        return ""
+
+
+def _http(status: int, retry_after: str | None = None) -> HttpResponseError:
+    return HttpResponseError(message=f"HTTP {status}", response=_Response(status, retry_after))
+
+
+def test_a_put_is_resent_only_when_it_never_reached_arm_or_was_throttled():
+    assert _short_transient_unsent(ServiceRequestError("connection refused"))
+    assert _short_transient_unsent(_http(429, "1"))
+    # The answer was lost or ARM failed midway: the pool may exist, so a LIST must tell first.
+    assert not _short_transient_unsent(ServiceResponseError("connection reset"))
+    assert not _short_transient_unsent(_http(500))
+    assert not _short_transient_unsent(_http(429, "30"))  # too long a wait for a worker
+
+
+def test_reads_and_deletes_are_retried_on_any_short_transient_failure():
+    assert _short_transient(ServiceResponseError("connection reset"))
+    assert _short_transient(_http(503))
+    assert not _short_transient(_http(400))
