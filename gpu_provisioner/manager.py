@@ -21,6 +21,7 @@ from gpu_provisioner.cloud.errors import CloudError, TransientError
 from gpu_provisioner.cloud.inventory import PoolInventory
 from gpu_provisioner.lifecycle.base import Deps
 from gpu_provisioner.lifecycle.controller import ClaimLifecycle
+from gpu_provisioner.lifecycle.launch import LAUNCH_FAILURES
 from gpu_provisioner.lifecycle.orphans import OrphanSweep
 from gpu_provisioner.runtime.events import EventRecorder
 from gpu_provisioner.runtime.informer import NODES, Informer, Resource
@@ -41,7 +42,8 @@ def claim_phase(claim: Claim) -> str:
         return "Terminating"
     if claim.is_true(READY):
         return "Ready"
-    if (claim.condition(claim.api.launched) or {}).get("status") == "False":
+    launched = claim.condition(claim.api.launched) or {}
+    if launched.get("status") == "False" and launched.get("reason") in LAUNCH_FAILURES:
         return "Failed"
     reached = [p for p in claim.api.phases if claim.is_true(p)]
     return reached[-1].removeprefix("Machine") if reached else "Pending"
@@ -142,9 +144,12 @@ class Manager:
 
     def _on_claim_event(self, event_type: str, obj: dict[str, Any]) -> None:
         api = next(a for a in CLAIM_APIS.values() if obj.get("kind") == a.kind)
+        claim = Claim(api, obj)
+        if not claim.made_by_kaito:
+            return
         if event_type == "DELETED":
-            self.lifecycle.claim_deleted(Claim(api, obj))
-        self.queue.add(claim_key(api, obj["metadata"]["name"]))
+            self.lifecycle.claim_deleted(claim)
+        self.queue.add(claim.key)
 
     def _on_node_event(self, event_type: str, node: dict[str, Any]) -> None:
         self._wake_claims_named(pool_of_node(node))
@@ -198,6 +203,10 @@ class Manager:
     def _process(self, key: str) -> None:
         api, name = split_key(key)
         obj = self.claim_informers[api.name].get(name)
+        if obj is not None and not Claim(api, obj).made_by_kaito:
+            # Woken by a Node or pool of the same name; another provisioner's claim is never written to.
+            self.queue.forget(key)
+            return
         started = time.monotonic()
         bound = log.bind(claim=key)
         try:
@@ -239,14 +248,29 @@ class Manager:
         metrics.RECONCILE_ERRORS.labels(kind=api.kind, reason=reason).inc()
 
     def _publish_claim_phases(self) -> None:
+        while not self._caches_synced():
+            if self._stop.wait(QUEUE_POLL_S):
+                return
+        foreign = self._count_claims()
+        log.info("claims not made by Kaito are left alone", **{f"{kind}_ignored": n for kind, n in foreign.items()})
         while not self._stop.wait(CLAIM_METRICS_INTERVAL_S):
-            for api_name, informer in self.claim_informers.items():
-                api = CLAIM_APIS[api_name]
-                counts = dict.fromkeys(CLAIM_PHASES, 0)
-                for obj in informer.list():
-                    counts[claim_phase(Claim(api, obj))] += 1
-                for phase, count in counts.items():
-                    metrics.CLAIMS.labels(kind=api.kind, phase=phase).set(count)
+            self._count_claims()
+
+    def _count_claims(self) -> dict[str, int]:
+        """Publishes the claims-by-phase and foreign-claims gauges; returns the foreign count per kind."""
+        foreign: dict[str, int] = {}
+        for api_name, informer in self.claim_informers.items():
+            api = CLAIM_APIS[api_name]
+            counts = dict.fromkeys(CLAIM_PHASES, 0)
+            claims = [Claim(api, obj) for obj in informer.list()]
+            for claim in claims:
+                if claim.made_by_kaito:
+                    counts[claim_phase(claim)] += 1
+            for phase, count in counts.items():
+                metrics.CLAIMS.labels(kind=api.kind, phase=phase).set(count)
+            foreign[api.kind] = sum(not claim.made_by_kaito for claim in claims)
+            metrics.FOREIGN_CLAIMS.labels(kind=api.kind).set(foreign[api.kind])
+        return foreign
 
     def _sweep_loop(self) -> None:
         while not self._stop.wait(self.settings.orphan_sweep_interval_s):

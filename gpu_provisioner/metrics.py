@@ -10,6 +10,9 @@ _STAGE_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 900, 1800)
 BUILD_INFO = Info("gpu_provisioner_build", "Version of the running controller")
 
 CLAIMS = Gauge("gpu_provisioner_claims", "Claims by kind and phase", ["kind", "phase"])
+FOREIGN_CLAIMS = Gauge(
+    "gpu_provisioner_foreign_claims", "Claims not made by Kaito (such as Karpenter's), left alone", ["kind"]
+)
 LAUNCHES = Counter("gpu_provisioner_launches_total", "Agent pool launches by result", ["kind", "result"])
 TERMINATIONS = Counter("gpu_provisioner_terminations_total", "Claim terminations by result", ["kind", "result"])
 STAGE_SECONDS = Histogram(

@@ -20,6 +20,7 @@ AZURE_SKU_LABEL = "karpenter.azure.com/sku-name"
 NODE_IMAGE_FAMILY_ANNOTATION = "kaito.sh/node-image-family"
 STORAGE = "storage"
 READY = "Ready"
+AWAITING_RECONCILIATION = "AwaitingReconciliation"
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,15 @@ class ClaimApi:
     # NodeClaim uses metav1.Condition (lastTransitionTime required, observedGeneration);
     # Machine uses knative-style conditions (severity).
     metav1_conditions: bool
+    # The status of a phase condition that is not True yet. karpenter-core v0.29 (the Machine API's) writes
+    # False, never Unknown, and Kaito v0.3 counts a Machine as on its way only while MachineInitialized is
+    # False: with Unknown it makes a second Machine, a second GPU node. Karpenter v1 writes Unknown.
+    pending_status: str
+    # Reason and message of the later phases while the claim has not launched.
+    not_launched: tuple[str, str]
+    # Kaito v0.3 fails fast only when the MachineLaunched message equals its capacity phrase; later Kaito
+    # looks for the phrase inside the message, so it can carry the detail.
+    exact_capacity_message: bool
 
     @property
     def api_version(self) -> str:
@@ -52,13 +62,23 @@ MACHINE = ClaimApi(
     "machine", "Machine", "v1alpha5", "machines",
     "MachineLaunched", "MachineRegistered", "MachineInitialized",
     ("karpenter.sh/provisioner-name", "default"), metav1_conditions=False,
+    pending_status="False", not_launched=("MachineNotLaunched", "Machine is not launched"),
+    exact_capacity_message=True,
 )
 NODECLAIM = ClaimApi(
     "nodeclaim", "NodeClaim", "v1", "nodeclaims",
     "Launched", "Registered", "Initialized",
     ("karpenter.sh/nodepool", "kaito"), metav1_conditions=True,
+    pending_status="Unknown", not_launched=(AWAITING_RECONCILIATION, "object is awaiting reconciliation"),
+    exact_capacity_message=False,
 )
 CLAIM_APIS: dict[str, ClaimApi] = {api.name: api for api in (MACHINE, NODECLAIM)}
+
+# The label naming the Kaito object a claim is for (Workspace, or RAGEngine from Kaito v0.4 on).
+KAITO_OWNER_LABELS = ("kaito.sh/workspace", "kaito.sh/ragengine")
+# The node classes Kaito's NodeClaims refer to: (group, kind). Kaito v0.4.2-v0.6 sends an empty group
+# with AKSNodeClass; from v0.7 on its own class. Azure's Karpenter uses karpenter.azure.com.
+KAITO_NODE_CLASSES = frozenset({("kaito.sh", "KaitoNodeClass"), ("", "AKSNodeClass")})
 
 
 def now_rfc3339() -> str:
@@ -180,6 +200,19 @@ class Claim:
                 values.extend(v for v in requirement.get("values") or [] if v not in values)
         return values
 
+    @property
+    def made_by_kaito(self) -> bool:
+        """Whether Kaito wrote this claim: only those are ours. Karpenter's own (Azure's node
+        auto-provisioning, or Karpenter's Machines) share the API and the cluster and must not be touched."""
+        labels = self.labels
+        pool_key, pool_value = self.api.pool_label
+        if labels.get(pool_key) != pool_value or not any(labels.get(k) for k in KAITO_OWNER_LABELS):
+            return False
+        if self.api.kind != NODECLAIM.kind:
+            return True
+        reference = self.spec.get("nodeClassRef") or {}
+        return (reference.get("group") or "", reference.get("kind") or "") in KAITO_NODE_CLASSES
+
     def condition(self, condition_type: str) -> dict[str, Any] | None:
         return next((c for c in self.status.get("conditions") or [] if c.get("type") == condition_type), None)
 
@@ -226,6 +259,10 @@ class StatusWriter:
             condition["observedGeneration"] = self.claim.generation
         self._conditions[condition_type] = condition
 
+    def wait(self, condition_type: str, reason: str, message: str) -> None:
+        """The phase is not there yet: its condition in the claim API's own way of saying so."""
+        self.set(condition_type, self.claim.api.pending_status, reason, message)
+
     def get(self, condition_type: str) -> dict[str, Any] | None:
         return self._conditions.get(condition_type)
 
@@ -237,7 +274,7 @@ class StatusWriter:
         api = self.claim.api
         for phase in api.phases:
             if phase not in self._conditions:
-                self.set(phase, "Unknown", "AwaitingReconciliation", "")
+                self.wait(phase, AWAITING_RECONCILIATION, "object is awaiting reconciliation")
         blocking = next((self._conditions[p] for p in api.phases if not self.is_true(p)), None)
         if blocking is None:
             self.set(READY, "True", READY, "")

@@ -52,13 +52,16 @@ class Reconciliation:
     def requeue(self, after_s: float) -> None:
         self.requeue_after.append(max(after_s, 0.0))
 
-    def report(self, events: EventRecorder, condition: str, status: str, reason: str, message: str) -> bool:
-        """Set a condition that is not True; a Warning Event says it once per change. True if it changed."""
+    def report(self, events: EventRecorder, condition: str, reason: str, message: str, *, failed: bool = False,
+               event_message: str = "") -> bool:
+        """Set a condition that is not True (False when `failed`, else as the API says a phase is pending); a
+        Warning Event says it (or `event_message`) once per change. True if it changed."""
         previous = self.status.get(condition) or {}
+        status = "False" if failed else self.claim.api.pending_status
         self.status.set(condition, status, reason, message)
         changed = (previous.get("status"), previous.get("reason")) != (status, reason)
         if changed:
-            events.warning(self.claim.obj, reason, message)
+            events.warning(self.claim.obj, reason, event_message or message)
         return changed
 
 

@@ -48,8 +48,9 @@ class ClaimLifecycle:
             }}))
         r = Reconciliation(claim, StatusWriter(claim))
         try:
-            for phase in self.phases:
+            for index, phase in enumerate(self.phases):
                 if not phase.reconcile(r).done:
+                    self._later_phases_wait(r, index)
                     break
             self.liveness.reconcile(r)
         finally:
@@ -60,6 +61,16 @@ class ClaimLifecycle:
                 self.deps.kube.patch_claim_status(claim.api, claim.name, status)
                 self._record_transitions(claim, status)
         return min(r.requeue_after) if r.requeue_after else None
+
+    @staticmethod
+    def _later_phases_wait(r: Reconciliation, blocked: int) -> None:
+        """The phases after the one that is not done say why they wait for it, as Karpenter's do (and a
+        condition written by an older version, such as a Machine's Unknown, is brought in line)."""
+        api = r.claim.api
+        reason, message = api.not_launched if blocked == 0 else ("NodeNotFound", "Node not registered with cluster")
+        for phase in api.phases[blocked + 1:]:
+            if not r.status.is_true(phase):  # Initialized is set once
+                r.status.wait(phase, reason, message)
 
     @staticmethod
     def _record_transitions(claim: Claim, status: dict) -> None:

@@ -45,13 +45,13 @@ class Initialization:
         node = nodes[0]
         name = node["metadata"]["name"]
         if not node_is_ready(node):
-            r.status.set(condition, "Unknown", "NodeNotReady", f"node {name} is not Ready yet")
+            r.status.wait(condition, "NodeNotReady", f"node {name} is not Ready yet")
             return WAITING
         taints = {(t.get("key"), t.get("effect")) for t in (node.get("spec") or {}).get("taints") or []}
         waiting_taints = [t["key"] for t in claim.startup_taints if (t.get("key"), t.get("effect")) in taints]
         if waiting_taints:
             message = f"node {name} still has startup taints {waiting_taints}"
-            r.status.set(condition, "Unknown", "StartupTaintsExist", message)
+            r.status.wait(condition, "StartupTaintsExist", message)
             return WAITING
         node_status = node.get("status") or {}
         allocatable = node_status.get("allocatable") or {}
@@ -62,8 +62,8 @@ class Initialization:
             if parse_quantity(allocatable.get(resource, 0)) < parse_quantity(amount)
         ]
         if missing:
-            r.status.set(condition, "Unknown", "ResourcesNotRegistered",
-                         f"node {name} does not offer {', '.join(missing)} yet (GPU device plugin not ready?)")
+            r.status.wait(condition, "ResourceNotRegistered",
+                          f"node {name} does not offer {', '.join(missing)} yet (GPU device plugin not ready?)")
             return WAITING
         if (node["metadata"].get("labels") or {}).get(INITIALIZED_LABEL) != "true":
             self.deps.kube.patch_node(name, {"metadata": {"labels": {INITIALIZED_LABEL: "true"}}})

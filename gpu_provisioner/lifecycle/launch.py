@@ -18,10 +18,15 @@ from gpu_provisioner.api.claims import INSTANCE_TYPE_LABEL, Claim, now_rfc3339
 from gpu_provisioner.cloud.agentpools import PoolState
 from gpu_provisioner.cloud.errors import (
     INSUFFICIENT_CAPACITY_PHRASE,
+    AccessDeniedError,
+    AllocationFailedError,
     CapacityError,
     CloudError,
     ClusterUnavailableError,
     InvalidRequestError,
+    QuotaExceededError,
+    RequestFailedError,
+    SkuUnavailableError,
     ThrottledError,
     TransientError,
     classify_code,
@@ -34,8 +39,10 @@ log = structlog.get_logger(__name__)
 
 # Provisioning states of a pool on its way up (AKS reports more than Creating while it works).
 IN_PROGRESS = {"Creating", "Updating", "Scaling", "Upgrading", "Starting"}
-# After every size failed for capacity, try the whole list again this much later.
+# After every size failed for capacity, try the whole list again this much later, doubling each time up to
+# the maximum: quota or capacity may come back, and waiting costs nothing while asking costs ARM writes.
 CAPACITY_RETRY_S = 60.0
+CAPACITY_RETRY_MAX_S = 900.0
 CLUSTER_RETRY_S = 30.0
 # A refusal that is not the claim's fault (a missing role, a full subnet) is tried again this much later.
 REFUSED_RETRY_S = 60.0
@@ -44,6 +51,14 @@ CLAIM_REFUSALS = frozenset({
     "InvalidPoolName", "InstanceTypeMissing", "UnknownInstanceType", "InvalidStorageRequest",
     "UnsupportedNodeImageFamily", "InvalidTaint", "RestrictedLabel", "InvalidAgentPoolRequest", "AgentPoolNameTaken",
 })
+# Launched reasons that mean no size could be had: the claim is kept and retried, never timed out (Kaito
+# would make the same claim again at once, and it would fail the same way).
+CAPACITY_FAILURES = frozenset(
+    error.reason for error in (CapacityError, QuotaExceededError, SkuUnavailableError, AllocationFailedError)
+)
+# Every Launched reason that means the launch failed (rather than is on its way): the claim's fault, no
+# capacity, or a refusal that needs a person.
+LAUNCH_FAILURES = CLAIM_REFUSALS | CAPACITY_FAILURES | {AccessDeniedError.reason, RequestFailedError.reason}
 
 
 class Launch:
@@ -54,8 +69,8 @@ class Launch:
         self._unavailable: dict[str, dict[str, CloudError]] = {}
         # claim uid -> generation ARM refused: no retry until the claim changes
         self._rejected: dict[str, int] = {}
-        # claim uid -> monotonic time before which no size is tried again (all were unavailable)
-        self._capacity_backoff: dict[str, float] = {}
+        # claim uid -> (monotonic time before which no size is tried again, how often all were unavailable)
+        self._capacity_backoff: dict[str, tuple[float, int]] = {}
         # claim uid -> when a claim refused earlier became launchable (its launch timeout starts there)
         self._refusal_ended: dict[str, datetime] = {}
 
@@ -93,7 +108,7 @@ class Launch:
                 r.requeue(1.0)
             else:
                 message = f"cannot list the cluster's agent pools: {error.describe()}"
-                r.report(self.deps.events, condition, "Unknown", error.reason, message)
+                r.report(self.deps.events, condition, error.reason, message)
                 r.requeue(inventory.interval_s)
             return WAITING
         pool = inventory.get(claim.name)
@@ -115,8 +130,8 @@ class Launch:
         # Creating, or Deleting after a failed size (whose condition already says why): the next LIST
         # or the Node watch wakes us.
         if pool.provisioning_state != "Deleting":
-            r.status.set(condition, "Unknown", "Launching",
-                         f"agent pool {pool.name} ({pool.vm_size}) is {pool.provisioning_state.lower()}")
+            r.status.wait(condition, "Launching", f"agent pool {pool.name} ({pool.vm_size}) is "
+                          f"{pool.provisioning_state.lower()}")
         r.requeue(self.deps.inventory.interval_s * 3)
         return WAITING
 
@@ -124,7 +139,7 @@ class Launch:
 
     def _create(self, r: Reconciliation, request: PoolRequest) -> Outcome:
         claim, condition = r.claim, r.claim.api.launched
-        wait = self._capacity_backoff.get(claim.uid, 0.0) - time.monotonic()
+        wait = self._capacity_backoff.get(claim.uid, (0.0, 0))[0] - time.monotonic()
         if wait > 0:
             # Every size just failed for capacity: asking again at once would only burn ARM writes.
             r.requeue(wait)
@@ -152,14 +167,14 @@ class Launch:
             # Otherwise (a 5xx, a lost answer) the PUT may have landed: the reservation stands for it, so no
             # other PUT goes out before a LIST tells.
             message = f"creating agent pool {request.name}: {error.describe()}"
-            r.report(self.deps.events, condition, "Unknown", error.reason, message)
+            r.report(self.deps.events, condition, error.reason, message)
             raise
         except CloudError as error:
             # AKS refused it: nothing was created.
             inventory.release(reservation)
             return self._refused(r, request, size, error)
         self.deps.inventory.record(state)
-        r.status.set(condition, "Unknown", "Launching", f"creating agent pool {request.name} ({size.name})")
+        r.status.wait(condition, "Launching", f"creating agent pool {request.name} ({size.name})")
         self.deps.events.normal(claim.obj, "LaunchingAgentPool", f"creating agent pool {request.name} with {size.name}")
         log.info("agent pool create started", claim=claim.key, pool=request.name, vm_size=size.name)
         r.requeue(self.deps.inventory.interval_s * 3)
@@ -170,7 +185,7 @@ class Launch:
         if isinstance(error, CapacityError):
             return self._size_unavailable(r, request, size, error)
         if isinstance(error, ClusterUnavailableError):
-            r.report(self.deps.events, condition, "Unknown", error.reason,
+            r.report(self.deps.events, condition, error.reason,
                      f"waiting before creating agent pool: {error.describe()}")
             r.requeue(CLUSTER_RETRY_S)
             return WAITING
@@ -209,8 +224,8 @@ class Launch:
         self.deps.inventory.record(PoolState(pool.name, "Deleting", pool.vm_size, pool.tags))
         if isinstance(error, CapacityError) and size is not None:
             return self._size_unavailable(r, request, size, error)
-        r.status.set(r.claim.api.launched, "False", "LaunchFailed",
-                     f"agent pool {pool.name} ({pool.vm_size}) failed: {error.describe()}; retrying")
+        r.status.wait(r.claim.api.launched, "LaunchFailed",
+                      f"agent pool {pool.name} ({pool.vm_size}) failed: {error.describe()}; retrying")
         self.deps.events.warning(r.claim.obj, "LaunchFailed", f"agent pool {pool.name} failed: {error.describe()}")
         r.requeue(CAPACITY_RETRY_S)
         return WAITING
@@ -221,19 +236,24 @@ class Launch:
         self.deps.events.warning(r.claim.obj, error.reason, f"{size.name} unavailable: {error.describe()}")
         if self._next_size(r.claim.uid, request) is None:
             return self._all_unavailable(r)
-        r.status.set(r.claim.api.launched, "Unknown", error.reason, f"{size.name} unavailable, trying the next size")
+        r.status.wait(r.claim.api.launched, error.reason, f"{size.name} unavailable, trying the next size")
         r.requeue(0)
         return WAITING
 
     def _all_unavailable(self, r: Reconciliation) -> Outcome:
         with self._lock:
             causes = self._unavailable.pop(r.claim.uid, {})
-            self._capacity_backoff[r.claim.uid] = time.monotonic() + CAPACITY_RETRY_S
+            failures = self._capacity_backoff.get(r.claim.uid, (0.0, 0))[1] + 1
+            retry_s = min(CAPACITY_RETRY_S * 2 ** (failures - 1), CAPACITY_RETRY_MAX_S)
+            self._capacity_backoff[r.claim.uid] = (time.monotonic() + retry_s, failures)
         detail = "; ".join(f"{name}: {cause.describe()}" for name, cause in causes.items())
         reasons = {cause.reason for cause in causes.values()}
         reason = reasons.pop() if len(reasons) == 1 else "InsufficientCapacity"
-        self._fail(r, reason, f"{INSUFFICIENT_CAPACITY_PHRASE} ({detail})")
-        r.requeue(CAPACITY_RETRY_S)
+        detailed = f"{INSUFFICIENT_CAPACITY_PHRASE} ({detail}); trying again in {retry_s:.0f}s"
+        # Kaito v0.3 fails fast only on the bare phrase: there the detail is in the Event.
+        message = INSUFFICIENT_CAPACITY_PHRASE if r.claim.api.exact_capacity_message else detailed
+        self._fail(r, reason, message, event_message=detailed)
+        r.requeue(retry_s)
         return WAITING
 
     def _next_size(self, uid: str, request: PoolRequest) -> VmSize | None:
@@ -241,6 +261,6 @@ class Launch:
             failed = self._unavailable.get(uid, {})
         return next((size for size in request.vm_sizes if size.name not in failed), None)
 
-    def _fail(self, r: Reconciliation, reason: str, message: str) -> None:
-        if r.report(self.deps.events, r.claim.api.launched, "False", reason, message):
+    def _fail(self, r: Reconciliation, reason: str, message: str, event_message: str = "") -> None:
+        if r.report(self.deps.events, r.claim.api.launched, reason, message, failed=True, event_message=event_message):
             metrics.LAUNCHES.labels(kind=r.claim.api.kind, result=reason).inc()

@@ -15,7 +15,7 @@ import structlog
 from gpu_provisioner import metrics
 from gpu_provisioner.api.claims import parse_time
 from gpu_provisioner.lifecycle.base import Deps, Reconciliation
-from gpu_provisioner.lifecycle.launch import CLAIM_REFUSALS, IN_PROGRESS, Launch
+from gpu_provisioner.lifecycle.launch import CAPACITY_FAILURES, CLAIM_REFUSALS, IN_PROGRESS, Launch
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +40,9 @@ class Liveness:
             # As in Karpenter, deleting a claim's Node deletes the claim, so that its pool goes too.
             self._expire(r, "NodeDeleted", f"{node_gone}; deleting the claim so that its agent pool goes too")
         elif launched.get("status") != "True":
-            if launched.get("reason") in CLAIM_REFUSALS:
+            if launched.get("reason") in CLAIM_REFUSALS | CAPACITY_FAILURES:
+                # Kept: deleting it loses the user's input (a refusal) or only has Kaito make the same claim,
+                # which fails the same way (no capacity; retried here with backoff).
                 return
             timeout_s = settings.launch_timeout_s
             if pool is not None and pool.provisioning_state in IN_PROGRESS:

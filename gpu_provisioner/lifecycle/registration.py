@@ -38,12 +38,12 @@ class Registration:
         nodes = self.deps.nodes.nodes_for(claim)
         if not nodes:
             message = f"waiting for the node of agent pool {claim.name} to join"
-            r.status.set(condition, "Unknown", "AwaitingNode", message)
+            r.status.wait(condition, "NodeNotFound", message)
             return WAITING
         if len(nodes) > 1:
             names = ", ".join(sorted(n["metadata"]["name"] for n in nodes))
             message = f"agent pool {claim.name} has several nodes: {names}"
-            r.report(self.deps.events, condition, "False", "MultipleNodesFound", message)
+            r.report(self.deps.events, condition, "MultipleNodesFound", message, failed=True)
             return WAITING
         node = nodes[0]
         first_registration = not r.status.is_true(condition)

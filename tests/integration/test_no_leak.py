@@ -1,5 +1,5 @@
-"""No pool outlives its claim, and no claim takes a pool that is another's: claims created and deleted at
-once under CPU load, two claims of one name, and PUT answers lost on the way back."""
+"""No pool outlives its claim, and no claim takes what is not its own: claims created and deleted at once
+under CPU load, two claims of one name, and Karpenter's claims in the same cluster."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import kubernetes
+from prometheus_client import REGISTRY
 
 from gpu_provisioner.api.claims import MACHINE, NODECLAIM, READY
 from tests.integration.harness import Claims, kaito_claim, wait_for
@@ -94,12 +95,42 @@ def test_a_machine_and_a_nodeclaim_of_one_name_never_share_a_pool(claims, start_
     assert sim.pools()[unique_name]["properties"]["tags"]["kaito-claim"] == f"{other.plural}/{unique_name}"
 
 
-def test_a_lost_put_answer_is_not_resent_before_a_list_tells(claims, start_sim, start_controller, unique_name):
-    sim = start_sim(lost_create_answers=3)
+def _karpenters_nodeclaim(name: str) -> dict:
+    """What Azure's Karpenter (node auto-provisioning) writes in the same cluster."""
+    manifest = kaito_claim(NODECLAIM, name)
+    manifest["metadata"]["labels"] = {"karpenter.sh/nodepool": "default"}
+    manifest["metadata"]["annotations"] = {}
+    manifest["spec"]["nodeClassRef"] = {"group": "karpenter.azure.com", "kind": "AKSNodeClass", "name": "default"}
+    manifest["spec"]["requirements"][0]["values"] = ["default"]
+    return manifest
+
+
+def _karpenters_machine(name: str) -> dict:
+    """A Machine of Karpenter v0.29-0.31 itself: its provisioner may well be called "default" too."""
+    manifest = kaito_claim(MACHINE, name)
+    manifest["metadata"]["labels"] = {"karpenter.sh/provisioner-name": "default"}
+    return manifest
+
+
+def test_claims_kaito_did_not_make_are_never_touched(claims, start_sim, start_controller, unique_name):
+    sim = start_sim()
+    names = {what: f"{unique_name}{what}" for what in ("k", "m", "o", "l")}
+    # Kaito v0.4.2-v0.6 wrote an empty nodeClassRef group (with AKSNodeClass): those are Kaito's.
+    legacy = kaito_claim(NODECLAIM, names["l"])
+    legacy["spec"]["nodeClassRef"] = {"group": "", "kind": "AKSNodeClass", "name": "default"}
+    claims.create(NODECLAIM, _karpenters_nodeclaim(names["k"]))
+    claims.create(MACHINE, _karpenters_machine(names["m"]))
     start_controller(sim)
-    for index in range(3):
-        claims.create(NODECLAIM, kaito_claim(NODECLAIM, f"{unique_name}{index}"))
-    for index in range(3):
-        claims.wait_condition(NODECLAIM, f"{unique_name}{index}", READY, "True", timeout_s=60)
-    # Each PUT landed though its answer was lost: the LIST showed the pool, so none was sent twice.
-    assert sim.count_requests("agentpools.create") == 3
+    claims.create(NODECLAIM, kaito_claim(NODECLAIM, names["o"]))
+    claims.create(NODECLAIM, legacy)
+
+    claims.wait_condition(NODECLAIM, names["o"], READY, "True")
+    claims.wait_condition(NODECLAIM, names["l"], READY, "True")
+    wait_for("the foreign-claims gauge", lambda: all(
+        REGISTRY.get_sample_value("gpu_provisioner_foreign_claims", {"kind": kind}) == 1
+        for kind in ("NodeClaim", "Machine")), timeout_s=15)
+    for api, name in ((NODECLAIM, names["k"]), (MACHINE, names["m"])):
+        foreign = claims.get(api, name)
+        assert not foreign["metadata"].get("finalizers") and not foreign.get("status")
+        assert name not in sim.pools() and not claims.events(name)
+    assert sorted(sim.pools()) == sorted([names["o"], names["l"]])

@@ -14,10 +14,10 @@ def bare(api, status=None) -> Claim:
 def test_ready_repeats_the_first_blocking_phase():
     writer = StatusWriter(bare(NODECLAIM))
     writer.set("Launched", "True", "Launched")
-    writer.set("Registered", "Unknown", "AwaitingNode", "waiting for the node")
+    writer.set("Registered", "Unknown", "NodeNotFound", "waiting for the node")
     conditions = {c["type"]: c for c in writer.render()["conditions"]}
     assert conditions[READY]["status"] == "Unknown"
-    assert (conditions[READY]["reason"], conditions[READY]["message"]) == ("AwaitingNode", "waiting for the node")
+    assert (conditions[READY]["reason"], conditions[READY]["message"]) == ("NodeNotFound", "waiting for the node")
     assert conditions["Initialized"]["reason"] == "AwaitingReconciliation"
     assert conditions["Launched"]["observedGeneration"] == 3
 
