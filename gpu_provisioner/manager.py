@@ -12,6 +12,7 @@ from typing import Any
 
 import kubernetes
 import structlog
+import urllib3
 from azure.core.credentials import TokenCredential
 
 from gpu_provisioner import metrics
@@ -26,6 +27,7 @@ from gpu_provisioner.lifecycle.orphans import OrphanSweep
 from gpu_provisioner.runtime.events import EventRecorder
 from gpu_provisioner.runtime.informer import NODES, Informer, Resource
 from gpu_provisioner.runtime.kube import Kube
+from gpu_provisioner.runtime.outage import Outage
 from gpu_provisioner.runtime.workqueue import WorkQueue
 from gpu_provisioner.settings import Settings
 
@@ -98,6 +100,7 @@ class Manager:
                     ClaimIndex(self.claim_informers), EventRecorder(api_client))
         self.lifecycle = ClaimLifecycle(deps)
         self.orphans = OrphanSweep(deps, self._claim_exists)
+        self.api_server_outage = Outage("API server")
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.started = False
@@ -232,6 +235,12 @@ class Manager:
             delay = self.queue.add_rate_limited(key)
             bound.warning("reconcile failed", error=str(error)[:500], retry_in_s=delay)
             return
+        except (urllib3.exceptions.HTTPError, ConnectionError) as error:
+            # The API server is restarting or unreachable: said once per outage, every claim retried.
+            self.api_server_outage.failed(error)
+            self._count_error(api, "APIServerUnreachable")
+            self.queue.add_rate_limited(key)
+            return
         except Exception:
             self._count_error(api, "Unexpected")
             self.queue.add_rate_limited(key)
@@ -239,6 +248,7 @@ class Manager:
             return
         finally:
             metrics.RECONCILE_DURATION.labels(kind=api.kind).observe(time.monotonic() - started)
+        self.api_server_outage.ended()
         self.queue.forget(key)
         if requeue_after is not None:
             self.queue.add_after(key, requeue_after)

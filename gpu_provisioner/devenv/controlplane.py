@@ -163,23 +163,36 @@ class ControlPlane:
         self._wait_until(lambda: _http_ok(f"{client_url}/health"), proc, "etcd")
         return client_url
 
+    def restart_apiserver(self, down_s: float = 0.0) -> None:
+        """Kill kube-apiserver hard (as a crashed or upgraded control plane would go), keep it down for
+        `down_s`, and start it again on the same address with the same keys; etcd keeps the state."""
+        name, proc = next((n, p) for n, p in self._processes if n == "kube-apiserver")
+        proc.kill()
+        proc.wait()
+        self._processes.remove((name, proc))
+        time.sleep(down_s)
+        self._run_apiserver()
+
     def _start_apiserver(self, etcd_url: str) -> None:
         pki = self.workdir / "pki"
         pki.mkdir()
-        ca_path = pki / "ca.crt"
-        ca_path.write_bytes(self.ca.cert_pem)
-        serving_cert, serving_key = self.ca.issue_server(
-            "kube-apiserver", ["127.0.0.1", "localhost", "kubernetes.default.svc"]
-        ).write(pki, "apiserver")
-        sa_key = pki / "service-account.key"
-        sa_key.write_bytes(rsa_private_key_pem())
+        (pki / "ca.crt").write_bytes(self.ca.cert_pem)
+        self.ca.issue_server("kube-apiserver", ["127.0.0.1", "localhost", "kubernetes.default.svc"]).write(
+            pki, "apiserver")
+        (pki / "service-account.key").write_bytes(rsa_private_key_pem())
         self.admin = self.ca.issue_client(ADMIN_USER, ["system:masters"])
         self.admin.write(pki, "admin")
-        port = free_port()
-        self.server_url = f"https://127.0.0.1:{port}"
+        self._apiserver_port, self._etcd_url = free_port(), etcd_url
+        self.server_url = f"https://127.0.0.1:{self._apiserver_port}"
+        self._run_apiserver()
+
+    def _run_apiserver(self) -> None:
+        pki, port = self.workdir / "pki", self._apiserver_port
+        serving_cert, serving_key = pki / "apiserver.crt", pki / "apiserver.key"
+        ca_path, sa_key = pki / "ca.crt", pki / "service-account.key"
         proc = self._spawn("kube-apiserver", [
             str(self.tools.kube_apiserver),
-            f"--etcd-servers={etcd_url}",
+            f"--etcd-servers={self._etcd_url}",
             "--bind-address=127.0.0.1",
             f"--secure-port={port}",
             f"--cert-dir={pki}",

@@ -233,9 +233,10 @@ class Launch:
     def _size_unavailable(self, r: Reconciliation, request: PoolRequest, size: VmSize, error: CloudError) -> Outcome:
         with self._lock:
             self._unavailable.setdefault(r.claim.uid, {})[size.name] = error
-        self.deps.events.warning(r.claim.obj, error.reason, f"{size.name} unavailable: {error.describe()}")
         if self._next_size(r.claim.uid, request) is None:
+            # Said once for all sizes, and once per change rather than per retry.
             return self._all_unavailable(r)
+        self.deps.events.warning(r.claim.obj, error.reason, f"{size.name} unavailable: {error.describe()}")
         r.status.wait(r.claim.api.launched, error.reason, f"{size.name} unavailable, trying the next size")
         r.requeue(0)
         return WAITING

@@ -13,6 +13,7 @@ from typing import Any
 
 import kubernetes
 import structlog
+import urllib3
 from kubernetes.client import ApiException
 
 from gpu_provisioner.cloud.skus import VmSize, lookup
@@ -181,8 +182,13 @@ class NodeMaterialiser:
                 with self._lock:
                     if not self._actions or self._actions[0][0] > time.monotonic():
                         break
-                    _, _, action = heapq.heappop(self._actions)
+                    entry = heapq.heappop(self._actions)
                 try:
-                    action()
+                    entry[2]()
+                except (urllib3.exceptions.HTTPError, ConnectionError):
+                    # The API server is down (restarting): a kubelet keeps trying, and its steps keep their order.
+                    with self._lock:
+                        heapq.heappush(self._actions, entry)
+                    break
                 except Exception:
                     log.exception("node materialiser action failed")

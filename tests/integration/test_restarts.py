@@ -70,3 +70,24 @@ def test_a_restart_with_a_slow_node_list_neither_flips_nor_times_out_ready_claim
         assert ready.get("status") == "True", ready
         time.sleep(0.2)
     assert "RegistrationTimeout" not in claims.event_reasons(unique_name)
+
+
+def test_an_api_server_restart_is_one_warning_and_no_crash_and_work_goes_on(
+    control_plane, claims, start_sim, controller_process, unique_name, tmp_path
+):
+    sim = start_sim(create_delay_s=2)
+    controller_process(sim, POOL_REFRESH_INTERVAL_SECONDS="0.3")
+    names = [f"{unique_name}{index}" for index in range(3)]
+    for name in names:
+        claims.create(NODECLAIM, kaito_claim(NODECLAIM, name))
+    wait_for("the agent pool PUTs", lambda: sim.count_requests("agentpools.create") == 3, timeout_s=30)
+    # Down while the pools are created: their claims are reconciled (and fail) meanwhile.
+    control_plane.restart_apiserver(down_s=4)
+
+    for name in names:
+        claims.wait_condition(NODECLAIM, name, READY, "True", timeout_s=60)
+    claims.create_ready(NODECLAIM, kaito_claim(NODECLAIM, f"{unique_name}x"))
+    log = (tmp_path / "controller-0.log").read_text()
+    assert "reconcile crashed" not in log and "Traceback" not in log
+    assert log.count("API server unreachable") == 1 and log.count("API server reachable again") == 1
+    assert sim.count_requests("agentpools.create") == 4
