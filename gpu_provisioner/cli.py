@@ -90,7 +90,9 @@ def run() -> None:
 def sandbox(
     api: Annotated[str, typer.Option(help="Claim API Kaito uses: machine (Kaito <= 0.4.1) or nodeclaim.")] = "machine",
     claims: Annotated[int, typer.Option(min=1, help="How many claims to make.")] = 1,
-    instance_type: Annotated[str, typer.Option(help="VM size the claims ask for.")] = "Standard_NC6s_v3",
+    instance_type: Annotated[str | None, typer.Option(help=(
+        "VM size the claims ask for [default: Kaito's own: Standard_NC6s_v3 for machine, Standard_NC24ads_A100_v4 "
+        "for nodeclaim]"))] = None,
     scenario: Annotated[str, typer.Option(
         help="AKS simulator scenario: default, quota-exhausted, sku-unavailable, throttled, node-never-ready, ..."
     )] = "default",

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from gpu_provisioner.api.claims import AZURE_SKU_LABEL, GROUP, INSTANCE_TYPE_LABEL, READY, ClaimApi
+from gpu_provisioner.api.claims import AZURE_SKU_LABEL, GROUP, INSTANCE_TYPE_LABEL, READY, Claim, ClaimApi
 from gpu_provisioner.cloud.errors import INSUFFICIENT_CAPACITY_PHRASE
 from gpu_provisioner.devenv.controlplane import REPO_CRDS, ControlPlane, die_with_parent, free_port, install_crds
 from gpu_provisioner.devenv.tools import ensure_tools
@@ -82,12 +82,14 @@ def _interrupt(*_: object) -> None:
 
 
 class Sandbox:
-    def __init__(self, console: Console, api: ClaimApi, claims: int, instance_type: str, scenario: str,
+    def __init__(self, console: Console, api: ClaimApi, claims: int, instance_type: str | None, scenario: str,
                  kubeconfig: Path | None, timeout_s: float) -> None:
         self.console = console
         self.api = api
         self.names = [f"ws{secrets.token_hex(5)[:9]}" for _ in range(claims)]
-        self.instance_type = instance_type
+        # Without one, the size Kaito itself asks for in the API's era (examples/).
+        self.instance_type = instance_type or Claim(api, kaito_claim(api, "ws")).requirement_values(
+            INSTANCE_TYPE_LABEL)[0]
         self.scenario = scenario
         self.kubeconfig = kubeconfig
         self.timeout_s = timeout_s

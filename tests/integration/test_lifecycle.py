@@ -8,7 +8,15 @@ from datetime import UTC, datetime
 import kubernetes
 import pytest
 
-from gpu_provisioner.api.claims import GROUP, MACHINE, NODECLAIM, READY, TERMINATION_FINALIZER
+from gpu_provisioner.api.claims import (
+    GROUP,
+    INSTANCE_TYPE_LABEL,
+    MACHINE,
+    NODECLAIM,
+    READY,
+    TERMINATION_FINALIZER,
+    Claim,
+)
 from gpu_provisioner.cloud.errors import INSUFFICIENT_CAPACITY_PHRASE
 from gpu_provisioner.cloud.pool_request import MANAGED_TAG
 from gpu_provisioner.lifecycle import launch, termination
@@ -36,12 +44,13 @@ def test_kaito_claim_gets_a_ready_gpu_node_and_deletion_removes_the_pool(
         api.launched: "True", api.registered: "True", api.initialized: "True", READY: "True"
     }
     assert TERMINATION_FINALIZER in claim["metadata"]["finalizers"]
-    assert claim["metadata"]["labels"]["node.kubernetes.io/instance-type"] == "Standard_NC6s_v3"
+    size = "Standard_NC6s_v3" if api is MACHINE else "Standard_NC24ads_A100_v4"  # as Kaito v0.3.1 / v0.12 ask
+    assert claim["metadata"]["labels"]["node.kubernetes.io/instance-type"] == size
     assert status["capacity"]["nvidia.com/gpu"] == "1" and status["allocatable"]["nvidia.com/gpu"] == "1"
 
     pool = sim.pools()[unique_name]["properties"]
-    assert pool["vmSize"] == "Standard_NC6s_v3" and pool["count"] == 1
-    assert pool["osDiskSizeGB"] == (34 if api is MACHINE else 1024)
+    assert pool["vmSize"] == size and pool["count"] == 1
+    assert pool["osDiskSizeGB"] == (50 if api is MACHINE else 87)
     assert pool["nodeTaints"] == ["sku=gpu:NoSchedule"]
     assert pool["nodeLabels"]["kaito.sh/workspace"] == "workspace-phi-3-mini"
     assert pool["nodeLabels"][api.pool_label[0]] == api.pool_label[1]
@@ -151,10 +160,11 @@ def test_quota_exhausted_fails_fast_with_kaitos_phrase_and_the_claim_is_kept_and
     if api is MACHINE:
         # Kaito v0.3 fails fast only on the bare phrase; the detail is in the Event.
         assert launched["message"] == INSUFFICIENT_CAPACITY_PHRASE
-    else:
-        assert INSUFFICIENT_CAPACITY_PHRASE in launched["message"] and "Standard_NC6s_v3" in launched["message"]
+    size = Claim(api, kaito_claim(api, unique_name)).requirement_values(INSTANCE_TYPE_LABEL)[0]
+    if api is NODECLAIM:
+        assert INSUFFICIENT_CAPACITY_PHRASE in launched["message"] and size in launched["message"]
     wait_for("a QuotaExceeded event with the detail", lambda: any(
-        e.reason == "QuotaExceeded" and "Standard_NC6s_v3" in e.message and "quota" in e.message.lower()
+        e.reason == "QuotaExceeded" and size in e.message and "quota" in e.message.lower()
         for e in claims.events(unique_name)))
 
     # Past the launch timeout the claim is kept (Kaito would make the same claim again and again), and it

@@ -24,12 +24,13 @@ def run_sandbox(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize(("api", "kind"), [("machine", "Machine"), ("nodeclaim", "NodeClaim")])
-def test_sandbox_gets_every_claim_ready_then_tears_down(api, kind):
+@pytest.mark.parametrize(("api", "kind", "size"), [("machine", "Machine", "Standard_NC6s_v3"),
+                                                   ("nodeclaim", "NodeClaim", "Standard_NC24ads_A100_v4")])
+def test_sandbox_gets_every_claim_ready_then_tears_down(api, kind, size):
     result = run_sandbox("--api", api, "--claims", "2")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert f"{kind}s (Standard_NC6s_v3, scenario default)" in output
+    assert f"{kind}s ({size}, scenario default)" in output  # the size Kaito of that era asks for
     assert "all 2 claim(s) Ready" in output
     assert output.count("nvidia.com/gpu=1") == 2
     assert "sku=gpu:NoSchedule" in output
