@@ -81,8 +81,8 @@ KAITO_OWNER_LABELS = ("kaito.sh/workspace", "kaito.sh/ragengine")
 KAITO_NODE_CLASSES = frozenset({("kaito.sh", "KaitoNodeClass"), ("", "AKSNodeClass")})
 
 
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -143,9 +143,9 @@ class Claim:
         return self.metadata.get("finalizers") or []
 
     @property
-    def created(self) -> datetime:
-        created = parse_time(self.metadata.get("creationTimestamp"))
-        return created or datetime.now(UTC)
+    def created(self) -> datetime | None:
+        """creationTimestamp (the API server always sets it)."""
+        return parse_time(self.metadata.get("creationTimestamp"))
 
     @property
     def deleting(self) -> bool:
@@ -238,8 +238,9 @@ class StatusWriter:
     message of the first phase that is not True, which is what Kaito copies into the Workspace.
     """
 
-    def __init__(self, claim: Claim) -> None:
+    def __init__(self, claim: Claim, now: datetime) -> None:
         self.claim = claim
+        self.now = now
         self.status: dict[str, Any] = {k: v for k, v in claim.status.items() if k != "conditions"}
         self._conditions: dict[str, dict[str, Any]] = {
             c["type"]: dict(c) for c in claim.status.get("conditions") or [] if "type" in c
@@ -253,7 +254,7 @@ class StatusWriter:
             "status": status,
             "reason": reason,
             "message": message,
-            "lastTransitionTime": now_rfc3339() if transitioned else previous.get("lastTransitionTime"),
+            "lastTransitionTime": rfc3339(self.now) if transitioned else previous.get("lastTransitionTime"),
         }
         if self.claim.api.metav1_conditions:
             condition["observedGeneration"] = self.claim.generation

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from gpu_provisioner.api.claims import Claim, StatusWriter
@@ -25,9 +27,14 @@ class ClaimLookup(Protocol):
         ...
 
 
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 @dataclass
 class Deps:
-    """The collaborators of the phases; one set per controller."""
+    """The collaborators of the phases; one set per controller. Time comes from `clock` only, so that a
+    timeout is tested by moving a clock."""
 
     settings: Settings
     kube: Kube
@@ -36,6 +43,7 @@ class Deps:
     nodes: NodeLookup
     claims: ClaimLookup
     events: EventRecorder
+    clock: Callable[[], datetime] = utc_now
 
     def claim_exists(self, claim: Claim) -> bool:
         return self.claims.claim_exists(claim)
@@ -43,14 +51,28 @@ class Deps:
 
 @dataclass
 class Reconciliation:
-    """One pass over one claim: phases read the claim and write its next status here."""
+    """One pass over one claim at one moment (`now`): phases read the claim, write its next status here
+    and say when to look again."""
 
     claim: Claim
-    status: StatusWriter
+    now: datetime
+    status: StatusWriter = field(init=False)
     requeue_after: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.status = StatusWriter(self.claim, self.now)
+
+    @property
+    def claim_age_s(self) -> float:
+        created = self.claim.created
+        return (self.now - created).total_seconds() if created else 0.0
 
     def requeue(self, after_s: float) -> None:
         self.requeue_after.append(max(after_s, 0.0))
+
+    def next_look(self) -> float | None:
+        """When to reconcile the claim again: the soonest any phase asked for; None: on the next event."""
+        return min(self.requeue_after) if self.requeue_after else None
 
     def report(self, events: EventRecorder, condition: str, reason: str, message: str, *, failed: bool = False,
                event_message: str = "") -> bool:
@@ -67,7 +89,8 @@ class Reconciliation:
 
 @dataclass(frozen=True)
 class Outcome:
-    """done: the phase's condition is True and the next phase may run."""
+    """What every phase's `reconcile(r)` returns. done: the phase has nothing left to do (its condition is
+    True, or for termination the claim is released), so the next phase may run."""
 
     done: bool
 

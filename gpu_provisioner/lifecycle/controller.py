@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import structlog
 
 from gpu_provisioner import metrics
-from gpu_provisioner.api.claims import TERMINATION_FINALIZER, Claim, StatusWriter
+from gpu_provisioner.api.claims import TERMINATION_FINALIZER, Claim
 from gpu_provisioner.lifecycle.base import Deps, Reconciliation
 from gpu_provisioner.lifecycle.initialization import Initialization
 from gpu_provisioner.lifecycle.launch import Launch
@@ -39,14 +37,16 @@ class ClaimLifecycle:
     def reconcile(self, claim: Claim) -> float | None:
         """Drive the claim one step; returns when to look again (None: only on the next event)."""
         if claim.deleting:
-            return self.termination.reconcile(claim)
+            r = Reconciliation(claim, self.deps.clock())
+            self.termination.reconcile(r)
+            return r.next_look()
         if TERMINATION_FINALIZER not in claim.finalizers:
             # Before any cloud call, so a deletion can never skip cleaning up.
             claim = Claim(claim.api, self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": {
                 "finalizers": [*claim.finalizers, TERMINATION_FINALIZER],
                 "resourceVersion": claim.metadata["resourceVersion"],
             }}))
-        r = Reconciliation(claim, StatusWriter(claim))
+        r = Reconciliation(claim, self.deps.clock())
         try:
             for index, phase in enumerate(self.phases):
                 if not phase.reconcile(r).done:
@@ -59,8 +59,8 @@ class ClaimLifecycle:
             if r.status.changed():
                 status = r.status.render()
                 self.deps.kube.patch_claim_status(claim.api, claim.name, status)
-                self._record_transitions(claim, status)
-        return min(r.requeue_after) if r.requeue_after else None
+                self._record_transitions(r, status)
+        return r.next_look()
 
     @staticmethod
     def _later_phases_wait(r: Reconciliation, blocked: int) -> None:
@@ -73,8 +73,8 @@ class ClaimLifecycle:
                 r.status.wait(phase, reason, message)
 
     @staticmethod
-    def _record_transitions(claim: Claim, status: dict) -> None:
-        age_s = (datetime.now(UTC) - claim.created).total_seconds()
+    def _record_transitions(r: Reconciliation, status: dict) -> None:
+        claim = r.claim
         for condition in status["conditions"]:
             before = claim.condition(condition["type"]) or {}
             if (before.get("status"), before.get("reason")) == (condition["status"], condition["reason"]):
@@ -83,4 +83,4 @@ class ClaimLifecycle:
                      status=condition["status"], reason=condition["reason"], message=condition["message"])
             if condition["status"] == "True":
                 stage = condition["type"].removeprefix("Machine").lower()
-                metrics.STAGE_SECONDS.labels(kind=claim.api.kind, stage=stage).observe(age_s)
+                metrics.STAGE_SECONDS.labels(kind=claim.api.kind, stage=stage).observe(r.claim_age_s)

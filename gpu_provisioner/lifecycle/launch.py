@@ -8,13 +8,12 @@ the node joined.
 from __future__ import annotations
 
 import threading
-import time
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
 
 import structlog
 
 from gpu_provisioner import metrics
-from gpu_provisioner.api.claims import INSTANCE_TYPE_LABEL, Claim, now_rfc3339
+from gpu_provisioner.api.claims import INSTANCE_TYPE_LABEL, rfc3339
 from gpu_provisioner.cloud.agentpools import PoolState
 from gpu_provisioner.cloud.errors import (
     INSUFFICIENT_CAPACITY_PHRASE,
@@ -69,8 +68,8 @@ class Launch:
         self._unavailable: dict[str, dict[str, CloudError]] = {}
         # claim uid -> generation ARM refused: no retry until the claim changes
         self._rejected: dict[str, int] = {}
-        # claim uid -> (monotonic time before which no size is tried again, how often all were unavailable)
-        self._capacity_backoff: dict[str, tuple[float, int]] = {}
+        # claim uid -> (time before which no size is tried again, how often all were unavailable)
+        self._capacity_backoff: dict[str, tuple[datetime, int]] = {}
         # claim uid -> when a claim refused earlier became launchable (its launch timeout starts there)
         self._refusal_ended: dict[str, datetime] = {}
 
@@ -79,17 +78,17 @@ class Launch:
             for memory in (self._unavailable, self._rejected, self._capacity_backoff, self._refusal_ended):
                 memory.pop(uid, None)
 
-    def attempt_started(self, claim: Claim) -> datetime:
+    def attempt_started(self, r: Reconciliation) -> datetime:
         """When the current launch attempt began: the claim's creation, or the moment a refused claim was fixed."""
         with self._lock:
-            return self._refusal_ended.get(claim.uid, claim.created)
+            return self._refusal_ended.get(r.claim.uid) or r.claim.created or r.now
 
     def reconcile(self, r: Reconciliation) -> Outcome:
         claim, condition = r.claim, r.claim.api.launched
         if r.status.is_true(condition):
             return DONE
         try:
-            request = build_pool_request(claim, created_at=claim.metadata.get("creationTimestamp") or now_rfc3339())
+            request = build_pool_request(claim, created_at=rfc3339(claim.created or r.now))
         except InvalidClaim as invalid:
             self._fail(r, invalid.reason, invalid.message)
             return WAITING
@@ -98,7 +97,7 @@ class Launch:
         previous = claim.condition(condition) or {}
         if previous.get("status") == "False" and previous.get("reason") in CLAIM_REFUSALS:
             with self._lock:
-                self._refusal_ended[claim.uid] = datetime.now(UTC)
+                self._refusal_ended[claim.uid] = r.now
         inventory = self.deps.inventory
         if not inventory.synced:
             # After a restart a PUT may be in flight: only a LIST can tell, so no write before one.
@@ -139,7 +138,8 @@ class Launch:
 
     def _create(self, r: Reconciliation, request: PoolRequest) -> Outcome:
         claim, condition = r.claim, r.claim.api.launched
-        wait = self._capacity_backoff.get(claim.uid, (0.0, 0))[0] - time.monotonic()
+        retry_at = self._capacity_backoff.get(claim.uid, (r.now, 0))[0]
+        wait = (retry_at - r.now).total_seconds()
         if wait > 0:
             # Every size just failed for capacity: asking again at once would only burn ARM writes.
             r.requeue(wait)
@@ -244,9 +244,9 @@ class Launch:
     def _all_unavailable(self, r: Reconciliation) -> Outcome:
         with self._lock:
             causes = self._unavailable.pop(r.claim.uid, {})
-            failures = self._capacity_backoff.get(r.claim.uid, (0.0, 0))[1] + 1
+            failures = self._capacity_backoff.get(r.claim.uid, (r.now, 0))[1] + 1
             retry_s = min(CAPACITY_RETRY_S * 2 ** (failures - 1), CAPACITY_RETRY_MAX_S)
-            self._capacity_backoff[r.claim.uid] = (time.monotonic() + retry_s, failures)
+            self._capacity_backoff[r.claim.uid] = (r.now + timedelta(seconds=retry_s), failures)
         detail = "; ".join(f"{name}: {cause.describe()}" for name, cause in causes.items())
         reasons = {cause.reason for cause in causes.values()}
         reason = reasons.pop() if len(reasons) == 1 else "InsufficientCapacity"

@@ -8,13 +8,13 @@ never reached the cloud.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 import structlog
 
 from gpu_provisioner import metrics
 from gpu_provisioner.api.claims import parse_time
-from gpu_provisioner.lifecycle.base import Deps, Reconciliation
+from gpu_provisioner.lifecycle.base import DONE, Deps, Outcome, Reconciliation
 from gpu_provisioner.lifecycle.launch import CAPACITY_FAILURES, CLAIM_REFUSALS, IN_PROGRESS, Launch
 
 log = structlog.get_logger(__name__)
@@ -25,9 +25,9 @@ class Liveness:
         self.deps = deps
         self.launch = launch
 
-    def reconcile(self, r: Reconciliation) -> None:
+    def reconcile(self, r: Reconciliation) -> Outcome:
+        """Never holds the claim back (DONE); deletes it when it is past saving."""
         claim, status, settings = r.claim, r.status, self.deps.settings
-        now = datetime.now(UTC)
         launched = status.get(claim.api.launched) or {}
         inventory = self.deps.inventory
         pool = inventory.get(claim.name)
@@ -43,16 +43,17 @@ class Liveness:
             if launched.get("reason") in CLAIM_REFUSALS | CAPACITY_FAILURES:
                 # Kept: deleting it loses the user's input (a refusal) or only has Kaito make the same claim,
                 # which fails the same way (no capacity; retried here with backoff).
-                return
+                return DONE
             timeout_s = settings.launch_timeout_s
             if pool is not None and pool.provisioning_state in IN_PROGRESS:
                 # AKS accepted the pool: creating a GPU pool takes minutes and its node joins only then. Karpenter's
                 # registration timeout covers that stretch once an instance exists; so it does here.
                 timeout_s += settings.registration_timeout_s
-            self._check(r, "LaunchTimeout", "launch", self.launch.attempt_started(claim), timeout_s, now)
+            self._check(r, "LaunchTimeout", "launch", self.launch.attempt_started(r), timeout_s)
         elif not status.is_true(claim.api.registered):
-            since = parse_time(launched.get("lastTransitionTime")) or claim.created
-            self._check(r, "RegistrationTimeout", "registration", since, settings.registration_timeout_s, now)
+            since = parse_time(launched.get("lastTransitionTime")) or claim.created or r.now
+            self._check(r, "RegistrationTimeout", "registration", since, settings.registration_timeout_s)
+        return DONE
 
     def _node_gone(self, r: Reconciliation) -> str:
         """Why the claim's registered Node is going or gone, or "" when it is not."""
@@ -65,9 +66,8 @@ class Liveness:
         going = next((n["metadata"]["name"] for n in nodes if n["metadata"].get("deletionTimestamp")), None)
         return f"node {going} is being deleted" if going else ""
 
-    def _check(self, r: Reconciliation, reason: str, phase: str, since: datetime, timeout_s: float,
-               now: datetime) -> None:
-        remaining = timeout_s - (now - since).total_seconds()
+    def _check(self, r: Reconciliation, reason: str, phase: str, since: datetime, timeout_s: float) -> None:
+        remaining = timeout_s - (r.now - since).total_seconds()
         if remaining > 0:
             r.requeue(remaining)
             return

@@ -6,7 +6,6 @@ Pools without our tag are never touched, nor pools of a claim API this controlle
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 import structlog
 
@@ -26,7 +25,7 @@ class OrphanSweep:
         self.claim_exists = claim_exists
 
     def sweep(self) -> list[str]:
-        now = datetime.now(UTC)
+        now = self.deps.clock()
         deleted = []
         for pool in self.deps.inventory.all():
             # A pool still being created refuses a DELETE: it is deleted on a later sweep.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -16,7 +16,7 @@ from gpu_provisioner import metrics
 from gpu_provisioner.api.claims import CLAIM_APIS, TERMINATION_FINALIZER, Claim
 from gpu_provisioner.cloud.agentpools import PoolState
 from gpu_provisioner.cloud.errors import AccessDeniedError, RequestFailedError
-from gpu_provisioner.lifecycle.base import Deps
+from gpu_provisioner.lifecycle.base import DONE, WAITING, Deps, Outcome, Reconciliation
 from gpu_provisioner.lifecycle.launch import IN_PROGRESS, REFUSED_RETRY_S
 
 log = structlog.get_logger(__name__)
@@ -39,11 +39,11 @@ def _still_leaving(pod: Any, now: datetime) -> bool:
         "Succeeded", "Failed")
 
 
-def _drain_time_is_up(claim: Claim) -> bool:
+def _drain_time_is_up(claim: Claim, now: datetime) -> bool:
     grace_s, deleted_at = claim.termination_grace_s, claim.deleted_at
     if grace_s is None or deleted_at is None:
         return False
-    return datetime.now(UTC) >= deleted_at + timedelta(seconds=grace_s)
+    return now >= deleted_at + timedelta(seconds=grace_s)
 
 
 def _belongs_to(claim: Claim, node: dict[str, Any]) -> bool:
@@ -123,10 +123,11 @@ class Termination:
             self._vanished.pop(key, None)
         return None
 
-    def reconcile(self, claim: Claim) -> float | None:
-        """Returns when to look again, or None once the finalizer is released."""
+    def reconcile(self, r: Reconciliation) -> Outcome:
+        """DONE once the finalizer is released; until then it asks (r.requeue) when to look again."""
+        claim = r.claim
         if TERMINATION_FINALIZER not in claim.finalizers:
-            return None
+            return DONE
         inventory = self.deps.inventory
         pool = inventory.get(claim.name)
         pool_is_ours = pool is not None and pool.managed and pool.claim_key in ("", claim.key)
@@ -134,9 +135,10 @@ class Termination:
             # A pool of the claim's name made by someone else (AgentPoolNameTaken) keeps its nodes.
             if not (pool_is_ours or _belongs_to(claim, node)):
                 continue
-            wait = self._retire_node(claim, node)
+            wait = self._retire_node(r, node)
             if wait is not None:
-                return wait
+                r.requeue(wait)
+                return WAITING
         with self._lock:
             # No pool in sight yet may still mean a PUT whose answer was lost: only a LIST that began after
             # termination did can say there is none.
@@ -145,22 +147,26 @@ class Termination:
             progress.pool_fate = f"agent pool {pool.name} deleted"
             if pool.provisioning_state in IN_PROGRESS:
                 # AKS refuses a DELETE while the create runs: wait for the LIST to show it ended.
-                return inventory.interval_s
+                r.requeue(inventory.interval_s)
+                return WAITING
             if pool.provisioning_state != "Deleting":
                 try:
                     self.deps.pools.delete(pool.name)
                 except (AccessDeniedError, RequestFailedError) as error:
                     self.deps.events.warning(claim.obj, error.reason, f"may not delete agent pool {pool.name}, so "
                                              f"the claim is kept until it can: {error.describe()}")
-                    return REFUSED_RETRY_S
+                    r.requeue(REFUSED_RETRY_S)
+                    return WAITING
                 inventory.record(PoolState(pool.name, "Deleting", pool.vm_size, pool.tags))
                 progress.gone_after = inventory.now()
                 self.deps.events.normal(claim.obj, "DeletingAgentPool", f"deleting agent pool {pool.name}")
                 log.info("agent pool delete started", claim=claim.key, pool=pool.name)
-            return inventory.interval_s * 3
+            r.requeue(inventory.interval_s * 3)
+            return WAITING
         if not inventory.synced or not inventory.listed_since(progress.gone_after):
             inventory.request_refresh()
-            return min(inventory.interval_s, 1.0)
+            r.requeue(min(inventory.interval_s, 1.0))
+            return WAITING
         self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": {
             "finalizers": [f for f in claim.finalizers if f != TERMINATION_FINALIZER],
             "resourceVersion": claim.metadata["resourceVersion"],
@@ -169,7 +175,7 @@ class Termination:
         self.deps.events.normal(claim.obj, "Terminated", progress.pool_fate or self._no_pool_of_ours(claim, pool))
         metrics.TERMINATIONS.labels(kind=claim.api.kind, result="Terminated").inc()
         log.info("claim terminated", claim=claim.key)
-        return None
+        return DONE
 
     @staticmethod
     def _no_pool_of_ours(claim: Claim, pool: PoolState | None) -> str:
@@ -177,16 +183,16 @@ class Termination:
             return f"agent pool {pool.name} was not made by gpu-provisioner for this claim and is left alone"
         return "AKS has no agent pool for this claim (none was created, or it was already gone)"
 
-    def _retire_node(self, claim: Claim, node: dict[str, Any]) -> float | None:
+    def _retire_node(self, r: Reconciliation, node: dict[str, Any]) -> float | None:
         """Cordon, drain and delete one Node; returns a wait while pods are still leaving."""
+        claim, now = r.claim, r.now
         kube, name = self.deps.kube, node["metadata"]["name"]
         if not (node.get("spec") or {}).get("unschedulable"):
             node = kube.patch_node(name, {"spec": {"unschedulable": True}})
-        now = datetime.now(UTC)
         drainable = [pod for pod in kube.pods_on_node(name) if _drainable(pod)]
         pods = [pod for pod in drainable if pod.metadata.deletion_timestamp is None]
         leaving = [pod for pod in drainable if _still_leaving(pod, now)]
-        if (pods or leaving) and _drain_time_is_up(claim):
+        if (pods or leaving) and _drain_time_is_up(claim, now):
             # The NodeClaim's terminationGracePeriod bounds the drain: the Node goes with its pods on it
             # (the pod garbage collector removes them), so a blocked eviction cannot keep a GPU VM forever.
             self.deps.events.warning(claim.obj, "TerminationGracePeriodExpired", f"terminationGracePeriod "

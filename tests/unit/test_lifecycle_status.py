@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from gpu_provisioner.api.claims import MACHINE, NODECLAIM, TERMINATION_FINALIZER, Claim
-from gpu_provisioner.lifecycle.base import DONE, WAITING
+from gpu_provisioner.lifecycle.base import DONE, WAITING, utc_now
 from gpu_provisioner.lifecycle.controller import ClaimLifecycle
 
 
@@ -22,7 +22,7 @@ class RecordingKube:
 def test_status_from_earlier_phases_is_written_when_a_later_phase_raises():
     kube = RecordingKube()
     deps = SimpleNamespace(
-        kube=kube, settings=SimpleNamespace(launch_timeout_s=300, registration_timeout_s=900),
+        kube=kube, settings=SimpleNamespace(launch_timeout_s=300, registration_timeout_s=900), clock=utc_now,
         inventory=SimpleNamespace(synced=True, get=lambda name: object()),
     )
     lifecycle = ClaimLifecycle(deps)
@@ -52,12 +52,12 @@ def _pending_launch(r):
 def _lifecycle_with(launch) -> tuple[ClaimLifecycle, RecordingKube]:
     kube = RecordingKube()
     deps = SimpleNamespace(
-        kube=kube, settings=SimpleNamespace(launch_timeout_s=300, registration_timeout_s=900),
+        kube=kube, settings=SimpleNamespace(launch_timeout_s=300, registration_timeout_s=900), clock=utc_now,
         inventory=SimpleNamespace(synced=True, get=lambda name: None),
     )
     lifecycle = ClaimLifecycle(deps)
     lifecycle.phases = (SimpleNamespace(reconcile=launch), *lifecycle.phases[1:])
-    lifecycle.liveness = SimpleNamespace(reconcile=lambda r: None)
+    lifecycle.liveness = SimpleNamespace(reconcile=lambda r: DONE)
     return lifecycle, kube
 
 

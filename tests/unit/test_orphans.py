@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 from gpu_provisioner.cloud.agentpools import PoolState
 from gpu_provisioner.cloud.errors import PoolBusyError
+from gpu_provisioner.lifecycle.base import utc_now
 from gpu_provisioner.lifecycle.orphans import OrphanSweep
 
 OLD = "2026-01-01T00:00:00Z"
@@ -31,7 +32,7 @@ def sweep(states: list[PoolState], refusing: set[str] = frozenset(), live_claims
     pools = Pools(set(refusing))
     deps = SimpleNamespace(
         inventory=SimpleNamespace(all=lambda: states, record=recorded.append),
-        pools=pools, settings=SimpleNamespace(orphan_grace_s=600),
+        pools=pools, settings=SimpleNamespace(orphan_grace_s=600), clock=utc_now,
     )
     deleted = OrphanSweep(deps, lambda key: key.split("/", 1)[1] in live_claims).sweep()
     return deleted, pools.deleted, {state.name: state.provisioning_state for state in recorded}

@@ -33,7 +33,7 @@ def test_machine_maps_to_the_go_provisioners_body():
     request = build_pool_request(claim(MACHINE), CREATED)
     body = request.body(request.vm_sizes[0])["properties"]
     assert body["vmSize"] == "Standard_NC6s_v3" and body["count"] == 1
-    assert body["osDiskSizeGB"] == 34 and body["osSKU"] == "Ubuntu" and body["osType"] == "Linux"
+    assert body["osDiskSizeGB"] == 50 and body["osSKU"] == "Ubuntu" and body["osType"] == "Linux"
     assert body["nodeTaints"] == ["sku=gpu:NoSchedule"]
     assert body["nodeLabels"]["karpenter.sh/provisioner-name"] == "default"
     assert body["nodeLabels"]["kaito.sh/machine-type"] == "gpu"
@@ -48,7 +48,7 @@ def test_nodeclaim_uses_nodepool_label_and_image_family():
     )
     body = request.body(request.vm_sizes[0])["properties"]
     assert body["nodeLabels"]["karpenter.sh/nodepool"] == "kaito"
-    assert body["osSKU"] == "AzureLinux" and body["osDiskSizeGB"] == 1024
+    assert body["osSKU"] == "AzureLinux" and body["osDiskSizeGB"] == 87
 
 
 def test_sizes_keep_the_claims_order_and_skip_unknown_ones():

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
 from gpu_provisioner.api.claims import MACHINE, NODECLAIM, READY, Claim, StatusWriter, parse_duration
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
 
 def bare(api, status=None) -> Claim:
@@ -12,7 +16,7 @@ def bare(api, status=None) -> Claim:
 
 
 def test_ready_repeats_the_first_blocking_phase():
-    writer = StatusWriter(bare(NODECLAIM))
+    writer = StatusWriter(bare(NODECLAIM), NOW)
     writer.set("Launched", "True", "Launched")
     writer.set("Registered", "Unknown", "NodeNotFound", "waiting for the node")
     conditions = {c["type"]: c for c in writer.render()["conditions"]}
@@ -23,7 +27,7 @@ def test_ready_repeats_the_first_blocking_phase():
 
 
 def test_machine_conditions_have_no_observed_generation_and_ready_when_all_true():
-    writer = StatusWriter(bare(MACHINE))
+    writer = StatusWriter(bare(MACHINE), NOW)
     for phase in MACHINE.phases:
         writer.set(phase, "True", phase)
     rendered = writer.render()["conditions"]
@@ -33,11 +37,11 @@ def test_machine_conditions_have_no_observed_generation_and_ready_when_all_true(
 
 
 def test_unchanged_status_is_not_rewritten_and_keeps_transition_time():
-    first = StatusWriter(bare(NODECLAIM))
+    first = StatusWriter(bare(NODECLAIM), NOW)
     first.set("Launched", "Unknown", "Launching", "creating")
     status = first.render()
     status["conditions"][0]["lastTransitionTime"] = "2026-01-01T00:00:00Z"
-    again = StatusWriter(bare(NODECLAIM, status))
+    again = StatusWriter(bare(NODECLAIM, status), NOW)
     again.set("Launched", "Unknown", "Launching", "creating")
     assert not again.changed()
     again.set("Launched", "True", "Launched")
