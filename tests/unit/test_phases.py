@@ -1,0 +1,236 @@
+"""Each lifecycle phase on its own, with plain fakes for the cluster and ARM and a clock the test moves:
+timeouts and backoffs are checked by moving time, never by sleeping."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import yaml
+
+from gpu_provisioner.api.claims import MACHINE, NODECLAIM, TERMINATION_FINALIZER, Claim, ClaimApi, rfc3339
+from gpu_provisioner.cloud.agentpools import PoolState
+from gpu_provisioner.cloud.errors import QuotaExceededError
+from gpu_provisioner.cloud.inventory import PoolInventory
+from gpu_provisioner.lifecycle.base import Deps, Reconciliation
+from gpu_provisioner.lifecycle.controller import ClaimLifecycle
+from gpu_provisioner.sandbox import EXAMPLES
+
+START = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+class Pools:
+    """ARM's agent pools as a dict; `refuse` makes every PUT fail with that error."""
+
+    def __init__(self) -> None:
+        self.pools: dict[str, PoolState] = {}
+        self.puts: list[str] = []
+        self.deletes: list[str] = []
+        self.refuse: Exception | None = None
+
+    def create(self, name: str, body: dict[str, Any]) -> PoolState:
+        self.puts.append(name)
+        if self.refuse is not None:
+            raise self.refuse
+        properties = body["properties"]
+        self.pools[name] = PoolState(name, "Creating", properties["vmSize"], properties["tags"])
+        return self.pools[name]
+
+    def delete(self, name: str) -> None:
+        self.deletes.append(name)
+        self.pools.pop(name, None)
+
+    def list(self) -> list[PoolState]:
+        return list(self.pools.values())
+
+    def cluster(self) -> Any:
+        return SimpleNamespace(accepts_pool_changes=True, describe=lambda: "running")
+
+
+class Kube:
+    def __init__(self) -> None:
+        self.statuses: list[dict[str, Any]] = []
+        self.deleted_claims: list[str] = []
+        self.claim_patches: list[dict[str, Any]] = []
+
+    def patch_claim(self, api: ClaimApi, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        self.claim_patches.append(patch)
+        return patch
+
+    def patch_claim_status(self, api: ClaimApi, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        self.statuses.append(status)
+        return status
+
+    def delete_claim(self, api: ClaimApi, name: str) -> None:
+        self.deleted_claims.append(name)
+
+
+class Events:
+    def __init__(self) -> None:
+        self.recorded: list[tuple[str, str]] = []
+
+    def normal(self, obj: dict[str, Any], reason: str, message: str) -> None:
+        self.recorded.append((reason, message))
+
+    warning = normal
+
+    def reasons(self) -> list[str]:
+        return [reason for reason, _ in self.recorded]
+
+
+class Harness:
+    def __init__(self, launch_timeout_s: float = 300.0) -> None:
+        self.clock = Clock()
+        self.pools = Pools()
+        self.kube = Kube()
+        self.events = Events()
+        self.list_clock = [0.0]
+        self.inventory = PoolInventory(self.pools, 10.0, lambda before, after: None, clock=lambda: self.list_clock[0])
+        self.list()
+        settings = SimpleNamespace(launch_timeout_s=launch_timeout_s, registration_timeout_s=900.0,
+                                   cluster_name="kaito")
+        self.deps = Deps(settings, self.kube, self.pools, self.inventory, SimpleNamespace(nodes_for=lambda c: []),
+                         SimpleNamespace(claim_exists=lambda c: True), self.events, clock=self.clock)
+        self.lifecycle = ClaimLifecycle(self.deps)
+
+    def list(self) -> None:
+        """One LIST, begun after everything recorded so far."""
+        self.list_clock[0] += 1
+        self.inventory.refresh()
+
+    def reconcile(self, claim: Claim) -> float | None:
+        requeue = self.lifecycle.reconcile(claim)
+        if self.kube.statuses:
+            claim.obj["status"] = self.kube.statuses[-1]
+        return requeue
+
+
+def kaito(api: ClaimApi, **metadata: Any) -> Claim:
+    obj = yaml.safe_load((EXAMPLES / f"kaito-{api.name}.yaml").read_text())
+    obj["metadata"].update({"uid": "uid-1", "resourceVersion": "1", "creationTimestamp": rfc3339(START),
+                            "finalizers": [TERMINATION_FINALIZER], **metadata})
+    return Claim(api, obj)
+
+
+def test_the_launch_timeout_fires_when_the_clock_passes_it_and_not_before():
+    harness = Harness(launch_timeout_s=300)
+    harness.pools.cluster = lambda: SimpleNamespace(accepts_pool_changes=False, describe=lambda: "stopped")
+    claim = kaito(NODECLAIM)
+    harness.clock.advance(299)
+    requeue = harness.reconcile(claim)
+    assert harness.kube.deleted_claims == [] and requeue is not None and requeue <= 1.0
+    harness.clock.advance(2)
+    harness.reconcile(claim)
+    assert harness.kube.deleted_claims == [claim.name] and "LaunchTimeout" in harness.events.reasons()
+
+
+def test_a_capacity_failure_is_kept_past_the_launch_timeout_and_retried_with_doubling_backoff():
+    harness = Harness(launch_timeout_s=300)
+    harness.pools.refuse = QuotaExceededError("Insufficient vcpu quota", "ErrCode_InsufficientVCPUQuota", 400)
+    claim = kaito(MACHINE)
+    assert harness.reconcile(claim) == 60
+    launched = Claim(MACHINE, claim.obj).condition(MACHINE.launched)
+    assert (launched["status"], launched["reason"]) == ("False", "QuotaExceeded")
+    assert launched["message"] == "all requested instance types were unavailable during launch"
+    retries = [len(harness.pools.puts)]
+    for wait in (60, 120, 240, 480, 900, 900):
+        harness.clock.advance(wait - 1)
+        harness.reconcile(claim)  # too early: no PUT
+        harness.clock.advance(1)
+        harness.reconcile(claim)
+        retries.append(len(harness.pools.puts))
+    assert retries == [1, 2, 3, 4, 5, 6, 7]
+    assert harness.kube.deleted_claims == []  # 45 minutes on, past any launch timeout
+    assert harness.events.reasons().count("QuotaExceeded") == 1
+
+
+def test_registration_timeout_counts_from_launch():
+    harness = Harness()
+    claim = kaito(NODECLAIM)
+    harness.reconcile(claim)  # PUT
+    harness.pools.pools[claim.name] = PoolState(claim.name, "Succeeded", "Standard_NC24ads_A100_v4",
+                                                harness.pools.pools[claim.name].tags)
+    harness.clock.advance(100)
+    harness.list()
+    harness.reconcile(claim)  # launched, no node
+    registered = Claim(NODECLAIM, claim.obj).condition(NODECLAIM.registered)
+    assert (registered["status"], registered["reason"]) == ("Unknown", "NodeNotFound")
+    harness.clock.advance(899)
+    harness.reconcile(claim)
+    assert harness.kube.deleted_claims == []
+    harness.clock.advance(2)
+    harness.reconcile(claim)
+    assert harness.kube.deleted_claims == [claim.name] and "RegistrationTimeout" in harness.events.reasons()
+
+
+def test_termination_releases_a_claim_only_after_a_list_that_began_after_it_and_says_what_happened():
+    harness = Harness()
+    claim = kaito(NODECLAIM, deletionTimestamp=rfc3339(START))
+    harness.reconcile(claim)
+    assert harness.kube.claim_patches == []  # an earlier LIST cannot tell whether a PUT is still landing
+    harness.list()
+    assert harness.reconcile(claim) is None
+    assert harness.kube.claim_patches[-1]["metadata"]["finalizers"] == []
+    assert ("Terminated", "AKS has no agent pool for this claim (none was created, or it was already gone)") in (
+        harness.events.recorded)
+
+
+def test_termination_deletes_our_pool_and_says_so():
+    harness = Harness()
+    claim = kaito(NODECLAIM)
+    harness.reconcile(claim)  # PUT
+    pool = harness.pools.pools[claim.name]
+    harness.pools.pools[claim.name] = PoolState(claim.name, "Succeeded", pool.vm_size, pool.tags)
+    harness.list()
+    claim.obj["metadata"]["deletionTimestamp"] = rfc3339(START)
+    harness.reconcile(claim)
+    assert harness.pools.deletes == [claim.name]
+    harness.list()
+    harness.reconcile(claim)
+    assert ("Terminated", f"agent pool {claim.name} deleted") in harness.events.recorded
+
+
+def test_reap_deletes_the_pool_of_a_claim_deleted_despite_its_finalizer():
+    harness = Harness()
+    claim = kaito(MACHINE)
+    harness.reconcile(claim)  # PUT
+    harness.lifecycle.claim_deleted(claim)  # the watch's DELETED, termination never ran
+    assert harness.lifecycle.reap(claim.key) == 10.0  # AKS refuses a DELETE while the create runs
+    pool = harness.pools.pools[claim.name]
+    harness.pools.pools[claim.name] = PoolState(claim.name, "Succeeded", pool.vm_size, pool.tags)
+    harness.list()
+    assert harness.lifecycle.reap(claim.key) is None
+    assert harness.pools.deletes == [claim.name]
+    assert harness.lifecycle.reap(claim.key) is None and harness.pools.deletes == [claim.name]
+
+
+def test_reap_leaves_a_pool_made_for_another_claim_of_that_name_alone():
+    harness = Harness()
+    claim = kaito(MACHINE)
+    harness.reconcile(claim)
+    pool = harness.pools.pools[claim.name]
+    harness.pools.pools[claim.name] = PoolState(claim.name, "Succeeded", pool.vm_size, pool.tags)
+    harness.list()
+    older = kaito(MACHINE, uid="uid-0")  # an earlier claim of the same name
+    harness.lifecycle.claim_deleted(older)
+    assert harness.lifecycle.reap(claim.key) is None and harness.pools.deletes == []
+
+
+def test_transition_times_are_the_reconciliation_time_not_the_wall_clock():
+    later = START + timedelta(hours=1)
+    r = Reconciliation(kaito(NODECLAIM), later)
+    r.status.set("Launched", "Unknown", "Launching", "creating")
+    assert r.status.get("Launched")["lastTransitionTime"] == rfc3339(later)
+    assert r.claim_age_s == 3600
