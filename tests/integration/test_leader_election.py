@@ -40,6 +40,8 @@ def test_standby_takes_over_when_the_leader_is_killed(claims, kube_api, start_si
     leader = wait_for("a leader", holder, timeout_s=30)
     standby = next(name for name in replicas if name != leader)
     wait_for("the leader's gauge", lambda: leader_gauge(leader) == 1)
+    # The standby may still be starting its metrics server (None), but it must never report 1.
+    wait_for("the standby's gauge", lambda: leader_gauge(standby) is not None)
     assert leader_gauge(standby) == 0
     first = f"{unique_name[:9]}a"
     claims.create(NODECLAIM, kaito_claim(NODECLAIM, first))
