@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from kubernetes.utils.quantity import parse_quantity
@@ -44,6 +45,8 @@ _NODE_DESCRIPTION_LABELS = frozenset({
 _NODE_DESCRIPTION_DOMAIN = "node.kubernetes.io"
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+# A Kubernetes resource quantity as apimachinery parses it (the claim CRDs' pattern also lets "1e1.5" through).
+_QUANTITY = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
@@ -152,19 +155,39 @@ def _vm_sizes(claim: Claim) -> tuple[VmSize, ...]:
 
 def _os_disk_gb(claim: Claim) -> int | None:
     storage = claim.requests.get(STORAGE)
-    if storage in (None, "", 0, "0"):
+    if storage is None:
         return None  # AKS's default OS disk
-    try:
-        gib = int(parse_quantity(storage)) >> 30
-    except ValueError:
-        raise InvalidClaim("InvalidStorageRequest", f"storage request {storage!r} is not a quantity") from None
-    if gib > OS_DISK_MAX_GB:
+    size = _quantity(storage)
+    if size is None:
+        raise InvalidClaim("InvalidStorageRequest",
+                           f"storage request {storage!r} is not a Kubernetes quantity; write a size such as 128Gi")
+    if size < 0:
+        raise InvalidClaim("InvalidStorageRequest",
+                           f"storage request {storage} is negative; write a size such as 128Gi, or 0 for AKS's default")
+    if size == 0:
+        return None  # AKS's default OS disk, as Kaito asks for a workspace without a preset
+    # Compared before any int(): "1e999999999" would otherwise be built as a billion-digit integer.
+    if size > OS_DISK_MAX_GB << 30:
         raise InvalidClaim(
             "InvalidStorageRequest",
             f"storage request {storage} exceeds the largest AKS OS disk ({OS_DISK_MAX_GB} GiB)",
         )
+    if size != size.to_integral_value():
+        # Most likely a size without its unit ("0.5" meaning 0.5Gi): guessing one could be 1000x off.
+        raise InvalidClaim("InvalidStorageRequest",
+                           f"storage request {storage} is not a whole number of bytes; give the unit, such as 128Gi")
     # A disk bigger than asked still satisfies the request; AKS refuses anything below its minimum.
-    return max(gib, OS_DISK_MIN_GB)
+    return max(int(size) >> 30, OS_DISK_MIN_GB)
+
+
+def _quantity(value: object) -> Decimal | None:
+    # parse_quantity alone takes what Kubernetes does not ("NaN", "1_000", "1e3Gi"), so check the grammar first.
+    if isinstance(value, bool) or not _QUANTITY.fullmatch(str(value)):
+        return None
+    try:
+        return parse_quantity(str(value))
+    except ValueError:  # a suffix on an exponent too large for Decimal
+        return None
 
 
 def _os_sku(claim: Claim) -> str:

@@ -1,9 +1,11 @@
-"""Two replicas: only the Lease holder reconciles; when it dies, the standby takes over in time."""
+"""Two replicas: only the Lease holder reconciles; when it dies, the standby takes over in time, measured
+on its own clock (a holder whose clock is behind keeps its Lease as long as it renews it)."""
 
 from __future__ import annotations
 
 import signal
 import time
+from datetime import UTC, datetime, timedelta
 
 import kubernetes
 
@@ -38,6 +40,8 @@ def test_standby_takes_over_when_the_leader_is_killed(claims, kube_api, start_si
     leader = wait_for("a leader", holder, timeout_s=30)
     standby = next(name for name in replicas if name != leader)
     wait_for("the leader's gauge", lambda: leader_gauge(leader) == 1)
+    # The standby may still be starting its metrics server (None), but it must never report 1.
+    wait_for("the standby's gauge", lambda: leader_gauge(standby) is not None)
     assert leader_gauge(standby) == 0
     first = f"{unique_name[:9]}a"
     claims.create(NODECLAIM, kaito_claim(NODECLAIM, first))
@@ -54,3 +58,46 @@ def test_standby_takes_over_when_the_leader_is_killed(claims, kube_api, start_si
     assert took_over_s < 60
     assert sim.count_requests("agentpools.create") == 2  # one pool each, nobody raced
     coordination.delete_namespaced_lease(LEASE_NAME, namespace)
+
+
+def test_standby_leaves_a_skewed_holder_alone_while_it_renews(claims, kube_api, start_sim, controller_process,
+                                                             unique_name):
+    sim = start_sim()
+    namespace = f"gp-{unique_name}"  # its own Lease, whatever other tests left in theirs
+    kubernetes.client.CoreV1Api(kube_api).create_namespace({"metadata": {"name": namespace}})
+    coordination = kubernetes.client.CoordinationV1Api(kube_api)
+
+    def skewed_spec() -> dict[str, object]:
+        # A holder whose clock is 20 s behind: every renewTime it writes looks expired to a naive reader.
+        behind = (datetime.now(UTC) - timedelta(seconds=20)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return {"holderIdentity": "skewed-holder", "leaseDurationSeconds": LEASE_S, "acquireTime": behind,
+                "renewTime": behind, "leaseTransitions": 0}
+
+    coordination.create_namespaced_lease(namespace, {"metadata": {"name": LEASE_NAME}, "spec": skewed_spec()})
+    metrics_port = free_port()
+    controller_process(sim, POD_NAME="standby", METRICS_PORT=str(metrics_port), LEADER_ELECT="true",
+                       LEASE_DURATION_SECONDS=str(LEASE_S), POD_NAMESPACE=namespace)
+
+    def leader_gauge() -> float | None:
+        values = metric_samples(http_get(f"http://127.0.0.1:{metrics_port}/metrics")[1])
+        return values.get(("gpu_provisioner_leader", ()))
+
+    wait_for("the standby's metrics", lambda: leader_gauge() is not None)
+    claims.create(NODECLAIM, kaito_claim(NODECLAIM, unique_name))
+    renew_until = time.monotonic() + LEASE_S * 4
+    while time.monotonic() < renew_until:
+        lease = coordination.read_namespaced_lease(LEASE_NAME, namespace)
+        assert lease.spec.holder_identity == "skewed-holder"
+        coordination.replace_namespaced_lease(LEASE_NAME, namespace, {
+            "metadata": {"name": LEASE_NAME, "resourceVersion": lease.metadata.resource_version},
+            "spec": skewed_spec()})
+        time.sleep(0.5)
+    assert leader_gauge() == 0
+    assert sim.count_requests("agentpools.create") == 0  # the standby did not reconcile
+
+    stopped_at = time.monotonic()  # the holder stops renewing
+    wait_for("the standby to hold the lease", lambda: coordination.read_namespaced_lease(
+        LEASE_NAME, namespace).spec.holder_identity == "standby", timeout_s=LEASE_S * 4)
+    assert time.monotonic() - stopped_at >= LEASE_S - 0.5  # a full lease duration on the standby's clock
+    claims.wait_condition(NODECLAIM, unique_name, READY, "True", timeout_s=60)
+    assert sim.count_requests("agentpools.create") == 1

@@ -82,11 +82,15 @@ def test_kaito_claim_gets_a_ready_gpu_node_and_deletion_removes_the_pool(
         (lambda m: m["spec"]["requirements"][0].update(values=["Standard_Imaginary_v9"]), "UnknownInstanceType"),
         (lambda m: m["spec"]["requirements"].pop(0), "InstanceTypeMissing"),
         (lambda m: m["spec"]["resources"]["requests"].update(storage="5Ti"), "InvalidStorageRequest"),
+        # The CRDs' quantity pattern lets these two through; the controller must not make them a 30 GiB disk.
+        (lambda m: m["spec"]["resources"]["requests"].update(storage="-5Gi"), "InvalidStorageRequest"),
+        (lambda m: m["spec"]["resources"]["requests"].update(storage="0.5"), "InvalidStorageRequest"),
         (lambda m: m["metadata"].setdefault("annotations", {}).update({"kaito.sh/node-image-family": "windows"}),
          "UnsupportedNodeImageFamily"),
         (lambda m: m["metadata"]["labels"].update({"kubernetes.azure.com/mode": "system"}), "RestrictedLabel"),
     ],
-    ids=["pool-name", "unknown-sku", "no-instance-type", "disk-too-big", "image-family", "hostile-label"],
+    ids=["pool-name", "unknown-sku", "no-instance-type", "disk-too-big", "disk-negative", "disk-fractional-bytes",
+         "image-family", "hostile-label"],
 )
 def test_bad_claim_is_refused_locally_with_a_reason_and_kept(
     mutate, reason, claims, start_sim, start_controller, unique_name

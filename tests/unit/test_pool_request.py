@@ -59,12 +59,51 @@ def test_sizes_keep_the_claims_order_and_skip_unknown_ones():
     assert [s.name for s in request.vm_sizes] == ["Standard_NC24ads_A100_v4", "Standard_NC6s_v3"]
 
 
-@pytest.mark.parametrize(("storage", "expected"), [("0", None), ("20Gi", 30), ("34Gi", 34), ("2Ti", 2048)])
+def with_storage(storage) -> Claim:
+    return claim(MACHINE, lambda m: m["spec"]["resources"]["requests"].update(storage=storage))
+
+
+@pytest.mark.parametrize(("storage", "expected"), [
+    ("20Gi", 30), ("34Gi", 34), ("2Ti", 2048), ("1.5Gi", 30), ("64424509440", 60), (5, 30), ("+34Gi", 34),
+])
 def test_os_disk_follows_the_storage_request_within_aks_limits(storage, expected):
-    request = build_pool_request(
-        claim(MACHINE, lambda m: m["spec"]["resources"]["requests"].update(storage=storage)), CREATED
-    )
+    request = build_pool_request(with_storage(storage), CREATED)
     assert request.os_disk_gb == expected
+    assert request.body(request.vm_sizes[0])["properties"]["osDiskSizeGB"] == expected
+
+
+@pytest.mark.parametrize("storage", ["0", 0, "0Gi", "0.0", "-0"])
+def test_a_zero_storage_request_sends_no_disk_size_so_aks_uses_its_default(storage):
+    request = build_pool_request(with_storage(storage), CREATED)
+    assert request.os_disk_gb is None
+    assert "osDiskSizeGB" not in request.body(request.vm_sizes[0])["properties"]
+
+
+def test_a_claim_without_a_storage_request_gets_aks_default_disk():
+    request = build_pool_request(claim(MACHINE, lambda m: m["spec"]["resources"]["requests"].pop("storage")), CREATED)
+    assert "osDiskSizeGB" not in request.body(request.vm_sizes[0])["properties"]
+
+
+NOT_A_QUANTITY = "not a Kubernetes quantity"
+
+
+@pytest.mark.parametrize(("storage", "says"), [
+    ("-5Gi", "negative"), ("-1", "negative"), (-30, "negative"),
+    # Fractional bytes: a size whose unit was left out, never meant as a fraction of a byte.
+    ("0.5", "whole number of bytes"), ("1.5", "whole number of bytes"), (0.5, "whole number of bytes"),
+    ("100m", "whole number of bytes"), ("1e-3", "whole number of bytes"),
+    # Not Kubernetes quantities, though Python's parse_quantity takes some of them.
+    ("plenty", NOT_A_QUANTITY), ("", NOT_A_QUANTITY), ("NaN", NOT_A_QUANTITY), ("Infinity", NOT_A_QUANTITY),
+    ("1_000Gi", NOT_A_QUANTITY), ("1e3Gi", NOT_A_QUANTITY), ("1e1.5", NOT_A_QUANTITY), ("5 Gi", NOT_A_QUANTITY),
+    ("34gi", NOT_A_QUANTITY), (True, NOT_A_QUANTITY),
+    ("3Ti", "exceeds"), ("2048.5Gi", "exceeds"),
+    ("1e999999999", "exceeds"),  # refused before it is made an integer of a billion digits
+])
+def test_storage_requests_that_cannot_be_meant_are_refused(storage, says):
+    with pytest.raises(InvalidClaim) as refused:
+        build_pool_request(with_storage(storage), CREATED)
+    assert refused.value.reason == "InvalidStorageRequest"
+    assert says in refused.value.message and str(storage) in refused.value.message
 
 
 @pytest.mark.parametrize(
@@ -75,7 +114,6 @@ def test_os_disk_follows_the_storage_request_within_aks_limits(storage, expected
         (lambda m: m["spec"]["requirements"].pop(0), "InstanceTypeMissing"),
         (lambda m: m["spec"]["requirements"][0].update(values=["Standard_Nope"]), "UnknownInstanceType"),
         (lambda m: m["spec"]["resources"]["requests"].update(storage="3Ti"), "InvalidStorageRequest"),
-        (lambda m: m["spec"]["resources"]["requests"].update(storage="plenty"), "InvalidStorageRequest"),
         (lambda m: m["spec"]["taints"][0].update(value="a=b:c"), "InvalidTaint"),
         (lambda m: m["metadata"].update(annotations={"kaito.sh/node-image-family": "windows"}),
          "UnsupportedNodeImageFamily"),
