@@ -109,6 +109,10 @@ def test_bad_claim_is_refused_locally_with_a_reason_and_kept(
     time.sleep(3)  # longer than the launch timeout: a claim refused for its content is not deleted
     assert claims.get(MACHINE, name) is not None
     assert pool_writes(sim) == 0 and sim.pools() == {}
+    claims.delete(MACHINE, name)
+    claims.wait_gone(MACHINE, name)
+    terminated = [e.message for e in claims.events(name) if e.reason == "Terminated"]
+    assert terminated == ["AKS has no agent pool for this claim (none was created, or it was already gone)"]
 
 
 def test_labels_and_annotations_of_the_platform_are_left_to_aks(claims, start_sim, start_controller, unique_name):
@@ -146,6 +150,8 @@ def test_a_pool_of_the_claims_name_made_by_someone_else_is_never_touched(
     wait_for("an AgentPoolNameTaken event", lambda: "AgentPoolNameTaken" in claims.event_reasons(unique_name))
     claims.delete(MACHINE, unique_name)
     claims.wait_gone(MACHINE, unique_name)
+    terminated = [e.message for e in claims.events(unique_name) if e.reason == "Terminated"]
+    assert terminated == [f"agent pool {unique_name} was not made by gpu-provisioner for this claim and is left alone"]
 
     assert pool_writes(sim) == 0 and unique_name in sim.pools()
     kept = claims.node(node.metadata.name)
@@ -313,7 +319,11 @@ def test_startup_taints_go_on_once_and_hold_initialization_until_removed(
     kept = [{"key": t.key, "value": t.value, "effect": t.effect} for t in taints if t.key != startup["key"]]
     claims.core.patch_node(node_name, {"spec": {"taints": kept}}, _content_type="application/merge-patch+json")
     claims.wait_condition(NODECLAIM, unique_name, READY, "True")
-    time.sleep(1)  # a few reconciles later it is still gone: startup taints are put on once
+    # Registration runs again (it copies a new claim label onto the Node) and leaves the taint off: startup
+    # taints are put on once.
+    claims.custom.patch_cluster_custom_object(GROUP, NODECLAIM.version, NODECLAIM.plural, unique_name,
+                                              {"metadata": {"labels": {"touched": "yes"}}})
+    wait_for("registration to run again", lambda: claims.node(node_name).metadata.labels.get("touched") == "yes")
     assert startup["key"] not in {t.key for t in claims.node(node_name).spec.taints or []}
 
 
