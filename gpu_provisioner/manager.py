@@ -95,12 +95,12 @@ class Manager:
         self.node_informer = Informer(api_client, NODES, self._on_node_event)
         self.pools = AgentPools(settings, credential)
         self.inventory = PoolInventory(self.pools, settings.pool_refresh_interval_s, self._on_pool_change)
-        kube = Kube(api_client, lambda api, obj: self.claim_informers[api.name].remember_write(obj))
+        api_server_outage = Outage("API server")
+        kube = Kube(api_client, lambda api, obj: self.claim_informers[api.name].remember_write(obj), api_server_outage)
         deps = Deps(settings, kube, self.pools, self.inventory, NodeIndex(self.node_informer),
-                    ClaimIndex(self.claim_informers), EventRecorder(api_client))
+                    ClaimIndex(self.claim_informers), EventRecorder(api_client, api_server_outage))
         self.lifecycle = ClaimLifecycle(deps)
         self.orphans = OrphanSweep(deps, self._claim_exists)
-        self.api_server_outage = Outage("API server")
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.started = False
@@ -235,9 +235,8 @@ class Manager:
             delay = self.queue.add_rate_limited(key)
             bound.warning("reconcile failed", error=str(error)[:500], retry_in_s=delay)
             return
-        except (urllib3.exceptions.HTTPError, ConnectionError) as error:
-            # The API server is restarting or unreachable: said once per outage, every claim retried.
-            self.api_server_outage.failed(error)
+        except (urllib3.exceptions.HTTPError, ConnectionError):
+            # The API server is restarting or unreachable: Kube says so once per outage; every claim retries.
             self._count_error(api, "APIServerUnreachable")
             self.queue.add_rate_limited(key)
             return
@@ -248,7 +247,6 @@ class Manager:
             return
         finally:
             metrics.RECONCILE_DURATION.labels(kind=api.kind).observe(time.monotonic() - started)
-        self.api_server_outage.ended()
         self.queue.forget(key)
         if requeue_after is not None:
             self.queue.add_after(key, requeue_after)

@@ -14,7 +14,10 @@ from typing import Any
 
 import kubernetes
 import structlog
+import urllib3
 from kubernetes.client import ApiException
+
+from gpu_provisioner.runtime.outage import Outage
 
 log = structlog.get_logger(__name__)
 EVENT_NAMESPACE = "default"
@@ -23,8 +26,9 @@ _MESSAGE_LIMIT = 1024
 
 
 class EventRecorder:
-    def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
+    def __init__(self, api_client: kubernetes.client.ApiClient, outage: Outage | None = None) -> None:
         self._core = kubernetes.client.CoreV1Api(api_client)
+        self._outage = outage or Outage("API server")
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -58,6 +62,10 @@ class EventRecorder:
                 source=kubernetes.client.V1EventSource(component=COMPONENT),
                 reporting_component=COMPONENT, reporting_instance=COMPONENT,
             ))
+        except (urllib3.exceptions.HTTPError, ConnectionError) as error:
+            # Events are best effort: one lost while the API server is away must not fail the reconcile.
+            self._outage.failed(error)
+            return None
         except ApiException as error:
             if error.status == 409 and count == 1:  # made by an earlier process: count on from there
                 with self._lock:
