@@ -118,6 +118,9 @@ class Claims:
     def event_reasons(self, name: str) -> set[str]:
         return {e.reason for e in self.events(name)}
 
+    def event_messages(self, name: str, reason: str) -> list[str]:
+        return [e.message for e in self.events(name) if e.reason == reason]
+
     def node(self, name: str) -> Any | None:
         try:
             return self.core.read_node(name)

@@ -111,8 +111,8 @@ def test_bad_claim_is_refused_locally_with_a_reason_and_kept(
     assert pool_writes(sim) == 0 and sim.pools() == {}
     claims.delete(MACHINE, name)
     claims.wait_gone(MACHINE, name)
-    terminated = [e.message for e in claims.events(name) if e.reason == "Terminated"]
-    assert terminated == ["AKS has no agent pool for this claim (none was created, or it was already gone)"]
+    no_pool = "AKS has no agent pool for this claim (none was created, or it was already gone)"
+    wait_for("the Terminated event", lambda: claims.event_messages(name, "Terminated") == [no_pool])
 
 
 def test_labels_and_annotations_of_the_platform_are_left_to_aks(claims, start_sim, start_controller, unique_name):
@@ -150,8 +150,8 @@ def test_a_pool_of_the_claims_name_made_by_someone_else_is_never_touched(
     wait_for("an AgentPoolNameTaken event", lambda: "AgentPoolNameTaken" in claims.event_reasons(unique_name))
     claims.delete(MACHINE, unique_name)
     claims.wait_gone(MACHINE, unique_name)
-    terminated = [e.message for e in claims.events(unique_name) if e.reason == "Terminated"]
-    assert terminated == [f"agent pool {unique_name} was not made by gpu-provisioner for this claim and is left alone"]
+    left_alone = f"agent pool {unique_name} was not made by gpu-provisioner for this claim and is left alone"
+    wait_for("the Terminated event", lambda: claims.event_messages(unique_name, "Terminated") == [left_alone])
 
     assert pool_writes(sim) == 0 and unique_name in sim.pools()
     kept = claims.node(node.metadata.name)
