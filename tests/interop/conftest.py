@@ -16,6 +16,7 @@ from gpu_provisioner.sim import AksSimulator
 from tests.integration.conftest import claims, controller_process
 from tests.integration.harness import wait_for
 from tests.interop.kaito import (
+    NAMESPACE,
     RELEASES,
     ClaimCensus,
     KaitoProcess,
@@ -54,6 +55,7 @@ class Stack:
     workspaces: Workspaces
     custom: kubernetes.client.CustomObjectsApi
     core: kubernetes.client.CoreV1Api
+    apps: kubernetes.client.AppsV1Api
     workspace: str
 
     def apply_workspace(self) -> None:
@@ -68,6 +70,33 @@ class Stack:
             lambda: (c := self.condition("ResourceReady")).get("status") == "True" and c,
             timeout_s, interval_s=0.1,
         )
+
+    def report_inference_ready(self) -> None:
+        """Stand in for the kubelet and the workload controllers: Kaito's inference workload reports all its
+        replicas ready. Kaito v0.3.1 holds the Workspace's reconcile until it does (for longer than a test),
+        and acts on no later event of that Workspace (a deletion, a lost Machine) before."""
+        workloads = (
+            (self.apps.read_namespaced_deployment, self.apps.patch_namespaced_deployment_status),
+            (self.apps.read_namespaced_stateful_set, self.apps.patch_namespaced_stateful_set_status),
+        )
+
+        def mark_ready() -> bool:
+            for read, patch_status in workloads:
+                try:
+                    workload = read(self.workspace, NAMESPACE)
+                except kubernetes.client.ApiException as error:
+                    if error.status == 404:
+                        continue
+                    raise
+                replicas = workload.spec.replicas or 1
+                patch_status(self.workspace, NAMESPACE, {"status": {
+                    "observedGeneration": workload.metadata.generation, "replicas": replicas,
+                    "readyReplicas": replicas, "availableReplicas": replicas, "updatedReplicas": replicas,
+                }})
+                return True
+            return False
+
+        wait_for(f"Kaito to create the inference workload of Workspace {self.workspace}", mark_ready)
 
     def claims(self) -> list[dict[str, Any]]:
         return list_claims(self.custom, self.release.claim_api, self.workspace)
@@ -110,7 +139,8 @@ def stack(
         started.append(kaito)
         kaito.start()
         return Stack(era, sim, kaito, workspaces, kubernetes.client.CustomObjectsApi(kube_api),
-                     kubernetes.client.CoreV1Api(kube_api), "ws-" + unique_name)
+                     kubernetes.client.CoreV1Api(kube_api), kubernetes.client.AppsV1Api(kube_api),
+                     "ws-" + unique_name)
 
     yield start
     # Kaito first, or it would recreate what the cleanup deletes.

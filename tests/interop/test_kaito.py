@@ -47,6 +47,7 @@ def test_deleting_the_workspace_removes_claim_node_and_pool(stack: Callable[...,
     s = stack()
     s.apply_workspace()
     s.wait_resource_ready()
+    s.report_inference_ready()
     claim = s.only_claim()
     node_name = claim["status"]["nodeName"]
 
@@ -98,6 +99,7 @@ def test_deleted_node_is_healed(stack: Callable[..., Stack]) -> None:
     s = stack()
     s.apply_workspace()
     s.wait_resource_ready()
+    s.report_inference_ready()
     old = s.only_claim()
     old_name, old_node = old["metadata"]["name"], old["status"]["nodeName"]
 
