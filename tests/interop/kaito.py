@@ -151,7 +151,8 @@ class KaitoProcess:
             return
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=15)
+            # Kaito's workers may sit in a minutes-long wait that ignores the shutdown: do not wait on it.
+            process.wait(timeout=3)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
