@@ -135,8 +135,7 @@ def stack(
     def start(scenario: str = "default", **overrides: Any) -> Stack:
         sim = start_sim(scenario, **overrides)
         controller_process(sim)
-        env = {name: str(getattr(sim, attribute)) for name, attribute in era.sim_env.items()}
-        kaito = KaitoProcess(era, control_plane.kubeconfig, env, tmp_path)
+        kaito = KaitoProcess(era, control_plane.kubeconfig, tmp_path)
         started.append(kaito)
         kaito.start()
         return Stack(era, sim, kaito, workspaces, kubernetes.client.CustomObjectsApi(kube_api),

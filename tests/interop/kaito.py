@@ -14,7 +14,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,6 @@ class KaitoRelease:
     instance_type: str  # a size this release accepts for phi-3-mini
     crd_files: tuple[str, ...]  # relative to its source tree
     args: tuple[str, ...] = ()
-    # Environment variable name -> simulator attribute whose value it takes.
-    sim_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def directory(self) -> Path | None:
@@ -71,8 +69,8 @@ V0_12_0 = KaitoRelease(
     instance_type="Standard_NC24ads_A100_v4",
     # Its InferenceSet controller is on by default and watches InferenceSets from the start.
     crd_files=("config/crd/bases/kaito.sh_workspaces.yaml", "config/crd/bases/kaito.sh_inferencesets.yaml"),
+    # Its chart also sets CLUSTER_NAME, which no code of this release reads.
     args=("--node-provisioner=azure-gpu-provisioner",),
-    sim_env={"CLUSTER_NAME": "cluster_name"},
 )
 RELEASES = (V0_3_1, V0_12_0)
 
@@ -109,12 +107,11 @@ class KaitoProcess:
     """Kaito's workspace controller outside a cluster: no webhook (nothing could call it), no leader
     election, metrics and probes on loopback."""
 
-    def __init__(self, release: KaitoRelease, kubeconfig: Path, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, release: KaitoRelease, kubeconfig: Path, log_dir: Path) -> None:
         assert release.directory is not None
         self.release = release
         self.binary = release.directory / "workspace"
         self.kubeconfig = kubeconfig
-        self.env = env
         self.log_dir = log_dir
         self.starts = 0
         self._process: subprocess.Popen[bytes] | None = None
@@ -134,7 +131,7 @@ class KaitoProcess:
         with open(self.log, "wb") as log:
             self._process = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
-                env={**CLEAN_ENV, "KUBECONFIG": str(self.kubeconfig), "CLOUD_PROVIDER": "azure", **self.env},
+                env={**CLEAN_ENV, "KUBECONFIG": str(self.kubeconfig), "CLOUD_PROVIDER": "azure"},
             )
         process = self._process
 
