@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: sandbox test tools lint bench
+.PHONY: sandbox test tools lint bench interop
 
 $(BIN)/gpu-provisioner: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ lint: $(BIN)/gpu-provisioner
 
 test: tools lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Kaito's own workspace controller against gpu-provisioner (tests/interop). `make test` runs the tier too,
+# but skips it without a Kaito in KAITO_INTEROP_DIR; here a missing Kaito is an error.
+interop: tools
+	KAITO_INTEROP_REQUIRED=1 $(BIN)/pytest -m interop tests/interop $(PYTEST_ARGS)
 
 bench: tools
 	$(BIN)/python benchmarks/fleet.py $(ARGS)

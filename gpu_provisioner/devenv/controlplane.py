@@ -20,7 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import kubernetes
@@ -278,9 +278,15 @@ class ControlPlane:
 
 def install_crds(api_client: kubernetes.client.ApiClient, directory: Path, timeout_s: float = 30.0) -> list[str]:
     """Create or update every CRD in `directory` and wait until each is Established."""
+    return install_crd_files(api_client, sorted(directory.glob("*.yaml")), timeout_s)
+
+
+def install_crd_files(api_client: kubernetes.client.ApiClient, paths: Iterable[Path],
+                      timeout_s: float = 30.0) -> list[str]:
+    """Create or update the CRDs in these manifest files and wait until each is Established."""
     api = kubernetes.client.ApiextensionsV1Api(api_client)
     names = []
-    for path in sorted(directory.glob("*.yaml")):
+    for path in paths:
         for manifest in yaml.safe_load_all(path.read_text()):
             if not manifest or manifest.get("kind") != "CustomResourceDefinition":
                 continue
