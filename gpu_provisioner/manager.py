@@ -189,9 +189,11 @@ class Manager:
     # work -------------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        # Nothing is reconciled before the caches hold the cluster: an empty Node cache would read as
-        # "the node has not joined" and flip Ready claims, or time them out and delete them.
-        while not self._caches_synced():
+        # Nothing is reconciled before the caches hold the cluster (an empty Node cache would read as "the
+        # node has not joined" and flip Ready claims, or time them out and delete them), nor before ARM has
+        # answered the first pool LIST: a claim could only wait, and would say so a second too late for
+        # Kaito v0.3, which reads a new Machine once, one second after making it.
+        while not (self._caches_synced() and self.inventory.first_answer.is_set()):
             if self._stop.wait(QUEUE_POLL_S / 5):
                 return
         while not self._stop.is_set():

@@ -42,6 +42,8 @@ class PoolInventory:
         self._wake = threading.Event()
         # Why the last LIST failed (None once one succeeds), for claims waiting on a first LIST.
         self.list_error: CloudError | None = None
+        # Set once the first LIST has answered, either way: until then a claim can only wait.
+        self.first_answer = threading.Event()
 
     # reads ------------------------------------------------------------------------------------
 
@@ -133,9 +135,11 @@ class PoolInventory:
             try:
                 self.refresh()
                 self.list_error = None
+                self.first_answer.set()
             except CloudError as error:
                 self.list_error = error
                 log.warning("agent pool list failed", error=error.describe(), error_class=error.reason)
+                self.first_answer.set()
                 if isinstance(error, TransientError) and error.retry_after_s:
                     # ARM asked for a pause: claims asking for an early LIST must not cut it short.
                     stop.wait(error.retry_after_s)
