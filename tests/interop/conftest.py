@@ -14,7 +14,7 @@ import pytest
 
 from gpu_provisioner.sim import AksSimulator
 from tests.integration.conftest import claims, controller_process
-from tests.integration.harness import wait_for
+from tests.integration.harness import Claims, wait_for
 from tests.interop.kaito import (
     NAMESPACE,
     RELEASES,
@@ -102,6 +102,13 @@ class Stack:
     def claims(self) -> list[dict[str, Any]]:
         return list_claims(self.custom, self.release.claim_api, self.workspace)
 
+    def serving(self) -> dict[str, Any]:
+        """Apply the Workspace, wait for ResourceReady, report its workload ready; returns the one claim."""
+        self.apply_workspace()
+        self.wait_resource_ready()
+        self.report_inference_ready()
+        return self.only_claim()
+
     def only_claim(self) -> dict[str, Any]:
         claims = self.claims()
         assert len(claims) == 1, f"expected one {self.release.claim_api.kind}, found {_names(claims)}"
@@ -111,12 +118,7 @@ class Stack:
         return ClaimCensus(self.custom, self.release.claim_api, self.workspace)
 
     def node(self, name: str) -> Any | None:
-        try:
-            return self.core.read_node(name)
-        except kubernetes.client.ApiException as error:
-            if error.status == 404:
-                return None
-            raise
+        return Claims(self.custom.api_client).node(name)
 
 
 def _names(items: list[dict[str, Any]]) -> list[str]:

@@ -45,10 +45,7 @@ def test_phi3_workspace_reaches_resource_ready(
 
 def test_deleting_the_workspace_removes_claim_node_and_pool(stack: Callable[..., Stack]) -> None:
     s = stack()
-    s.apply_workspace()
-    s.wait_resource_ready()
-    s.report_inference_ready()
-    claim = s.only_claim()
+    claim = s.serving()
     node_name = claim["status"]["nodeName"]
 
     s.workspaces.delete(s.workspace)
@@ -97,10 +94,7 @@ def test_kaito_restarted_while_provisioning_makes_no_second_claim(
 
 def test_deleted_node_is_healed(stack: Callable[..., Stack]) -> None:
     s = stack()
-    s.apply_workspace()
-    s.wait_resource_ready()
-    s.report_inference_ready()
-    old = s.only_claim()
+    old = s.serving()
     old_name, old_node = old["metadata"]["name"], old["status"]["nodeName"]
 
     s.core.delete_node(old_node)
