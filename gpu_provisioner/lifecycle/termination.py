@@ -70,8 +70,7 @@ class Termination:
         self.deps = deps
         self._lock = threading.Lock()
         self._progress: dict[str, _Progress] = {}
-        # claim key -> the last object of a claim the watch saw deleted, until its pool is seen to
-        # and deleted
+        # claim key -> the last object of a claim the watch saw deleted, until no pool made for it is left
         self._vanished: dict[str, dict[str, Any]] = {}
 
     def forget(self, uid: str) -> None:
