@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import secrets
 import shutil
 import signal
 import statistics
@@ -91,7 +92,7 @@ class ChaosFigures:
     claims_stuck: list[str] = field(default_factory=list)
     claims_not_ready: list[str] = field(default_factory=list)
     foreign_touched: dict[str, str] = field(default_factory=dict)
-    takeovers_timed_out: int = 0
+    no_leader: int = 0  # times there was no leader to kill, or none other within the takeover bound
     # What else happened.
     arm_statuses: dict[int, int] = field(default_factory=dict)
     pool_puts: int = 0
@@ -111,7 +112,7 @@ class ChaosFigures:
         return {"leaked pools": len(self.leaked_pools), "duplicate creates": len(self.duplicate_creates),
                 "claims stuck": len(self.claims_stuck), "claims not Ready": len(self.claims_not_ready),
                 "foreign claims touched": len(self.foreign_touched),
-                "takeovers timed out": self.takeovers_timed_out}
+                "leader missing or takeover timed out": self.no_leader}
 
 
 def _tolerant(call: Callable[[], T], default: T) -> T:
@@ -172,9 +173,9 @@ class Replicas:
                     if len(self.exits) <= self._max_exits:
                         self._spawn()
 
-    def kill_leader(self, timeout_s: float) -> float | None:
-        """SIGKILL the Lease holder, start a replica in its place, and return how long until the Lease names
-        another holder (None: not within `timeout_s`)."""
+    def kill_leader(self, timeout_s: float) -> tuple[bool, float | None]:
+        """SIGKILL the Lease holder and start a replica in its place. Returns whether there was a live leader to
+        kill within `timeout_s`, and how long until the Lease named another holder (None: not within `timeout_s`)."""
         deadline = time.monotonic() + timeout_s
         while True:
             holder = lease_holder(self._api, NAMESPACE)
@@ -188,13 +189,13 @@ class Replicas:
                     self._spawn()
                     break
             if time.monotonic() > deadline:
-                return None
+                return False, None
             time.sleep(0.1)
         while time.monotonic() < killed_at + timeout_s:
             if lease_holder(self._api, NAMESPACE) not in (None, holder):
-                return time.monotonic() - killed_at
+                return True, time.monotonic() - killed_at
             time.sleep(0.05)
-        return None
+        return True, None
 
 
 class Chaos:
@@ -203,7 +204,8 @@ class Chaos:
         self.plane, self.api_client, self.options, self.console = plane, api_client, options, console
         self.claims = Claims(api_client)
         self.rng = random.Random(options.seed)
-        self.token = "".join(self.rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(3))
+        # Fresh names each run (a run may share its API server with others), valid as pool names.
+        self.token = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(3))
         self.figures = ChaosFigures()
         self.created_at: dict[str, float] = {}
         self.lost_answers_asked = 0
@@ -219,9 +221,26 @@ class Chaos:
         scenario = Scenario(seed=options.seed, create_delay_s=2.0, delete_delay_s=2.0,
                             server_error_rate=options.server_error_rate, drop_rate=options.drop_rate,
                             throttle_rate=options.throttle_rate, retry_after_s=1)
-        workdir = Path(tempfile.mkdtemp(prefix="gpu-provisioner-chaos-"))
-        figures.logs = workdir
+        workdir = figures.logs = Path(tempfile.mkdtemp(prefix="gpu-provisioner-chaos-"))
         self._sample_load()
+        try:
+            self._rounds(scenario, workdir, started)
+        except BaseException:
+            self.console.print(f"controller logs kept in {workdir}")
+            raise
+        figures.crash_lines = sum(log.read_text(errors="replace").count("reconcile crashed")
+                                  for log in workdir.glob("*.log"))
+        _tolerant(lambda: kubernetes.client.CoordinationV1Api(self.api_client).delete_namespaced_lease(
+            LEASE_NAME, NAMESPACE), None)
+        self._sample_load()
+        figures.wall_s = time.monotonic() - started
+        if not any(figures.failures().values()):
+            shutil.rmtree(workdir)
+            figures.logs = None
+        return figures
+
+    def _rounds(self, scenario: Scenario, workdir: Path, started: float) -> None:
+        options, figures = self.options, self.figures
         with AksSimulator(scenario, kube_api=self.api_client) as sim:
             self._make_foreign("s")  # there before the controller starts, as in a cluster running Karpenter
             with Replicas(sim, self.plane.kubeconfig, workdir, self.api_client, options.lease_s) as replicas:
@@ -251,16 +270,6 @@ class Chaos:
                 figures.replica_exits = list(replicas.exits)
             self._count_arm(sim)
             self._check_foreign(sim)
-        figures.crash_lines = sum(log.read_text(errors="replace").count("reconcile crashed")
-                                  for log in workdir.glob("*.log"))
-        _tolerant(lambda: kubernetes.client.CoordinationV1Api(self.api_client).delete_namespaced_lease(
-            LEASE_NAME, NAMESPACE), None)
-        self._sample_load()
-        figures.wall_s = time.monotonic() - started
-        if not any(figures.failures().values()):
-            shutil.rmtree(workdir)
-            figures.logs = None
-        return figures
 
     # steps ------------------------------------------------------------------------------------
 
@@ -284,11 +293,13 @@ class Chaos:
         self.figures.foreign_claims = len(self.foreign)
 
     def _kill(self, replicas: Replicas, during: str) -> None:
-        took = replicas.kill_leader(timeout_s=self.options.lease_s * 4 + 30)
+        killed, took = replicas.kill_leader(timeout_s=self.options.lease_s * 4 + 30)
         if took is None:
-            self.figures.takeovers_timed_out += 1
+            self.figures.no_leader += 1  # none to kill, or none after the kill
         else:
             self.figures.takeovers_s.append(took)
+        if not killed:
+            return
         if during == "create":
             self.figures.kills_during_create += 1
         else:
