@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: sandbox test tools lint bench interop
+.PHONY: sandbox test tools lint bench interop chaos
 
 $(BIN)/gpu-provisioner: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,6 @@ interop: tools
 
 bench: tools
 	$(BIN)/python benchmarks/fleet.py $(ARGS)
+
+chaos: tools
+	$(BIN)/python -m tests.integration.chaos $(ARGS)

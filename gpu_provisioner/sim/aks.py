@@ -10,6 +10,7 @@ import re
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -75,6 +76,8 @@ class Aks:
         self.clusters = {name: scenario.cluster_power for name in clusters}
         self.pools: dict[tuple[str, str], Pool] = {}
         self.operations: dict[str, Operation] = {}
+        # Pools each PUT created, per (cluster, name): whether its answer reached the client or not.
+        self.creations: Counter[tuple[str, str]] = Counter()
         self.lock = threading.RLock()
         self._clock = clock
         # Called (cluster, pool body) when a pool has been created, and (cluster, name) once deleted.
@@ -150,6 +153,7 @@ class Aks:
             pool = Pool(cluster, name, properties)
             pool.operation = self._start(pool, "create", self.scenario.create_delay_s)
             self.pools[(cluster, name)] = pool
+            self.creations[(cluster, name)] += 1
             return 201, self._pool_body(pool), pool.operation
 
     def delete_pool(self, cluster: str, name: str) -> Operation | None:

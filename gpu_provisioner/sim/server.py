@@ -137,6 +137,13 @@ class AksSimulator:
         return sum(1 for r in self.requests
                    if (operation is None or r.operation == operation) and (status is None or r.status == status))
 
+    def creations(self, cluster: str | None = None) -> dict[str, int]:
+        """How many pools PUTs created under each name, answered or not (a PUT whose answer was lost or that
+        met a pool already there is not told apart by its status alone)."""
+        cluster = cluster or self.cluster_name
+        with self.aks.lock:
+            return {name: n for (c, name), n in self.aks.creations.items() if c == cluster}
+
     def pools(self, cluster: str | None = None) -> dict[str, dict[str, Any]]:
         body = self.aks.list_pools(cluster or self.cluster_name)
         return {pool["name"]: pool for pool in body["value"]}

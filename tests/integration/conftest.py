@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import kubernetes
 import pytest
 
-from gpu_provisioner.devenv.controlplane import free_port
 from gpu_provisioner.manager import Manager
 from gpu_provisioner.settings import Settings
 from gpu_provisioner.sim import AksSimulator
-from tests.integration.harness import CLEAN_ENV, Claims
+from tests.integration.harness import Claims, start_controller_process
 
 FAST = {"pool_refresh_interval_s": 0.5, "orphan_sweep_interval_s": 3600.0, "workers": 4}
 
@@ -56,15 +54,8 @@ def controller_process(control_plane: Any, claims: Claims, tmp_path: Any) -> Ite
     processes: list[subprocess.Popen[bytes]] = []
 
     def start(sim: AksSimulator, **env: str) -> subprocess.Popen[bytes]:
-        log = open(tmp_path / f"controller-{len(processes)}.log", "wb")  # noqa: SIM115 - the child owns it
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gpu_provisioner", "run"],
-            env={**CLEAN_ENV, **sim.azure_environment(), "KUBECONFIG": str(control_plane.kubeconfig),
-                 "POOL_REFRESH_INTERVAL_SECONDS": "0.5", "ORPHAN_SWEEP_INTERVAL_SECONDS": "3600",
-                 "METRICS_PORT": str(free_port()), "HEALTH_PROBE_PORT": str(free_port()), **env},
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-        log.close()
+        process = start_controller_process(sim, control_plane.kubeconfig,
+                                           tmp_path / f"controller-{len(processes)}.log", **env)
         processes.append(process)
         return process
 

@@ -3,26 +3,40 @@
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import kubernetes
+import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpu_provisioner.api.claims import CLAIM_APIS, GROUP, ClaimApi
+from gpu_provisioner.api.claims import CLAIM_APIS, GROUP, MACHINE, NODECLAIM, ClaimApi
+from gpu_provisioner.devenv.controlplane import die_with_parent, free_port
+from gpu_provisioner.runtime.leader import LEASE_NAME
 from gpu_provisioner.sandbox import EXAMPLES, kaito_claim
+from gpu_provisioner.sim import AksSimulator
 
-__all__ = ["CLEAN_ENV", "EXAMPLES", "Claims", "http_get", "interrupt", "kaito_claim", "metric_samples", "wait_for"]
+__all__ = [
+    "CLEAN_ENV", "EXAMPLES", "UNREACHABLE", "Claims", "cpu_load", "create_and_delete", "http_get", "interrupt",
+    "kaito_claim", "karpenter_machine", "karpenter_nodeclaim", "lease_holder", "metric_samples",
+    "start_controller_process", "wait_for",
+]
 
 T = TypeVar("T")
 # Processes the tests start get only the simulator's settings, never the caller's Azure ones.
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("ARM_", "AZURE_", "AKS_SIM_"))}
+# What a call to an API server that is down (or restarting) raises.
+UNREACHABLE = (urllib3.exceptions.HTTPError, OSError)
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0, interval_s: float = 0.2) -> T:
@@ -47,6 +61,78 @@ def interrupt(process: subprocess.Popen[str], timeout_s: float = 60) -> str:
             process.kill()
             process.wait()
     return output
+
+
+def start_controller_process(sim: AksSimulator, kubeconfig: Path, log_path: Path,
+                             **env: str) -> subprocess.Popen[bytes]:
+    """`gpu-provisioner run` as its own process, configured only by its environment (fast pool LISTs, orphan
+    sweep off, its own ports; `env` overrides), logging to `log_path`; it dies with the process that started it."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gpu_provisioner", "run"],
+            env={**CLEAN_ENV, **sim.azure_environment(), "KUBECONFIG": str(kubeconfig),
+                 "POOL_REFRESH_INTERVAL_SECONDS": "0.5", "ORPHAN_SWEEP_INTERVAL_SECONDS": "3600",
+                 "METRICS_PORT": str(free_port()), "HEALTH_PROBE_PORT": str(free_port()), **env},
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+        )
+
+
+def lease_holder(api_client: kubernetes.client.ApiClient, namespace: str) -> str | None:
+    """Who holds the leader Lease now (None: nobody, no Lease, or the API server cannot say)."""
+    try:
+        lease = kubernetes.client.CoordinationV1Api(api_client).read_namespaced_lease(
+            LEASE_NAME, namespace, _request_timeout=5)
+    except (kubernetes.client.ApiException, *UNREACHABLE):
+        return None
+    return lease.spec.holder_identity or None
+
+
+def _spin(seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
+
+
+@contextmanager
+def cpu_load(processes: int, seconds: float) -> Iterator[None]:
+    """Busy loops on every core, each stopping by itself after `seconds`."""
+    spinners = [multiprocessing.get_context("spawn").Process(target=_spin, args=(seconds,)) for _ in range(processes)]
+    for spinner in spinners:
+        spinner.start()
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.terminate()
+            spinner.join()
+
+
+def create_and_delete(claims: Claims, api: ClaimApi, name: str, delay_s: float) -> None:
+    claims.create(api, kaito_claim(api, name))
+    # Spread over the moment the controller adds its finalizer, where a DELETE can still remove the claim.
+    time.sleep(delay_s)
+    try:
+        claims.delete(api, name)
+    except kubernetes.client.ApiException as error:
+        if error.status != 404:
+            raise
+
+
+def karpenter_nodeclaim(name: str) -> dict[str, Any]:
+    """What Azure's Karpenter (node auto-provisioning) writes in the same cluster."""
+    manifest = kaito_claim(NODECLAIM, name)
+    manifest["metadata"]["labels"] = {"karpenter.sh/nodepool": "default"}
+    manifest["metadata"]["annotations"] = {}
+    manifest["spec"]["nodeClassRef"] = {"group": "karpenter.azure.com", "kind": "AKSNodeClass", "name": "default"}
+    manifest["spec"]["requirements"][0]["values"] = ["default"]
+    return manifest
+
+
+def karpenter_machine(name: str) -> dict[str, Any]:
+    """A Machine of Karpenter v0.29-0.31 itself: its provisioner may well be called "default" too."""
+    manifest = kaito_claim(MACHINE, name)
+    manifest["metadata"]["labels"] = {"karpenter.sh/provisioner-name": "default"}
+    return manifest
 
 
 def http_get(url: str) -> tuple[int, str]:

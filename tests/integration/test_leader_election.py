@@ -12,7 +12,7 @@ import kubernetes
 from gpu_provisioner.api.claims import NODECLAIM, READY
 from gpu_provisioner.devenv.controlplane import free_port
 from gpu_provisioner.runtime.leader import LEASE_NAME
-from tests.integration.harness import http_get, kaito_claim, metric_samples, wait_for
+from tests.integration.harness import http_get, kaito_claim, lease_holder, metric_samples, wait_for
 
 LEASE_S = 3
 
@@ -31,13 +31,7 @@ def test_standby_takes_over_when_the_leader_is_killed(claims, kube_api, start_si
         values = metric_samples(http_get(f"http://127.0.0.1:{metrics_ports[name]}/metrics")[1])
         return values.get(("gpu_provisioner_leader", ()))
 
-    def holder() -> str | None:
-        try:
-            return coordination.read_namespaced_lease(LEASE_NAME, namespace).spec.holder_identity or None
-        except kubernetes.client.ApiException:
-            return None
-
-    leader = wait_for("a leader", holder, timeout_s=30)
+    leader = wait_for("a leader", lambda: lease_holder(kube_api, namespace), timeout_s=30)
     standby = next(name for name in replicas if name != leader)
     wait_for("the leader's gauge", lambda: leader_gauge(leader) == 1)
     # The standby may still be starting its metrics server (None), but it must never report 1.
@@ -50,7 +44,8 @@ def test_standby_takes_over_when_the_leader_is_killed(claims, kube_api, start_si
     replicas[leader].send_signal(signal.SIGKILL)
     replicas[leader].wait()
     killed_at = time.monotonic()
-    assert wait_for("the standby to hold the lease", lambda: holder() == standby, timeout_s=LEASE_S * 4)
+    assert wait_for("the standby to hold the lease", lambda: lease_holder(kube_api, namespace) == standby,
+                    timeout_s=LEASE_S * 4)
     second = f"{unique_name[:9]}b"
     claims.create(NODECLAIM, kaito_claim(NODECLAIM, second))
     claims.wait_condition(NODECLAIM, second, READY, "True", timeout_s=60)

@@ -3,48 +3,20 @@ under CPU load, two claims of one name, and Karpenter's claims in the same clust
 
 from __future__ import annotations
 
-import multiprocessing
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
-import kubernetes
 from prometheus_client import REGISTRY
 
 from gpu_provisioner.api.claims import MACHINE, NODECLAIM, READY
-from tests.integration.harness import Claims, kaito_claim, wait_for
-
-
-def _spin(seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        pass
-
-
-@contextmanager
-def cpu_load(processes: int, seconds: float) -> Iterator[None]:
-    """Busy loops on every core, each stopping by itself after `seconds`."""
-    spinners = [multiprocessing.get_context("spawn").Process(target=_spin, args=(seconds,)) for _ in range(processes)]
-    for spinner in spinners:
-        spinner.start()
-    try:
-        yield
-    finally:
-        for spinner in spinners:
-            spinner.terminate()
-            spinner.join()
-
-
-def _create_and_delete(claims: Claims, api, name: str, delay_s: float) -> None:
-    claims.create(api, kaito_claim(api, name))
-    # Spread over the moment the controller adds its finalizer, where a DELETE can still remove the claim.
-    time.sleep(delay_s)
-    try:
-        claims.delete(api, name)
-    except kubernetes.client.ApiException as error:
-        if error.status != 404:
-            raise
+from tests.integration.harness import (
+    cpu_load,
+    create_and_delete,
+    kaito_claim,
+    karpenter_machine,
+    karpenter_nodeclaim,
+    wait_for,
+)
 
 
 def test_claims_created_and_deleted_at_once_under_cpu_load_leave_no_pool(
@@ -57,7 +29,7 @@ def test_claims_created_and_deleted_at_once_under_cpu_load_leave_no_pool(
         for start in range(0, len(names), 40):
             # Waves: each starts while the controller is still busy with the last one.
             batch = names[start:start + 40]
-            list(pool.map(lambda n: _create_and_delete(
+            list(pool.map(lambda n: create_and_delete(
                 claims, NODECLAIM if int(n[-1]) % 2 else MACHINE, n, delay_s=int(n[-2:]) % 10 * 0.005), batch))
             time.sleep(1)
         for name in names:
@@ -95,31 +67,14 @@ def test_a_machine_and_a_nodeclaim_of_one_name_never_share_a_pool(claims, start_
     assert sim.pools()[unique_name]["properties"]["tags"]["kaito-claim"] == f"{other.plural}/{unique_name}"
 
 
-def _karpenters_nodeclaim(name: str) -> dict:
-    """What Azure's Karpenter (node auto-provisioning) writes in the same cluster."""
-    manifest = kaito_claim(NODECLAIM, name)
-    manifest["metadata"]["labels"] = {"karpenter.sh/nodepool": "default"}
-    manifest["metadata"]["annotations"] = {}
-    manifest["spec"]["nodeClassRef"] = {"group": "karpenter.azure.com", "kind": "AKSNodeClass", "name": "default"}
-    manifest["spec"]["requirements"][0]["values"] = ["default"]
-    return manifest
-
-
-def _karpenters_machine(name: str) -> dict:
-    """A Machine of Karpenter v0.29-0.31 itself: its provisioner may well be called "default" too."""
-    manifest = kaito_claim(MACHINE, name)
-    manifest["metadata"]["labels"] = {"karpenter.sh/provisioner-name": "default"}
-    return manifest
-
-
 def test_claims_kaito_did_not_make_are_never_touched(claims, start_sim, start_controller, unique_name):
     sim = start_sim()
     names = {what: f"{unique_name}{what}" for what in ("k", "m", "o", "l")}
     # Kaito v0.4.2-v0.6 wrote an empty nodeClassRef group (with AKSNodeClass): those are Kaito's.
     legacy = kaito_claim(NODECLAIM, names["l"])
     legacy["spec"]["nodeClassRef"] = {"group": "", "kind": "AKSNodeClass", "name": "default"}
-    claims.create(NODECLAIM, _karpenters_nodeclaim(names["k"]))
-    claims.create(MACHINE, _karpenters_machine(names["m"]))
+    claims.create(NODECLAIM, karpenter_nodeclaim(names["k"]))
+    claims.create(MACHINE, karpenter_machine(names["m"]))
     start_controller(sim)
     claims.create(NODECLAIM, kaito_claim(NODECLAIM, names["o"]))
     claims.create(NODECLAIM, legacy)

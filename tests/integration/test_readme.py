@@ -72,3 +72,12 @@ def test_make_bench_prints_its_figures():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "ready: 2/2" in result.stdout and "ARM requests in all" in result.stdout
     assert "make bench" in README
+
+
+def test_make_chaos_passes_its_args_to_the_chaos_run():
+    # The run itself is tests/integration/test_chaos.py; this is the README's `make chaos ARGS=...`.
+    result = subprocess.run(["make", "chaos", "ARGS=--help"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env={**CLEAN_ENV, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert all(option in result.stdout for option in ("--rounds", "--wave", "--burst", "--lease-s", "--seed"))
+    assert 'make chaos ARGS="--rounds 30 --wave 12 --burst 40"' in README

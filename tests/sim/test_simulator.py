@@ -268,3 +268,15 @@ def test_simulate_aks_command_serves_until_interrupted(tmp_path, monkeypatch, co
     assert process.returncode == 0, output
     assert environment["ARM_ENDPOINT"] in output
     assert not os.path.exists(environment["REQUESTS_CA_BUNDLE"])  # its files are gone
+
+
+def test_creations_count_the_pools_puts_made_whether_answered_or_not(simulator, monkeypatch):
+    sim = simulator(nodes=False, lost_create_answers=1)
+    client = sdk(sim, monkeypatch)
+    # The SDK sends the PUT again after the dropped connection: it meets the pool the first one is creating.
+    assert arm_error(lambda: create(client, sim, "lost")).status_code == 409
+    assert [r.status for r in sim.requests if r.method == "PUT"] == [0, 409]
+    create(client, sim, "kept").result()
+    client.agent_pools.begin_delete(sim.resource_group, sim.cluster_name, "kept").result()
+    create(client, sim, "kept").result()
+    assert sim.creations() == {"lost": 1, "kept": 2}
