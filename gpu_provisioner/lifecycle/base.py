@@ -45,9 +45,6 @@ class Deps:
     events: EventRecorder
     clock: Callable[[], datetime] = utc_now
 
-    def claim_exists(self, claim: Claim) -> bool:
-        return self.claims.claim_exists(claim)
-
 
 @dataclass
 class Reconciliation:

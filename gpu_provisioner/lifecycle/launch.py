@@ -153,7 +153,7 @@ class Launch:
             cluster = inventory.cluster()
             if not cluster.accepts_pool_changes:
                 raise ClusterUnavailableError(f"cluster {self.deps.settings.cluster_name}: {cluster.describe()}")
-            if not self.deps.claim_exists(claim):
+            if not self.deps.claims.claim_exists(claim):
                 # Deleted while this reconcile ran (its DELETED event came in meanwhile): no pool for it.
                 return WAITING
             holder = inventory.reserve(reservation)

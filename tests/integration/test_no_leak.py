@@ -57,8 +57,9 @@ def test_a_machine_and_a_nodeclaim_of_one_name_never_share_a_pool(claims, start_
     # One PUT only: a second one would have been an update of the first claim's pool.
     assert sim.count_requests("agentpools.create") == 1
     assert sim.pools()[unique_name]["properties"]["tags"]["kaito-claim"] == f"{owner.plural}/{unique_name}"
-    time.sleep(2)  # several reconciles and LISTs later, the owner is still Ready
-    assert claims.condition(owner, unique_name, READY)["status"] == "True"
+    for _ in range(10):  # through several reconciles and LISTs the owner stays Ready
+        assert claims.condition(owner, unique_name, READY)["status"] == "True"
+        time.sleep(0.2)
 
     claims.delete(owner, unique_name)
     claims.wait_gone(owner, unique_name, timeout_s=60)
