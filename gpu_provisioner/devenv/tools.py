@@ -188,7 +188,7 @@ class _GoBuild:
 
 
 @contextmanager
-def _cache_lock() -> Iterator[None]:
+def cache_lock() -> Iterator[None]:
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as handle:
@@ -200,7 +200,7 @@ def _cache_lock() -> Iterator[None]:
 
 
 @contextmanager
-def _timed_step(console: Console, label: str) -> Iterator[None]:
+def timed_step(console: Console, label: str) -> Iterator[None]:
     started = time.monotonic()
     with console.status(f"{label} ..."):
         yield
@@ -215,7 +215,7 @@ def ensure_tools(console: Console | None = None, tools: tuple[GoTool, ...] = ALL
     console = console or Console(stderr=True)
     if shutil.which("go") is None:
         raise ToolBuildError("the Go toolchain is needed to build kube-apiserver, etcd and helm: install Go")
-    with _cache_lock():
+    with cache_lock():
         for tool in tools:
             if tool.is_built():
                 console.print(f"[dim]cached[/dim] {tool.name} {tool.version}: {tool.bin_dir}")
@@ -223,11 +223,11 @@ def ensure_tools(console: Console | None = None, tools: tuple[GoTool, ...] = ALL
             console.print(f"[bold]building[/bold] {tool.name} {tool.version} (once; cached afterwards)")
             started = time.monotonic()
             build = _GoBuild(tool, tool.directory / "module")
-            with _timed_step(console, "write the wrapper module"):
+            with timed_step(console, "write the wrapper module"):
                 build.write_wrapper_module()
-            with _timed_step(console, f"resolve {tool.module}@{tool.version} and its dependencies"):
+            with timed_step(console, f"resolve {tool.module}@{tool.version} and its dependencies"):
                 build.resolve()
-            with _timed_step(console, f"compile {', '.join(tool.binaries)}"):
+            with timed_step(console, f"compile {', '.join(tool.binaries)}"):
                 build.compile(tool.bin_dir)
             (tool.directory / "complete").write_text(f"{tool.version}\n")
             console.print(

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from gpu_provisioner.api.claims import NODECLAIM
+from gpu_provisioner.devenv.image import base_images
 from tests.integration.harness import kaito_claim, wait_for
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "gpu-provisioner"
@@ -143,17 +144,13 @@ def test_installed_chart_rbac_is_enough_for_a_full_lifecycle(
          "--namespace", namespace)
 
 
-def test_dockerfile_passes_hadolint_and_ships_only_the_installed_venv():
+def test_dockerfile_passes_hadolint_and_pins_one_base():
+    """What the built image holds is checked by running it (test_image.py)."""
     hadolint = Path(sys.executable).with_name("hadolint")
     result = subprocess.run([str(hadolint), str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    dockerfile = (REPO / "Dockerfile").read_text()
-    bases = re.findall(r"^FROM (\S+)", dockerfile, re.MULTILINE)
-    assert len(bases) == 2 and len(set(bases)) == 1 and ":" in bases[0]  # builder + final, one pinned base
-    builder, final = dockerfile.split("\nFROM ")[-2:]
-    copies = [line for line in final.splitlines() if line.startswith("COPY")]
-    assert copies == ["COPY --from=builder /opt/venv /opt/venv"]
-    assert "pip uninstall --yes pip" in builder and "pip uninstall --yes pip" in final  # no installer ships
+    bases = base_images()
+    assert len(bases) == 1 and re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", bases[0]), bases
 
 
 def leaf_values(values: dict, prefix: str = "") -> list[tuple[str, object]]:
