@@ -16,10 +16,16 @@ import yaml
 
 from gpu_provisioner.api.claims import MACHINE, NODECLAIM
 from gpu_provisioner.devenv.controlplane import free_port
-from gpu_provisioner.devenv.image import CHART, ContainerEngine, ImageToolsUnavailable, build_image
+from gpu_provisioner.devenv.image import (
+    CHART,
+    ChartContainer,
+    ContainerEngine,
+    ImageToolsUnavailable,
+    build_image,
+    rendered_deployment,
+)
 from gpu_provisioner.sim import AksSimulator
 from tests.integration.harness import Claims, http_get, kaito_claim, lease_holder, wait_for
-from tests.integration.image import ChartContainer, rendered_deployment
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 SIM_CA_IN_CONTAINER = "/etc/gpu-provisioner-test/simulator-ca.crt"
