@@ -30,6 +30,8 @@ MANAGED_VALUE = "managed"
 CLAIM_TAG = "kaito-claim"
 CLAIM_UID_TAG = "kaito-claim-uid"
 CREATED_TAG = "kaito-created-at"
+# On every node of a pool gpu-provisioner makes ("gpu" or "cpu"), as the Go gpu-provisioner labels them.
+MACHINE_TYPE_LABEL = "kaito.sh/machine-type"
 
 # Label domains owned by AKS and the kubelet: AKS refuses them in nodeLabels, and a claim must not be
 # able to overwrite them on a Node (node-restriction.kubernetes.io is the one domain meant for users).
@@ -211,7 +213,7 @@ def _node_labels(claim: Claim, sizes: tuple[VmSize, ...], created_at: str) -> di
     pool_key, pool_value = claim.api.pool_label
     labels = {key: value for key, value in claim.labels.items() if not is_reserved_label(key)}
     labels.setdefault(pool_key, pool_value)
-    labels["kaito.sh/machine-type"] = "gpu" if all(s.is_gpu for s in sizes) else "cpu"
+    labels[MACHINE_TYPE_LABEL] = "gpu" if all(s.is_gpu for s in sizes) else "cpu"
     # Label values may not hold ':'; the Go provisioner used the same dashed form.
     labels["kaito.sh/creation-timestamp"] = created_at.replace(":", "-")
     return labels
