@@ -32,6 +32,8 @@ T = TypeVar("T")
 # A worker sleeps at most this long for one retry; a longer Retry-After goes back to the queue.
 MAX_INLINE_RETRY_WAIT_S = 2.0
 INLINE_ATTEMPTS = 3
+# Provisioning states of a pool whose create or update is still running.
+IN_PROGRESS = frozenset({"Creating", "Updating", "Scaling", "Upgrading", "Starting"})
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,11 @@ class PoolState:
             error_code=error.get("code", ""),
             error_message=error.get("message", ""),
         )
+
+    @property
+    def operation_running(self) -> bool:
+        """A create, update or delete is under way (AKS refuses another write to the pool meanwhile)."""
+        return self.provisioning_state in IN_PROGRESS or self.provisioning_state == "Deleting"
 
     @property
     def managed(self) -> bool:
@@ -166,12 +173,21 @@ class AgentPools:
         ), retry_when=_short_transient_unsent)
         return PoolState.from_arm(poller.result().as_dict())
 
-    def delete(self, name: str) -> None:
-        """Start deleting a pool; an absent pool is already deleted."""
+    def delete(self, name: str) -> float | None:
+        """Start deleting a pool; an absent pool is already deleted. Returns when ARM said to look again (its
+        Retry-After, in seconds), if it said."""
         try:
-            self._call(lambda: self._client.agent_pools.begin_delete(self._group, self._cluster, name, polling=False))
+            poller = self._call(lambda: self._client.agent_pools.begin_delete(
+                self._group, self._cluster, name, polling=False,
+                cls=lambda response, *_: response.http_response.headers.get("Retry-After"),
+            ))
         except NotFoundError:
-            return
+            return None
+        retry_after = poller.result()
+        try:
+            return float(retry_after) if retry_after is not None else None
+        except ValueError:  # an HTTP date: ARM sends seconds, so this is not worth parsing
+            return None
 
     def get(self, name: str) -> PoolState | None:
         try:

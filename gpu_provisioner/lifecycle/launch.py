@@ -14,7 +14,7 @@ import structlog
 
 from gpu_provisioner import metrics
 from gpu_provisioner.api.claims import INSTANCE_TYPE_LABEL, rfc3339
-from gpu_provisioner.cloud.agentpools import PoolState
+from gpu_provisioner.cloud.agentpools import IN_PROGRESS, PoolState
 from gpu_provisioner.cloud.errors import (
     INSUFFICIENT_CAPACITY_PHRASE,
     AccessDeniedError,
@@ -37,7 +37,6 @@ from gpu_provisioner.lifecycle.base import DONE, WAITING, Deps, Outcome, Reconci
 log = structlog.get_logger(__name__)
 
 # Provisioning states of a pool on its way up (AKS reports more than Creating while it works).
-IN_PROGRESS = {"Creating", "Updating", "Scaling", "Upgrading", "Starting"}
 # After every size failed for capacity, try the whole list again this much later, doubling each time up to
 # the maximum: quota or capacity may come back, and waiting costs nothing while asking costs ARM writes.
 CAPACITY_RETRY_S = 60.0
@@ -220,8 +219,7 @@ class Launch:
         """The create LRO ended Failed: remember why, delete the pool, and try again (or the next size)."""
         error = classify_code(pool.error_code, pool.error_message or f"agent pool {pool.name} provisioning failed")
         size = lookup(pool.vm_size)
-        self.deps.pools.delete(pool.name)
-        self.deps.inventory.record(PoolState(pool.name, "Deleting", pool.vm_size, pool.tags))
+        self.deps.inventory.delete(pool)
         if isinstance(error, CapacityError) and size is not None:
             return self._size_unavailable(r, request, size, error)
         r.status.wait(r.claim.api.launched, "LaunchFailed",

@@ -14,8 +14,9 @@ import structlog
 
 from gpu_provisioner import metrics
 from gpu_provisioner.api.claims import parse_time
+from gpu_provisioner.cloud.agentpools import IN_PROGRESS
 from gpu_provisioner.lifecycle.base import DONE, Deps, Outcome, Reconciliation
-from gpu_provisioner.lifecycle.launch import CAPACITY_FAILURES, CLAIM_REFUSALS, IN_PROGRESS, Launch
+from gpu_provisioner.lifecycle.launch import CAPACITY_FAILURES, CLAIM_REFUSALS, Launch
 
 log = structlog.get_logger(__name__)
 

@@ -478,6 +478,27 @@ def test_many_claims_share_one_list_per_interval(claims, start_sim, start_contro
     assert sim.count_requests("agentpools.create") == len(names)
 
 
+def test_deleted_claims_are_released_when_arm_says_the_delete_may_be_done_not_an_interval_later(
+    claims, start_sim, start_controller, unique_name
+):
+    """With a one-minute pool LIST, a burst of deletions is over within seconds (the simulator's DELETE asks to be
+    looked at again after a second), and its few LISTs serve every pool at once."""
+    sim = start_sim(delete_delay_s=1.0)
+    start_controller(sim, pool_refresh_interval_s=60.0)
+    names = [f"{unique_name[:9]}{i}" for i in range(4)]
+    for name in names:
+        claims.create(NODECLAIM, kaito_claim(NODECLAIM, name))
+    for name in names:
+        claims.wait_condition(NODECLAIM, name, READY, "True", timeout_s=60)
+    lists_before = sim.count_requests("agentpools.list")
+    for name in names:
+        claims.delete(NODECLAIM, name)
+    for name in names:
+        claims.wait_gone(NODECLAIM, name, timeout_s=20)
+    assert not set(names) & set(sim.pools())
+    assert sim.count_requests("agentpools.list") - lists_before <= 8
+
+
 def test_launched_claim_whose_pool_vanished_is_deleted(claims, start_sim, start_controller, unique_name):
     sim = start_sim(delete_delay_s=3)  # the LIST sees the pool Deleting before its Node goes
     start_controller(sim)
