@@ -75,6 +75,8 @@ def run() -> None:
             stop.set()
             campaign.join()
         else:
+            # The only replica reconciles: it is the leader, so `sum(gpu_provisioner_leader) == 1` holds.
+            metrics.LEADER.set(1)
             manager.start()
             wait_for_interrupt()
     finally:
