@@ -138,9 +138,9 @@ def sandbox(
 
 @devenv_app.command("tools")
 def devenv_tools() -> None:
-    """Build the pinned kube-apiserver, kubectl, etcd and helm once into the cache, then print their paths."""
+    """Build the pinned kube-apiserver, kubectl, etcd, helm and promtool once into the cache, then print their paths."""
     started = time.monotonic()
-    tools = ensure_tools(console)
+    tools = ensure_tools(console, ALL_TOOLS)
     for name, path in vars(tools).items():
         typer.echo(f"{name.replace('_', '-')}: {path}")
     versions = ", ".join(f"{tool.name} {tool.version}" for tool in ALL_TOOLS)

@@ -10,7 +10,7 @@ disable_created_metrics()
 
 # Fine enough that p95 of 8-11 s reads 11-12 s, and that 3-10 min GPU launches spread over a dozen buckets;
 # modelled on Karpenter's duration buckets, carried on to 30 min.
-_STAGE_BUCKETS = (
+STAGE_BUCKETS = (
     0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9, 10, 12.5, 15, 17.5, 20, 25, 30, 40, 50, 60, 75, 90, 105, 120,
     150, 180, 210, 240, 270, 300, 330, 360, 420, 480, 540, 600, 720, 840, 960, 1080, 1200, 1500, 1800,
 )
@@ -30,7 +30,7 @@ TERMINATIONS = Counter("gpu_provisioner_terminations_total", "Claim terminations
 STAGE_SECONDS = Histogram(
     "gpu_provisioner_claim_stage_seconds",
     "Seconds from claim creation until it reached a stage (launched, registered, initialized, ready)",
-    ["kind", "stage"], buckets=_STAGE_BUCKETS,
+    ["kind", "stage"], buckets=STAGE_BUCKETS,
 )
 ORPHANS_DELETED = Counter("gpu_provisioner_orphan_pools_deleted_total", "Agent pools deleted by the orphan sweep")
 

@@ -1,0 +1,174 @@
+"""What an operator's monitoring reads: Karpenter's metric names after real claim lifecycles, and the chart's
+alerts and Grafana dashboard, their PromQL run by a real promtool (Prometheus 3) against a scrape of a real run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gpu_provisioner import metrics
+from gpu_provisioner.api.claims import MACHINE, NODECLAIM
+from gpu_provisioner.devenv.controlplane import free_port
+from gpu_provisioner.devenv.tools import PROMETHEUS, ensure_tools
+from tests.integration.harness import http_get, kaito_claim, metric_samples, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "gpu-provisioner"
+RULES = CHART / "files" / "prometheus-rules.yaml"
+DASHBOARD = CHART / "files" / "dashboard.json"
+# What Grafana puts in for the dashboard's variables when a query runs.
+DASHBOARD_VARIABLES = {"$__rate_interval": "5m", "$namespace": ".*"}
+# The synthetic series made from one scrape: this many minutes of samples a minute apart.
+MINUTES = 20
+
+
+@pytest.fixture(scope="module")
+def promtool() -> Path:
+    return ensure_tools(tools=(PROMETHEUS,)).promtool
+
+
+def run_promtool(promtool: Path, *args: str, cwd: Path = REPO) -> str:
+    result = subprocess.run([str(promtool), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def promtool_rules_test(promtool: Path, directory: Path, exprs: dict[str, str], series: list[dict[str, str]]) -> None:
+    """Each expression must parse and return at least one element at the end of the series: one alert per
+    expression, on absent(expr), that promtool's rule test expects never to fire."""
+    rules = {"groups": [{"name": "queries", "rules": [
+        {"alert": name, "expr": f"absent({expr})"} for name, expr in exprs.items()]}]}
+    (directory / "queries.yaml").write_text(yaml.safe_dump(rules))
+    run_promtool(promtool, "check", "rules", "queries.yaml", cwd=directory)
+    test = {"rule_files": ["queries.yaml"], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": series,
+        "alert_rule_test": [{"eval_time": f"{MINUTES}m", "alertname": name, "exp_alerts": []} for name in exprs],
+    }]}
+    (directory / "queries_test.yaml").write_text(yaml.safe_dump(test))
+    run_promtool(promtool, "test", "rules", "queries_test.yaml", cwd=directory)
+
+
+def series_from_scrape(text: str) -> list[dict[str, str]]:
+    """promtool input series that end at the scraped values: counters and histograms grow to them from 0 over
+    MINUTES (so rate() and histogram_quantile() have something to work on), gauges hold them."""
+    series = []
+    for family in text_string_to_metric_families(text):
+        grows = family.type in ("counter", "histogram", "summary")
+        for sample in family.samples:
+            labels = ",".join(f"{key}={json.dumps(value)}" for key, value in sorted(sample.labels.items()))
+            values = f"0+{sample.value / MINUTES!r}x{MINUTES}" if grows else f"{sample.value!r}x{MINUTES}"
+            series.append({"series": f"{sample.name}{{{labels}}}", "values": values})
+    return series
+
+
+def dashboard_queries() -> dict[str, str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = {}
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for variable, value in DASHBOARD_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            assert "$" not in expr, f"panel {panel['title']!r} uses a variable the test does not fill: {expr}"
+            queries[f"Panel{panel['id']}{target['refId']}"] = expr
+    return queries
+
+
+def test_alert_rules_pass_promtool_check_and_their_unit_tests(promtool):
+    assert "SUCCESS: 7 rules found" in run_promtool(promtool, "check", "rules", str(RULES))
+    run_promtool(promtool, "test", "rules", "tests/promql/alerts_test.yaml")
+
+
+def test_stage_buckets_read_p95_of_8_to_11_s_right_and_spread_gpu_launches(promtool, tmp_path):
+    registry = CollectorRegistry()
+    stage = Histogram("stage", "claim stage", buckets=metrics.STAGE_BUCKETS, registry=registry)
+    # 100 claims ready after 8.00, 8.03, ... 10.97 s: the true p95 is 10.85 s.
+    for i in range(100):
+        stage.observe(8 + 0.03 * i)
+    series = series_from_scrape(generate_latest(registry).decode())
+    p95 = "histogram_quantile(0.95, rate(stage_bucket[10m]))"
+    promtool_rules_test(promtool, tmp_path, {"P95Close": f"{p95} > 10.3 and {p95} < 11.4"}, series)
+    # Real GPU nodes are ready 3-10 minutes after their claim: a dozen buckets at least, not two or three.
+    assert len([le for le in metrics.STAGE_BUCKETS if 180 <= le <= 600]) >= 12
+    assert metrics.STAGE_BUCKETS[-1] == 1800
+
+
+def test_chart_ships_the_dashboard_and_the_rules_only_when_asked(control_plane):
+    def render(*sets: str) -> list[dict[str, Any]]:
+        argv = [str(control_plane.tools.helm), "template", "gp", str(CHART), "--namespace", "gpu",
+                "--kube-version", "1.30.0", *(arg for value in sets for arg in ("--set", value))]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+    assert not [d for d in render() if d["kind"] == "PrometheusRule" or "grafana_dashboard" in str(d)]
+    docs = render("grafanaDashboard.enabled=true", "prometheusRule.enabled=true",
+                  "prometheusRule.additionalLabels.release=kube-prometheus-stack",
+                  "grafanaDashboard.annotations.grafana_folder=GPU")
+    dashboard = next(d for d in docs if d["metadata"]["name"] == "gp-gpu-provisioner-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"]["annotations"] == {"grafana_folder": "GPU"}
+    assert json.loads(dashboard["data"]["gpu-provisioner.json"]) == json.loads(DASHBOARD.read_text())
+    rule = next(d for d in docs if d["kind"] == "PrometheusRule")
+    assert rule["metadata"]["namespace"] == "gpu" and rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    # Exactly the rules promtool checked and tested.
+    assert rule["spec"] == yaml.safe_load(RULES.read_text())
+
+
+def test_claim_lifecycles_export_karpenters_metrics_and_every_dashboard_query_returns_data(
+    claims, start_sim, controller_process, unique_name, tmp_path, promtool
+):
+    # The first PUT's answer is lost: a reconcile error, a retry and a transient launch result to show.
+    sim = start_sim(lost_create_answers=1)
+    metrics_port = free_port()
+    controller_process(sim, METRICS_PORT=str(metrics_port))
+    nodeclaim, machine = unique_name, f"{unique_name}m"
+    claims.create(NODECLAIM, kaito_claim(NODECLAIM, nodeclaim))
+    wait_for("the first PUT", lambda: sim.count_requests("agentpools.create") >= 1, timeout_s=30)
+    claims.create_ready(MACHINE, kaito_claim(MACHINE, machine))
+    claims.wait_condition(NODECLAIM, nodeclaim, "Ready", "True", timeout_s=60)
+
+    # The NodeClaim is deleted by its owner; the Machine's Node is deleted under it, so the controller deletes it.
+    claims.delete(NODECLAIM, nodeclaim)
+    claims.core.delete_node(claims.get(MACHINE, machine)["status"]["nodeName"])
+    claims.wait_gone(NODECLAIM, nodeclaim)
+    claims.wait_gone(MACHINE, machine)
+
+    def terminations_counted() -> tuple[str, dict] | None:
+        text = http_get(f"http://127.0.0.1:{metrics_port}/metrics")[1]
+        values = metric_samples(text)
+        done = [values.get(("karpenter_nodeclaims_terminated_total", (
+            ("capacity_type", "on-demand"), ("nodepool", nodepool)))) for nodepool in ("kaito", "default")]
+        return (text, values) if done == [1, 1] else None
+
+    text, values = wait_for("both terminations counted", terminations_counted, timeout_s=15)
+    for nodepool in ("kaito", "default"):  # a NodeClaim's nodepool, a Machine's provisioner
+        assert values[("karpenter_nodeclaims_created_total", (
+            ("capacity_type", "on-demand"), ("nodepool", nodepool), ("reason", "provisioned")))] == 1
+        assert values[("karpenter_nodeclaims_terminated_total", (
+            ("capacity_type", "on-demand"), ("nodepool", nodepool)))] == 1
+        assert values[("karpenter_nodes_created_total", (("nodepool", nodepool),))] == 1
+        assert values[("karpenter_nodes_terminated_total", (("nodepool", nodepool),))] == 1
+    disrupted = {labels: v for (name, labels), v in values.items() if name == "karpenter_nodeclaims_disrupted_total"}
+    assert disrupted == {(("capacity_type", "on-demand"), ("nodepool", "default"), ("reason", "node_deleted")): 1}
+    # One launch result per PUT: the lost answer, then the pool it made once it was up; the Machine's one PUT.
+    launches = {labels: v for (name, labels), v in values.items() if name == "gpu_provisioner_launches_total"}
+    assert launches == {(("kind", "NodeClaim"), ("result", "CloudTransientError")): 1,
+                        (("kind", "NodeClaim"), ("result", "Launched")): 1,
+                        (("kind", "Machine"), ("result", "Launched")): 1}
+    assert values[("gpu_provisioner_arm_request_duration_seconds_count", (("operation", "agentpools.create"),))] == (
+        sim.count_requests("agentpools.create"))
+    assert values[("gpu_provisioner_leader", ())] == 1  # leader election is off: this replica reconciles
+    assert values[("gpu_provisioner_workqueue_unfinished_work_seconds", (("name", "claims"),))] >= 0
+    assert values[("gpu_provisioner_workqueue_longest_running_processor_seconds", (("name", "claims"),))] >= 0
+    assert not [name for name, _ in values if name.endswith("_created")]
+    (tmp_path / "scrape.txt").write_text(text)
+
+    promtool_rules_test(promtool, tmp_path, dashboard_queries(), series_from_scrape(text))
