@@ -138,7 +138,7 @@ def sandbox(
 
 @devenv_app.command("tools")
 def devenv_tools() -> None:
-    """Build the pinned kube-apiserver, kubectl, etcd, helm and promtool once into the cache, then print their paths."""
+    """Build the pinned kube-apiserver, kubectl, etcd, helm, Prometheus and promtool once; print their paths."""
     started = time.monotonic()
     tools = ensure_tools(console, ALL_TOOLS)
     for name, path in vars(tools).items():

@@ -8,8 +8,8 @@ from prometheus_client import Counter, Gauge, Histogram, Info, disable_created_m
 # A `_created` series beside every counter and histogram is about a third more series and no dashboard reads it.
 disable_created_metrics()
 
-# Fine enough that p95 of 8-11 s reads within a second of the truth, and that 3-10 min GPU launches spread over eleven buckets;
-# modelled on Karpenter's duration buckets, carried on to 30 min.
+# Fine enough that p95 of 8-11 s reads within a second of the truth, and that 3-10 min GPU launches spread over
+# eleven buckets; modelled on Karpenter's duration buckets, carried on to 30 min.
 STAGE_BUCKETS = (
     0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 17.5, 20, 25, 30, 40, 50, 60, 75, 90,
     105, 120, 150, 180, 210, 240, 270, 300, 330, 360, 420, 480, 540, 600, 720, 840, 960, 1080, 1200, 1500, 1800,

@@ -1,4 +1,4 @@
-"""Build the pinned control-plane binaries (and promtool) from Go modules, once, into a versioned cache.
+"""Build the pinned control-plane binaries (and Prometheus) from Go modules, once, into a versioned cache.
 
 No Docker engine, kind or envtest download exists here, but the Go module proxy does. Each tool is
 built in a small wrapper module that requires the upstream module at the pinned version; for
@@ -26,8 +26,8 @@ KUBERNETES_VERSION = "v1.33.13"
 # The etcd release Kubernetes 1.33 is tested with (its go.mod's etcd client version).
 ETCD_VERSION = "v3.5.21"
 HELM_VERSION = "v3.19.5"
-# Prometheus 3.16.0, whose Go module version is v0.316.0. promtool alone tests the chart's alerts and dashboard
-# queries (the server is not needed for that).
+# Prometheus 3.16.0, whose Go module version is v0.316.0: the server scrapes a controller in the tests, and
+# promtool checks and unit-tests the chart's alerts.
 PROMETHEUS_VERSION = "v0.316.0"
 
 _STAGING_REPLACE = re.compile(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/", re.MULTILINE)
@@ -132,7 +132,10 @@ PROMETHEUS = GoTool(
     name="prometheus",
     module="github.com/prometheus/prometheus",
     version=PROMETHEUS_VERSION,
-    builds=(("promtool", "github.com/prometheus/prometheus/cmd/promtool"),),
+    builds=(
+        ("promtool", "github.com/prometheus/prometheus/cmd/promtool"),
+        ("prometheus", "github.com/prometheus/prometheus/cmd/prometheus"),
+    ),
     ldflags=(f"-X github.com/prometheus/common/version.Version={_prometheus_release()}",),
 )
 # What a control plane (tests, the sandbox, `devenv up`) needs; `devenv tools` (make tools) builds promtool too.
@@ -149,6 +152,7 @@ class Toolset:
     etcd: Path
     helm: Path
     promtool: Path
+    prometheus: Path
 
 
 def toolset() -> Toolset:
@@ -158,6 +162,7 @@ def toolset() -> Toolset:
         etcd=ETCD.path("etcd"),
         helm=HELM.path("helm"),
         promtool=PROMETHEUS.path("promtool"),
+        prometheus=PROMETHEUS.path("prometheus"),
     )
 
 
