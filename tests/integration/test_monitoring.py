@@ -1,10 +1,13 @@
 """What an operator's monitoring reads: Karpenter's metric names after real claim lifecycles, and the chart's
-alerts and Grafana dashboard, their PromQL run by a real promtool (Prometheus 3) against a scrape of a real run."""
+alerts and Grafana dashboard, their PromQL run by a real Prometheus 3 scraping a real controller, and by promtool."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "gpu-provisioner"
 RULES = CHART / "files" / "prometheus-rules.yaml"
 DASHBOARD = CHART / "files" / "dashboard.json"
-# What Grafana puts in for the dashboard's variables when a query runs.
-DASHBOARD_VARIABLES = {"$__rate_interval": "5m", "$namespace": ".*"}
+# What Grafana would put in for the dashboard's variables, against the test's Prometheus that scrapes every second.
+DASHBOARD_VARIABLES = {"$__rate_interval": "15s", "$namespace": ".*"}
 # The synthetic series made from one scrape: this many minutes of samples a minute apart.
 MINUTES = 20
 
@@ -32,6 +35,33 @@ MINUTES = 20
 @pytest.fixture(scope="module")
 def promtool() -> Path:
     return ensure_tools(tools=(PROMETHEUS,)).promtool
+
+
+@contextmanager
+def prometheus_scraping(target: str, directory: Path) -> Iterator[str]:
+    """A Prometheus server scraping `target` every second and evaluating the chart's alerts; yields its URL."""
+    port = free_port()
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(RULES)],
+              "scrape_configs": [{"job_name": "gpu-provisioner", "static_configs": [{"targets": [target]}]}]}
+    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+    binary = ensure_tools(tools=(PROMETHEUS,)).prometheus
+    with open(directory / "prometheus.log", "wb") as log:
+        process = subprocess.Popen([
+            str(binary), f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for("Prometheus ready", lambda: http_get(f"{url}/-/ready")[0] == 200, timeout_s=30)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def prometheus_api(url: str, path: str, **params: str) -> Any:
+    status, body = http_get(f"{url}/api/v1/{path}?{urllib.parse.urlencode(params)}")
+    assert status == 200, body
+    return json.loads(body)["data"]
 
 
 def run_promtool(promtool: Path, *args: str, cwd: Path = REPO) -> str:
@@ -66,6 +96,11 @@ def series_from_scrape(text: str) -> list[dict[str, str]]:
             values = f"0+{sample.value / MINUTES!r}x{MINUTES}" if grows else f"{sample.value!r}x{MINUTES}"
             series.append({"series": f"{sample.name}{{{labels}}}", "values": values})
     return series
+
+
+def samples(values: dict, name: str) -> dict:
+    """The samples of one metric in a metric_samples() dict, by their labels."""
+    return {labels: value for (sample, labels), value in values.items() if sample == name}
 
 
 def dashboard_queries() -> dict[str, str]:
@@ -122,53 +157,70 @@ def test_chart_ships_the_dashboard_and_the_rules_only_when_asked(control_plane):
     assert rule["spec"] == yaml.safe_load(RULES.read_text())
 
 
-def test_claim_lifecycles_export_karpenters_metrics_and_every_dashboard_query_returns_data(
-    claims, start_sim, controller_process, unique_name, tmp_path, promtool
+def test_claim_lifecycles_export_karpenters_metrics_and_a_live_prometheus_reads_every_dashboard_query(
+    claims, start_sim, controller_process, unique_name, tmp_path
 ):
     # The first PUT's answer is lost: a reconcile error, a retry and a transient launch result to show.
     sim = start_sim(lost_create_answers=1)
     metrics_port = free_port()
     controller_process(sim, METRICS_PORT=str(metrics_port))
-    nodeclaim, machine = unique_name, f"{unique_name}m"
-    claims.create(NODECLAIM, kaito_claim(NODECLAIM, nodeclaim))
-    wait_for("the first PUT", lambda: sim.count_requests("agentpools.create") >= 1, timeout_s=30)
-    claims.create_ready(MACHINE, kaito_claim(MACHINE, machine))
-    claims.wait_condition(NODECLAIM, nodeclaim, "Ready", "True", timeout_s=60)
+    with prometheus_scraping(f"127.0.0.1:{metrics_port}", tmp_path) as prometheus:
+        nodeclaim, machine = unique_name, f"{unique_name}m"
+        claims.create(NODECLAIM, kaito_claim(NODECLAIM, nodeclaim))
+        wait_for("the first PUT", lambda: sim.count_requests("agentpools.create") >= 1, timeout_s=30)
+        claims.create_ready(MACHINE, kaito_claim(MACHINE, machine))
+        claims.wait_condition(NODECLAIM, nodeclaim, "Ready", "True", timeout_s=60)
 
-    # The NodeClaim is deleted by its owner; the Machine's Node is deleted under it, so the controller deletes it.
-    claims.delete(NODECLAIM, nodeclaim)
-    claims.core.delete_node(claims.get(MACHINE, machine)["status"]["nodeName"])
-    claims.wait_gone(NODECLAIM, nodeclaim)
-    claims.wait_gone(MACHINE, machine)
+        # The NodeClaim is deleted by its owner; the Machine's Node under it, so the controller deletes the Machine.
+        claims.delete(NODECLAIM, nodeclaim)
+        claims.core.delete_node(claims.get(MACHINE, machine)["status"]["nodeName"])
+        claims.wait_gone(NODECLAIM, nodeclaim)
+        claims.wait_gone(MACHINE, machine)
 
-    def terminations_counted() -> tuple[str, dict] | None:
-        text = http_get(f"http://127.0.0.1:{metrics_port}/metrics")[1]
-        values = metric_samples(text)
-        done = [values.get(("karpenter_nodeclaims_terminated_total", (
-            ("capacity_type", "on-demand"), ("nodepool", nodepool)))) for nodepool in ("kaito", "default")]
-        return (text, values) if done == [1, 1] else None
+        def terminations_counted() -> dict | None:
+            values = metric_samples(http_get(f"http://127.0.0.1:{metrics_port}/metrics")[1])
+            done = [values.get(("karpenter_nodeclaims_terminated_total", (
+                ("capacity_type", "on-demand"), ("nodepool", nodepool)))) for nodepool in ("kaito", "default")]
+            return values if done == [1, 1] else None
 
-    text, values = wait_for("both terminations counted", terminations_counted, timeout_s=15)
-    for nodepool in ("kaito", "default"):  # a NodeClaim's nodepool, a Machine's provisioner
-        assert values[("karpenter_nodeclaims_created_total", (
-            ("capacity_type", "on-demand"), ("nodepool", nodepool), ("reason", "provisioned")))] == 1
-        assert values[("karpenter_nodeclaims_terminated_total", (
-            ("capacity_type", "on-demand"), ("nodepool", nodepool)))] == 1
-        assert values[("karpenter_nodes_created_total", (("nodepool", nodepool),))] == 1
-        assert values[("karpenter_nodes_terminated_total", (("nodepool", nodepool),))] == 1
-    disrupted = {labels: v for (name, labels), v in values.items() if name == "karpenter_nodeclaims_disrupted_total"}
-    assert disrupted == {(("capacity_type", "on-demand"), ("nodepool", "default"), ("reason", "node_deleted")): 1}
-    # One launch result per PUT: the lost answer, then the pool it made once it was up; the Machine's one PUT.
-    launches = {labels: v for (name, labels), v in values.items() if name == "gpu_provisioner_launches_total"}
-    assert launches == {(("kind", "NodeClaim"), ("result", "CloudTransientError")): 1,
-                        (("kind", "NodeClaim"), ("result", "Launched")): 1,
-                        (("kind", "Machine"), ("result", "Launched")): 1}
-    assert values[("gpu_provisioner_arm_request_duration_seconds_count", (("operation", "agentpools.create"),))] == (
-        sim.count_requests("agentpools.create"))
-    assert values[("gpu_provisioner_leader", ())] == 1  # leader election is off: this replica reconciles
-    assert values[("gpu_provisioner_workqueue_unfinished_work_seconds", (("name", "claims"),))] >= 0
-    assert values[("gpu_provisioner_workqueue_longest_running_processor_seconds", (("name", "claims"),))] >= 0
-    assert not [name for name, _ in values if name.endswith("_created")]
-    (tmp_path / "scrape.txt").write_text(text)
+        values = wait_for("both terminations counted", terminations_counted, timeout_s=15)
+        for nodepool in ("kaito", "default"):  # a NodeClaim's nodepool, a Machine's provisioner
+            assert values[("karpenter_nodeclaims_created_total", (
+                ("capacity_type", "on-demand"), ("nodepool", nodepool), ("reason", "provisioned")))] == 1
+            assert values[("karpenter_nodes_created_total", (("nodepool", nodepool),))] == 1
+            assert values[("karpenter_nodes_terminated_total", (("nodepool", nodepool),))] == 1
+        assert samples(values, "karpenter_nodeclaims_disrupted_total") == {
+            (("capacity_type", "on-demand"), ("nodepool", "default"), ("reason", "node_deleted")): 1}
+        # One launch result per PUT: the lost answer, then the pool it made once it was up; the Machine's one PUT.
+        assert samples(values, "gpu_provisioner_launches_total") == {
+            (("kind", "NodeClaim"), ("result", "CloudTransientError")): 1,
+            (("kind", "NodeClaim"), ("result", "Launched")): 1,
+            (("kind", "Machine"), ("result", "Launched")): 1}
+        assert samples(values, "gpu_provisioner_arm_request_duration_seconds_count")[
+            (("operation", "agentpools.create"),)] == sim.count_requests("agentpools.create")
+        assert values[("gpu_provisioner_leader", ())] == 1  # leader election is off: this replica reconciles
+        assert values[("gpu_provisioner_workqueue_unfinished_work_seconds", (("name", "claims"),))] >= 0
+        assert values[("gpu_provisioner_workqueue_longest_running_processor_seconds", (("name", "claims"),))] >= 0
+        assert not [name for name, _ in values if name.endswith("_created")]
 
-    promtool_rules_test(promtool, tmp_path, dashboard_queries(), series_from_scrape(text))
+        # Every dashboard query returns data from what Prometheus scraped, and a healthy run leaves every alert
+        # inactive (none even pending), each rule evaluating without error.
+        queries = dashboard_queries()
+
+        def empty_queries() -> list[str] | None:
+            empty = [expr for expr in queries.values() if not prometheus_api(prometheus, "query", query=expr)["result"]]
+            return empty or None
+
+        empty: list[str] = []
+        try:
+            wait_for("the scrapes to hold the whole run", lambda: not empty_queries(), timeout_s=20)
+        except AssertionError:
+            empty = empty_queries() or []
+        assert empty == []
+        def rules() -> list[dict[str, Any]]:
+            return [rule for group in prometheus_api(prometheus, "rules")["groups"] for rule in group["rules"]]
+
+        assert len(rules()) == 7 and {rule["health"] for rule in rules()} == {"ok"}
+        # A terminating claim makes GpuProvisionerClaimStuckTerminating pending until the claims gauge is published.
+        wait_for("every alert inactive", lambda: not [r["name"] for r in rules() if r["state"] != "inactive"],
+                 timeout_s=15)
