@@ -97,6 +97,12 @@ def _kubernetes_ldflags() -> tuple[str, ...]:
     return tuple(flags)
 
 
+def _prometheus_release() -> str:
+    """The release a Prometheus module version stands for: 3.N.P is tagged v0.3NN.P for Go modules."""
+    _, minor, patch = PROMETHEUS_VERSION.removeprefix("v").split(".")
+    return f"{minor[0]}.{int(minor[1:])}.{patch}"
+
+
 KUBERNETES = GoTool(
     name="kubernetes",
     module="k8s.io/kubernetes",
@@ -122,23 +128,14 @@ HELM = GoTool(
     builds=(("helm", "helm.sh/helm/v3/cmd/helm"),),
     ldflags=(f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",),
 )
-def _prometheus_release() -> str:
-    """The release a Prometheus module version stands for: 3.N.P is tagged v0.3NN.P for Go modules."""
-    _, minor, patch = PROMETHEUS_VERSION.removeprefix("v").split(".")
-    return f"{minor[0]}.{int(minor[1:])}.{patch}"
-
-
 PROMETHEUS = GoTool(
     name="prometheus",
     module="github.com/prometheus/prometheus",
     version=PROMETHEUS_VERSION,
-    builds=(
-        ("promtool", "github.com/prometheus/prometheus/cmd/promtool"),
-        ("prometheus", "github.com/prometheus/prometheus/cmd/prometheus"),
-    ),
+    builds=tuple((binary, f"github.com/prometheus/prometheus/cmd/{binary}") for binary in ("promtool", "prometheus")),
     ldflags=(f"-X github.com/prometheus/common/version.Version={_prometheus_release()}",),
 )
-# What a control plane (tests, the sandbox, `devenv up`) needs; `devenv tools` (make tools) builds promtool too.
+# What a control plane (tests, the sandbox, `devenv up`) needs; `devenv tools` (make tools) builds Prometheus too.
 CONTROL_PLANE_TOOLS = (KUBERNETES, ETCD, HELM)
 ALL_TOOLS = (*CONTROL_PLANE_TOOLS, PROMETHEUS)
 
