@@ -8,6 +8,7 @@ never reached the cloud.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
 import structlog
@@ -19,9 +20,14 @@ from gpu_provisioner.lifecycle.launch import CAPACITY_FAILURES, CLAIM_REFUSALS, 
 
 log = structlog.get_logger(__name__)
 # The reason label of karpenter_nodeclaims_disrupted_total: Karpenter's word where it deletes a claim for the same
-# cause (its liveness timeouts, its garbage collection of claims whose instance is gone).
-DISRUPTION_REASONS = {"LaunchTimeout": "liveness", "RegistrationTimeout": "liveness",
-                      "AgentPoolVanished": "garbage_collected", "NodeDeleted": "node_deleted"}
+# cause (its liveness timeouts, its garbage collection of claims whose instance is gone), else the Event reason in
+# Karpenter's snake case (NodeDeleted: node_deleted).
+KARPENTER_DISRUPTION_REASONS = {"LaunchTimeout": "liveness", "RegistrationTimeout": "liveness",
+                                "AgentPoolVanished": "garbage_collected"}
+
+
+def disruption_reason(reason: str) -> str:
+    return KARPENTER_DISRUPTION_REASONS.get(reason) or re.sub(r"(?<!^)(?=[A-Z])", "_", reason).lower()
 
 
 class Liveness:
@@ -85,4 +91,4 @@ class Liveness:
         log.warning("deleting claim", claim=r.claim.key, reason=reason)
         self.deps.kube.delete_claim(r.claim.api, r.claim.name)
         metrics.KARPENTER_NODECLAIMS_DISRUPTED.labels(
-            reason=DISRUPTION_REASONS[reason], **karpenter_claim_labels(r.claim)).inc()
+            reason=disruption_reason(reason), **karpenter_claim_labels(r.claim)).inc()

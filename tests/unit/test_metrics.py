@@ -10,6 +10,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpu_provisioner import metrics
+from gpu_provisioner.lifecycle.liveness import disruption_reason
 from gpu_provisioner.runtime.workqueue import WorkQueue
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -58,3 +59,9 @@ def test_unfinished_work_and_longest_running_processor_follow_the_workers():
     assert gauge("unfinished_work_seconds") == 7 and gauge("longest_running_processor_seconds") == 7
     queue.done("b")
     assert gauge("unfinished_work_seconds") == 0 and gauge("longest_running_processor_seconds") == 0
+
+
+def test_disruption_reasons_are_karpenters_where_it_has_one():
+    assert disruption_reason("LaunchTimeout") == disruption_reason("RegistrationTimeout") == "liveness"
+    assert disruption_reason("AgentPoolVanished") == "garbage_collected"
+    assert disruption_reason("NodeDeleted") == "node_deleted"
