@@ -227,10 +227,11 @@ class Launch:
     def _failed_pool(self, r: Reconciliation, request: PoolRequest, pool: PoolState) -> Outcome:
         """The create LRO ended Failed: remember why, delete the pool, and try again (or the next size)."""
         error = classify_code(pool.error_code, pool.error_message or f"agent pool {pool.name} provisioning failed")
-        metrics.LAUNCHES.labels(kind=r.claim.api.kind, result=error.reason).inc()
         size = lookup(pool.vm_size)
         self.deps.pools.delete(pool.name)
         self.deps.inventory.record(PoolState(pool.name, "Deleting", pool.vm_size, pool.tags))
+        # Counted once the failed pool is on its way out, so that a retry after a failed DELETE does not count again.
+        metrics.LAUNCHES.labels(kind=r.claim.api.kind, result=error.reason).inc()
         if isinstance(error, CapacityError) and size is not None:
             return self._size_unavailable(r, request, size, error)
         r.status.wait(r.claim.api.launched, "LaunchFailed",
