@@ -209,12 +209,17 @@ def test_unavailable_size_falls_back_to_the_next_listed_size(claims, start_sim, 
 
 def test_allocation_failure_of_every_size_deletes_the_failed_pool(claims, start_sim, start_controller, unique_name):
     sim = start_sim("allocation-failure")
+    failed = {"kind": "Machine", "result": "AllocationFailed"}
+    failed_before = REGISTRY.get_sample_value("gpu_provisioner_launches_total", failed) or 0
     start_controller(sim)
     claims.create(MACHINE, kaito_claim(MACHINE, unique_name))
     launched = claims.wait_condition(MACHINE, unique_name, MACHINE.launched, "False", reason="AllocationFailed")
     assert INSUFFICIENT_CAPACITY_PHRASE in launched["message"]
     wait_for("an AllocationFailed event", lambda: "AllocationFailed" in claims.event_reasons(unique_name))
     wait_for("the failed pool to be deleted", lambda: unique_name not in sim.pools())
+    # The PUT was accepted and its pool failed: the attempt counts with the failure's reason.
+    assert REGISTRY.get_sample_value("gpu_provisioner_launches_total", failed) - failed_before == (
+        sim.count_requests("agentpools.create"))
 
 
 def test_request_aks_refuses_is_not_retried_until_the_claim_changes(
