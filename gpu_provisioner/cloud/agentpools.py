@@ -9,6 +9,7 @@ work queue with the delay ARM asked for.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -111,18 +112,25 @@ def arm_operation(method: str, url: str) -> str:
 
 
 class ArmRequestMetricsPolicy(SansIOHTTPPolicy):
-    """Counts every HTTP request the SDK sends to ARM, by operation and status code."""
+    """Counts and times every HTTP request the SDK sends to ARM, by operation (and status code)."""
+
+    _STARTED = "gpu_provisioner_started"
+
+    def on_request(self, request: PipelineRequest) -> None:
+        request.context[self._STARTED] = time.monotonic()
 
     def on_response(self, request: PipelineRequest, response: PipelineResponse) -> None:
-        http_request = request.http_request
-        metrics.ARM_REQUESTS.labels(
-            operation=arm_operation(http_request.method, http_request.url),
-            code=str(response.http_response.status_code),
-        ).inc()
+        self._record(request, str(response.http_response.status_code))
 
     def on_exception(self, request: PipelineRequest) -> None:
-        http_request = request.http_request
-        metrics.ARM_REQUESTS.labels(operation=arm_operation(http_request.method, http_request.url), code="error").inc()
+        self._record(request, "error")
+
+    def _record(self, request: PipelineRequest, code: str) -> None:
+        operation = arm_operation(request.http_request.method, request.http_request.url)
+        metrics.ARM_REQUESTS.labels(operation=operation, code=code).inc()
+        started = request.context.get(self._STARTED)
+        if started is not None:
+            metrics.ARM_REQUEST_DURATION.labels(operation=operation).observe(time.monotonic() - started)
 
 
 def _short_transient(error: BaseException) -> bool:

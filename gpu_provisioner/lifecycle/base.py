@@ -27,6 +27,21 @@ class ClaimLookup(Protocol):
         ...
 
 
+# Karpenter's capacity type label; AKS pools made here are regular-priority VMs, which Karpenter calls on-demand.
+CAPACITY_TYPE_LABEL = "karpenter.sh/capacity-type"
+
+
+def karpenter_nodepool(claim: Claim) -> str:
+    """The `nodepool` label of Karpenter's metrics: a NodeClaim's nodepool, a Machine's provisioner."""
+    key, default = claim.api.pool_label
+    return claim.labels.get(key, default)
+
+
+def karpenter_claim_labels(claim: Claim) -> dict[str, str]:
+    """The `nodepool` and `capacity_type` labels of Karpenter's nodeclaim metrics for a claim."""
+    return {"nodepool": karpenter_nodepool(claim), "capacity_type": claim.labels.get(CAPACITY_TYPE_LABEL, "on-demand")}
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 import structlog
 
 from gpu_provisioner import metrics
-from gpu_provisioner.api.claims import INSTANCE_TYPE_LABEL, rfc3339
+from gpu_provisioner.api.claims import INSTANCE_TYPE_LABEL, Claim, rfc3339
 from gpu_provisioner.cloud.agentpools import IN_PROGRESS, PoolState
 from gpu_provisioner.cloud.errors import (
     INSUFFICIENT_CAPACITY_PHRASE,
@@ -159,7 +159,7 @@ class Launch:
             if holder is not None:
                 self._fail(r, "AgentPoolNameTaken", f"agent pool {claim.name} belongs to claim {holder.claim_key}")
                 return WAITING
-            state = self.deps.pools.create(request.name, request.body(size))
+            state = self._put(claim, request, size)
         except TransientError as error:
             if isinstance(error, ThrottledError):
                 inventory.release(reservation)
@@ -178,6 +178,14 @@ class Launch:
         log.info("agent pool create started", claim=claim.key, pool=request.name, vm_size=size.name)
         r.requeue(self.deps.inventory.interval_s * 3)
         return WAITING
+
+    def _put(self, claim: Claim, request: PoolRequest, size: VmSize) -> PoolState:
+        """One launch attempt. A refused PUT is counted here; an accepted one once its pool is up or has failed."""
+        try:
+            return self.deps.pools.create(request.name, request.body(size))
+        except CloudError as error:
+            metrics.LAUNCHES.labels(kind=claim.api.kind, result=error.reason).inc()
+            raise
 
     def _refused(self, r: Reconciliation, request: PoolRequest, size: VmSize, error: CloudError) -> Outcome:
         claim, condition = r.claim, r.claim.api.launched
@@ -220,6 +228,8 @@ class Launch:
         error = classify_code(pool.error_code, pool.error_message or f"agent pool {pool.name} provisioning failed")
         size = lookup(pool.vm_size)
         self.deps.inventory.delete(pool)
+        # Counted once the failed pool is on its way out, so that a retry after a failed DELETE does not count again.
+        metrics.LAUNCHES.labels(kind=r.claim.api.kind, result=error.reason).inc()
         if isinstance(error, CapacityError) and size is not None:
             return self._size_unavailable(r, request, size, error)
         r.status.wait(r.claim.api.launched, "LaunchFailed",
@@ -261,5 +271,4 @@ class Launch:
         return next((size for size in request.vm_sizes if size.name not in failed), None)
 
     def _fail(self, r: Reconciliation, reason: str, message: str, event_message: str = "") -> None:
-        if r.report(self.deps.events, r.claim.api.launched, reason, message, failed=True, event_message=event_message):
-            metrics.LAUNCHES.labels(kind=r.claim.api.kind, result=reason).inc()
+        r.report(self.deps.events, r.claim.api.launched, reason, message, failed=True, event_message=event_message)

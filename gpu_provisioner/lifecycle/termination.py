@@ -16,7 +16,15 @@ from gpu_provisioner import metrics
 from gpu_provisioner.api.claims import CLAIM_APIS, TERMINATION_FINALIZER, Claim
 from gpu_provisioner.cloud.agentpools import IN_PROGRESS, PoolState
 from gpu_provisioner.cloud.errors import AccessDeniedError, RequestFailedError
-from gpu_provisioner.lifecycle.base import DONE, WAITING, Deps, Outcome, Reconciliation
+from gpu_provisioner.lifecycle.base import (
+    DONE,
+    WAITING,
+    Deps,
+    Outcome,
+    Reconciliation,
+    karpenter_claim_labels,
+    karpenter_nodepool,
+)
 from gpu_provisioner.lifecycle.launch import REFUSED_RETRY_S
 
 log = structlog.get_logger(__name__)
@@ -174,6 +182,7 @@ class Termination:
         self.forget(claim.uid)
         self.deps.events.normal(claim.obj, "Terminated", progress.pool_fate or self._no_pool_of_ours(claim, pool))
         metrics.TERMINATIONS.labels(kind=claim.api.kind, result="Terminated").inc()
+        metrics.KARPENTER_NODECLAIMS_TERMINATED.labels(**karpenter_claim_labels(claim)).inc()
         log.info("claim terminated", claim=claim.key)
         return DONE
 
@@ -216,11 +225,16 @@ class Termination:
         if pods or leaving:
             return DRAIN_RETRY_S
         finalizers = node["metadata"].get("finalizers") or []
-        if TERMINATION_FINALIZER in finalizers:
+        released = TERMINATION_FINALIZER in finalizers
+        if released:
             kube.patch_node(name, {"metadata": {
                 "finalizers": [f for f in finalizers if f != TERMINATION_FINALIZER],
                 "resourceVersion": node["metadata"]["resourceVersion"],
             }})
-        if not node["metadata"].get("deletionTimestamp"):
+        deleted = not node["metadata"].get("deletionTimestamp")
+        if deleted:
             kube.delete_node(name)
+        if released or deleted:
+            # Counted once: a Node already deleted and released is only waited for.
+            metrics.KARPENTER_NODES_TERMINATED.labels(nodepool=karpenter_nodepool(claim)).inc()
         return None

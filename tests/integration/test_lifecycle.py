@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import kubernetes
 import pytest
+from prometheus_client import REGISTRY
 
 from gpu_provisioner.api.claims import (
     GROUP,
@@ -164,6 +165,8 @@ def test_quota_exhausted_fails_fast_with_kaitos_phrase_and_the_claim_is_kept_and
 ):
     monkeypatch.setattr(launch, "CAPACITY_RETRY_S", 0.5)
     sim = start_sim("quota-exhausted")
+    refused = {"kind": api.kind, "result": "QuotaExceeded"}
+    refused_before = REGISTRY.get_sample_value("gpu_provisioner_launches_total", refused) or 0
     start_controller(sim, launch_timeout_s=2)
     claims.create(api, kaito_claim(api, unique_name))
     launched = claims.wait_condition(api, unique_name, api.launched, "False", reason="QuotaExceeded")
@@ -183,6 +186,10 @@ def test_quota_exhausted_fails_fast_with_kaitos_phrase_and_the_claim_is_kept_and
     assert claims.get(api, unique_name) is not None
     assert "LaunchTimeout" not in claims.event_reasons(unique_name)
     assert 3 <= sim.count_requests("agentpools.create") <= 5
+    # Each refused PUT is one launch attempt counted with its reason (not one per condition change).
+    wait_for("a launch counted for each refused PUT", lambda: (
+        REGISTRY.get_sample_value("gpu_provisioner_launches_total", refused) - refused_before
+        == sim.count_requests("agentpools.create")), timeout_s=3)
     assert sum(e.count or 1 for e in claims.events(unique_name) if e.reason == "QuotaExceeded") <= 2
     assert sim.pools() == {}
 
@@ -202,12 +209,17 @@ def test_unavailable_size_falls_back_to_the_next_listed_size(claims, start_sim, 
 
 def test_allocation_failure_of_every_size_deletes_the_failed_pool(claims, start_sim, start_controller, unique_name):
     sim = start_sim("allocation-failure")
+    failed = {"kind": "Machine", "result": "AllocationFailed"}
+    failed_before = REGISTRY.get_sample_value("gpu_provisioner_launches_total", failed) or 0
     start_controller(sim)
     claims.create(MACHINE, kaito_claim(MACHINE, unique_name))
     launched = claims.wait_condition(MACHINE, unique_name, MACHINE.launched, "False", reason="AllocationFailed")
     assert INSUFFICIENT_CAPACITY_PHRASE in launched["message"]
     wait_for("an AllocationFailed event", lambda: "AllocationFailed" in claims.event_reasons(unique_name))
     wait_for("the failed pool to be deleted", lambda: unique_name not in sim.pools())
+    # The PUT was accepted and its pool failed: the attempt counts with the failure's reason.
+    assert REGISTRY.get_sample_value("gpu_provisioner_launches_total", failed) - failed_before == (
+        sim.count_requests("agentpools.create"))
 
 
 def test_request_aks_refuses_is_not_retried_until_the_claim_changes(
