@@ -40,3 +40,15 @@ WORKQUEUE_WORK_DURATION = Histogram(
 )
 
 LEADER = Gauge("gpu_provisioner_leader", "1 while this replica is the leader")
+
+CATALOGUE_LIVE = Gauge(
+    "gpu_provisioner_azure_catalogue_live",
+    "1 while Azure answers the read (api: resource_skus, usages) for the region; 0 while the built-in VM size "
+    "table is used instead (resource_skus) or the quota check is left to AKS (usages)",
+    ["region", "api"],
+)
+PREFLIGHT_REFUSALS = Counter(
+    "gpu_provisioner_preflight_refusals_total",
+    "Agent pool PUTs not sent because the pre-flight found the size restricted or its vCPU quota used up",
+    ["reason"],
+)
