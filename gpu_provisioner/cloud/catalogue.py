@@ -73,11 +73,11 @@ def _number(text: str) -> int:
 
 
 def parse_offers(skus: list[dict[str, Any]], location: str) -> dict[str, Offer]:
-    """Offers by lower-case size name, from the Resource SKUs of virtual machines (snake_case dicts)."""
+    """Offers by lower-case size name, from the Resource SKUs of virtual machines (as ARM sends them)."""
     offers: dict[str, Offer] = {}
     region = location.casefold()
     for sku in skus:
-        if sku.get("resource_type", "virtualMachines") != "virtualMachines":
+        if sku.get("resourceType", "virtualMachines") != "virtualMachines":
             continue
         if region not in {loc.casefold() for loc in sku.get("locations") or []}:
             continue
@@ -98,10 +98,10 @@ def parse_offers(skus: list[dict[str, Any]], location: str) -> dict[str, Offer]:
             if region not in {v.casefold() for v in restriction.get("values") or []}:
                 continue
             if restriction.get("type") == "Location":
-                restricted = restriction.get("reason_code") or "Restricted"
+                restricted = restriction.get("reasonCode") or "Restricted"
             elif restriction.get("type") == "Zone":
-                restricted_zones.update((restriction.get("restriction_info") or {}).get("zones") or [])
-        zones = {zone for info in sku.get("location_info") or [] if info.get("location", "").casefold() == region
+                restricted_zones.update((restriction.get("restrictionInfo") or {}).get("zones") or [])
+        zones = {zone for info in sku.get("locationInfo") or [] if info.get("location", "").casefold() == region
                  for zone in info.get("zones") or []}
         offers[name.casefold()] = Offer(size, restricted, tuple(sorted(zones)), tuple(sorted(restricted_zones)))
     return offers
@@ -113,7 +113,7 @@ def parse_usages(usages: list[dict[str, Any]]) -> dict[str, Usage]:
     for usage in usages:
         name = (usage.get("name") or {}).get("value", "")
         if name:
-            parsed[name.casefold()] = Usage(name, int(usage.get("current_value") or 0), int(usage.get("limit") or 0))
+            parsed[name.casefold()] = Usage(name, int(usage.get("currentValue") or 0), int(usage.get("limit") or 0))
     return parsed
 
 

@@ -1,6 +1,6 @@
 """The read-only door to Azure Compute: the region's VM sizes (Resource SKUs API) and its vCPU usage and
-limits per quota family (Usages API). Nothing here writes; answers are returned as ARM's plain dicts
-(snake_case, as the SDK's `as_dict()` gives them) for cloud/catalogue.py to read."""
+limits per quota family (Usages API). Nothing here writes; answers are returned as ARM sends them (camelCase
+dicts: the SDK's models are mappings of the wire format) for cloud/catalogue.py to read."""
 
 from __future__ import annotations
 
