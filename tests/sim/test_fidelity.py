@@ -74,7 +74,8 @@ def compute_sdk(sim, monkeypatch) -> ComputeManagementClient:
 def test_resource_skus_and_usages_answer_from_the_scenario_with_the_numbers_puts_are_judged_by(start_sim, monkeypatch):
     sim = start_sim(materialise_nodes=False, create_delay_s=0.2, vcpu_quota={"standardNCSv3Family": 12},
                     regional_vcpu_quota=100, unavailable_skus=["Standard_NC24ads_A100_v4"],
-                    zone_restricted_skus={"Standard_NC40ads_H100_v5": ["2"], "Standard_NV36ads_A10_v5": ["1", "2", "3"]})
+                    zone_restricted_skus={"Standard_NC40ads_H100_v5": ["2"],
+                                          "Standard_NV36ads_A10_v5": ["1", "2", "3"]})
     compute = compute_sdk(sim, monkeypatch)
     skus = {sku.name: sku for sku in compute.resource_skus.list(filter=f"location eq '{sim.location}'")}
     assert list(compute.resource_skus.list(filter="location eq 'westeurope'")) == []

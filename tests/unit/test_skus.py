@@ -32,8 +32,10 @@ def test_every_size_in_kaitos_list_is_in_the_table_with_its_gpus():
     assert sorted(n for n, s in CATALOGUE.items() if s.is_gpu and n not in kaito) == []
 
 
-@pytest.mark.parametrize(("name", "vcpus"), [("Standard_D4s_v5", 4), ("Standard_D8s_v5", 8), ("Standard_D4_v5", 4),
-                                             ("Standard_D16s_v4", 16), ("Standard_D4ads_v5", 4), ("standard_d4s_v5", 4)])
+@pytest.mark.parametrize(("name", "vcpus"), [
+    ("Standard_D4s_v5", 4), ("Standard_D8s_v5", 8), ("Standard_D4_v5", 4), ("Standard_D16s_v4", 16),
+    ("Standard_D4ads_v5", 4), ("standard_d4s_v5", 4),
+])
 def test_todays_common_cpu_sizes_are_known(name, vcpus):
     size = lookup(name)
     assert size is not None and not size.is_gpu and size.vcpus == vcpus and size.memory_gib == 4 * vcpus
