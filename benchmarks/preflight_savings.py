@@ -39,19 +39,19 @@ def arm_requests(plane: ControlPlane, client: kubernetes.client.ApiClient, prefl
         with open(log, "wb") as out:
             controller = subprocess.Popen([sys.executable, "-m", "gpu_provisioner", "run"], env=env,
                                           stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-        names = [f"pf{index:09x}" for index in range(claims)]
+        names = [f"pf{int(preflight)}{index:08x}" for index in range(claims)]
         try:
             for name in names:
                 custom.create_cluster_custom_object(GROUP, api.version, api.plural, kaito_claim(api, name))
             time.sleep(window_s)
             counts = Counter(r.operation for r in sim.requests if r.operation not in ("token", "openid-configuration"))
         finally:
-            for name in names:
+            controller.terminate()
+            controller.wait(timeout=30)
+            for name in names:  # the controller is gone: let the claims go without it
                 custom.patch_cluster_custom_object(GROUP, api.version, api.plural, name,
                                                    {"metadata": {"finalizers": None}})
                 custom.delete_cluster_custom_object(GROUP, api.version, api.plural, name)
-            controller.terminate()
-            controller.wait(timeout=30)
     return counts
 
 
