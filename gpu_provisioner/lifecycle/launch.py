@@ -170,7 +170,6 @@ class Launch:
                 self._fail(r, "AgentPoolNameTaken", f"agent pool {claim.name} belongs to claim {holder.claim_key}")
                 return WAITING
             state = self.deps.pools.create(request.name, request.body(size))
-            put_may_have_landed = True
         except TransientError as error:
             if isinstance(error, ThrottledError):
                 inventory.release(reservation)
@@ -185,6 +184,8 @@ class Launch:
             # AKS refused it: nothing was created.
             inventory.release(reservation)
             return self._refused(r, request, size, error)
+        else:
+            put_may_have_landed = True
         finally:
             if not put_may_have_landed:
                 catalogue.release(size)
