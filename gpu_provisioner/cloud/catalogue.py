@@ -118,11 +118,12 @@ def parse_usages(usages: list[dict[str, Any]]) -> dict[str, Usage]:
 
 
 class _CachedRead:
-    """One Azure read shared by every caller, repeated at most once per interval; None while Azure refuses."""
+    """One Azure read shared by every caller, repeated at most once per interval; None while Azure refuses,
+    when `fallback` (said in the log) is what the controller does instead."""
 
     def __init__(self, api: str, region: str, interval_s: float, read: Callable[[], Any],
-                 clock: Callable[[], float]) -> None:
-        self.api, self.region, self.interval_s = api, region, interval_s
+                 clock: Callable[[], float], fallback: str) -> None:
+        self.api, self.region, self.interval_s, self.fallback = api, region, interval_s, fallback
         self._read, self._clock = read, clock
         self._lock = threading.Lock()
         self._value: Any = None
@@ -152,9 +153,7 @@ class _CachedRead:
         if live:
             log.info("Azure answers; using its live data", api=self.api, region=self.region)
         else:
-            fallback = ("the built-in VM size table" if self.api == "resource_skus"
-                        else "no quota pre-flight (AKS judges each PUT)")
-            log.warning(f"Azure refused or is unreachable; using {fallback}", api=self.api, region=self.region,
+            log.warning(f"Azure refused or is unreachable; using {self.fallback}", api=self.api, region=self.region,
                         error=error.describe() if error else "", error_class=error.reason if error else "",
                         retry_in_s=self.interval_s)
 
@@ -170,9 +169,11 @@ class SizeCatalogue:
         self._usages: _CachedRead | None = None
         if compute is not None:
             self._offers = _CachedRead("resource_skus", location, sku_interval_s,
-                                       lambda: parse_offers(compute.vm_sizes(location), location), clock)
+                                       lambda: parse_offers(compute.vm_sizes(location), location), clock,
+                                       fallback="the built-in VM size table")
             self._usages = _CachedRead("usages", location, quota_interval_s,
-                                       lambda: parse_usages(compute.usages(location)), clock)
+                                       lambda: parse_usages(compute.usages(location)), clock,
+                                       fallback="no quota pre-flight (AKS judges each PUT)")
         self._quota_lock = threading.Lock()
         # (when, quota names, vCPUs) of the pools reserved since the last usage read began.
         self._in_flight: list[tuple[float, tuple[str, ...], int]] = []
