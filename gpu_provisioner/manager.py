@@ -119,6 +119,7 @@ class Manager:
         for informer in [*self.claim_informers.values(), self.node_informer]:
             informer.start()
         self._spawn("pool-inventory", self.inventory.run, self._stop)
+        self._spawn("catalogue-warm-up", self.catalogue.warm_up)
         self._spawn("orphan-sweep", self._sweep_loop)
         self._spawn("claim-metrics", self._publish_claim_phases)
         for index in range(self.settings.workers):

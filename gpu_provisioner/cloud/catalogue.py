@@ -178,6 +178,12 @@ class SizeCatalogue:
         # (when, quota names, vCPUs) of the pools reserved since the last usage read began.
         self._in_flight: list[tuple[float, tuple[str, ...], int]] = []
 
+    def warm_up(self) -> None:
+        """Read both once, so that the log and the metric say at start-up which data is in use."""
+        for read in (self._offers, self._usages):
+            if read is not None:
+                read.get()
+
     def size(self, name: str) -> VmSize | None:
         """The size called `name`, as the region's live catalogue or else the built-in table describes it."""
         offers = self._offers.get() if self._offers else None

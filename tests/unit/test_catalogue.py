@@ -104,3 +104,11 @@ def test_live_sizes_are_used_and_a_refused_read_falls_back_to_the_table_and_says
 def test_without_compute_access_the_table_is_used_and_nothing_is_refused():
     sizes = SizeCatalogue()
     assert sizes.size("Standard_NC6s_v3") == NC6 and sizes.reserve(NC6) is None
+
+
+def test_warm_up_reads_both_once_so_the_start_up_log_says_what_is_in_use():
+    compute, now = FakeCompute(), [0.0]
+    sizes = catalogue(compute, now)
+    sizes.warm_up()
+    assert compute.reads == {"skus": 1, "usages": 1}
+    assert sizes.reserve(NC6) is None and compute.reads == {"skus": 1, "usages": 1}  # within the intervals
