@@ -91,8 +91,7 @@ def parse_offers(skus: list[dict[str, Any]], location: str) -> dict[str, Offer]:
         size = VmSize(name, vcpus, memory, sku.get("family", ""), gpus)
         if known is not None:
             size = replace(known, name=name, vcpus=vcpus or known.vcpus, memory_gib=memory or known.memory_gib,
-                           family=size.family or known.family, gpu_count=gpus if gpus or not known.is_gpu
-                           else known.gpu_count)
+                           family=size.family or known.family, gpu_count=gpus or known.gpu_count)
         restricted, restricted_zones = "", set()
         for restriction in sku.get("restrictions") or []:
             if region not in {v.casefold() for v in restriction.get("values") or []}:
