@@ -17,7 +17,9 @@ from azure.core.credentials import TokenCredential
 
 from gpu_provisioner import metrics
 from gpu_provisioner.api.claims import CLAIM_APIS, GROUP, READY, Claim, ClaimApi, claim_key, split_key
-from gpu_provisioner.cloud.agentpools import AgentPools, PoolState
+from gpu_provisioner.cloud.agentpools import AgentPools, PoolState, default_credential
+from gpu_provisioner.cloud.catalogue import SizeCatalogue
+from gpu_provisioner.cloud.compute import ComputeReads
 from gpu_provisioner.cloud.errors import CloudError, TransientError
 from gpu_provisioner.cloud.inventory import PoolInventory
 from gpu_provisioner.lifecycle.base import Deps
@@ -73,12 +75,17 @@ class Manager:
             for name, api in CLAIM_APIS.items() if name in settings.claim_apis
         }
         self.nodes = NodeCache(api_client, self._on_node_event)
+        credential = credential or default_credential(settings)
         self.pools = AgentPools(settings, credential)
+        self.compute = ComputeReads(settings, credential)
+        self.catalogue = SizeCatalogue(self.compute if settings.preflight else None, settings.location,
+                                       settings.sku_catalogue_refresh_s, settings.quota_refresh_interval_s)
         self.inventory = PoolInventory(self.pools, settings.pool_refresh_interval_s, self._on_pool_change)
         api_server_outage = Outage("API server")
         kube = Kube(api_client, lambda api, obj: self.claim_informers[api.name].remember_write(obj), api_server_outage)
         deps = Deps(settings, kube, self.pools, self.inventory, self.nodes,
-                    ClaimIndex(self.claim_informers), EventRecorder(api_client, api_server_outage))
+                    ClaimIndex(self.claim_informers), EventRecorder(api_client, api_server_outage),
+                    catalogue=self.catalogue)
         self.lifecycle = ClaimLifecycle(deps)
         self.orphans = OrphanSweep(deps, self._claim_exists)
         self._stop = threading.Event()
@@ -92,6 +99,7 @@ class Manager:
         for informer in [*self.claim_informers.values(), self.nodes.informer]:
             informer.start()
         self._spawn("pool-inventory", self.inventory.run, self._stop)
+        self._spawn("catalogue-warm-up", self.catalogue.warm_up)
         self._spawn("orphan-sweep", self._sweep_loop)
         self._spawn("claim-metrics", self._publish_claim_phases)
         for index in range(self.settings.workers):
@@ -110,6 +118,7 @@ class Manager:
         for thread in self._threads:
             thread.join(timeout=10)
         self.pools.close()
+        self.compute.close()
 
     def synced(self) -> bool:
         return self._caches_synced() and self.inventory.synced

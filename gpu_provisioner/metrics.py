@@ -84,3 +84,15 @@ KARPENTER_NODES_CREATED = Counter("karpenter_nodes_created_total", "Nodes regist
 KARPENTER_NODES_TERMINATED = Counter(
     "karpenter_nodes_terminated_total", "Nodes of a claim drained and deleted", ["nodepool"]
 )
+
+CATALOGUE_LIVE = Gauge(
+    "gpu_provisioner_azure_catalogue_live",
+    "1 while Azure answers the read (api: resource_skus, usages) for the region; 0 while the built-in VM size "
+    "table is used instead (resource_skus) or the quota check is left to AKS (usages)",
+    ["region", "api"],
+)
+PREFLIGHT_REFUSALS = Counter(
+    "gpu_provisioner_preflight_refusals_total",
+    "Agent pool PUTs not sent because the pre-flight found the size restricted or its vCPU quota used up",
+    ["reason"],
+)

@@ -97,13 +97,15 @@ class ClusterState:
 
 
 _ARM_PATH = re.compile(r"/managedclusters/[^/]+(/agentpools(/[^/?]+)?)?(?:\?|$)", re.IGNORECASE)
+_COMPUTE_READS = {"skus": re.compile(r"/providers/microsoft\.compute/skus(?:\?|$)", re.IGNORECASE),
+                  "usages": re.compile(r"/providers/microsoft\.compute/locations/[^/]+/usages(?:\?|$)", re.IGNORECASE)}
 
 
 def arm_operation(method: str, url: str) -> str:
     """A low-cardinality name for an ARM request, for metrics."""
     match = _ARM_PATH.search(url)
     if match is None:
-        return "other"
+        return next((f"{name}.list" for name, path in _COMPUTE_READS.items() if path.search(url)), "other")
     if match.group(1) is None:
         return f"managedclusters.{method.lower()}"
     if match.group(2) is None:
@@ -155,18 +157,41 @@ def _wait(retry_state: Any) -> float:
     return requested if requested is not None else 0.2 * 2 ** (retry_state.attempt_number - 1)
 
 
+def call_arm(request: Callable[[], T], retry_when: Callable[[BaseException], bool] = _short_transient) -> T:
+    """Run one ARM request with short inline retries; raise a classified CloudError."""
+    retrying = retry(
+        retry=retry_if_exception(retry_when),
+        wait=_wait,
+        stop=stop_after_attempt(INLINE_ATTEMPTS),
+        reraise=True,
+    )
+    try:
+        return retrying(request)()
+    except Exception as error:
+        raise classify(error) from error
+
+
+def arm_client_options(settings: Settings) -> dict[str, Any]:
+    """What every ARM client of the controller is built with."""
+    return {
+        "base_url": settings.arm_endpoint,
+        # One retry layer, ours: it knows when a wait belongs in the queue rather than in a worker.
+        "retry_total": 0,
+        "per_retry_policies": [ArmRequestMetricsPolicy()],
+    }
+
+
+def default_credential(settings: Settings) -> TokenCredential:
+    return DefaultAzureCredential(disable_instance_discovery=settings.disable_instance_discovery)
+
+
 class AgentPools:
     """create / delete / get / list for the agent pools of one managed cluster."""
 
     def __init__(self, settings: Settings, credential: TokenCredential | None = None) -> None:
         self.settings = settings
         self._client = ContainerServiceClient(
-            credential or DefaultAzureCredential(disable_instance_discovery=settings.disable_instance_discovery),
-            settings.subscription_id,
-            base_url=settings.arm_endpoint,
-            # One retry layer, ours: it knows when a wait belongs in the queue rather than in a worker.
-            retry_total=0,
-            per_retry_policies=[ArmRequestMetricsPolicy()],
+            credential or default_credential(settings), settings.subscription_id, **arm_client_options(settings)
         )
         self._group = settings.resource_group
         self._cluster = settings.cluster_name
@@ -176,7 +201,7 @@ class AgentPools:
 
     def create(self, name: str, body: dict[str, Any]) -> PoolState:
         """Start creating (or updating) a pool; returns its state as ARM accepted it (Creating)."""
-        poller = self._call(lambda: self._client.agent_pools.begin_create_or_update(
+        poller = call_arm(lambda: self._client.agent_pools.begin_create_or_update(
             self._group, self._cluster, name, body, polling=False
         ), retry_when=_short_transient_unsent)
         return PoolState.from_arm(poller.result().as_dict())
@@ -185,7 +210,7 @@ class AgentPools:
         """Start deleting a pool; an absent pool is already deleted. Returns when ARM said to look again (its
         Retry-After, in seconds), if it said."""
         try:
-            poller = self._call(lambda: self._client.agent_pools.begin_delete(
+            poller = call_arm(lambda: self._client.agent_pools.begin_delete(
                 self._group, self._cluster, name, polling=False,
                 cls=lambda response, *_: response.http_response.headers.get("Retry-After"),
             ))
@@ -199,33 +224,20 @@ class AgentPools:
 
     def get(self, name: str) -> PoolState | None:
         try:
-            pool = self._call(lambda: self._client.agent_pools.get(self._group, self._cluster, name))
+            pool = call_arm(lambda: self._client.agent_pools.get(self._group, self._cluster, name))
         except NotFoundError:
             return None
         return PoolState.from_arm(pool.as_dict())
 
     def list(self) -> list[PoolState]:
-        return self._call(lambda: [
+        return call_arm(lambda: [
             PoolState.from_arm(pool.as_dict()) for pool in self._client.agent_pools.list(self._group, self._cluster)
         ])
 
     def cluster(self) -> ClusterState:
-        cluster = self._call(lambda: self._client.managed_clusters.get(self._group, self._cluster)).as_dict()
+        cluster = call_arm(lambda: self._client.managed_clusters.get(self._group, self._cluster)).as_dict()
         properties = cluster.get("properties") or {}
         return ClusterState(
             provisioning_state=properties.get("provisioningState", ""),
             power_state=(properties.get("powerState") or {}).get("code", ""),
         )
-
-    def _call(self, request: Callable[[], T], retry_when: Callable[[BaseException], bool] = _short_transient) -> T:
-        """Run one ARM request with short inline retries; raise a classified CloudError."""
-        retrying = retry(
-            retry=retry_if_exception(retry_when),
-            wait=_wait,
-            stop=stop_after_attempt(INLINE_ATTEMPTS),
-            reraise=True,
-        )
-        try:
-            return retrying(request)()
-        except Exception as error:
-            raise classify(error) from error

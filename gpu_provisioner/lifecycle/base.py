@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from gpu_provisioner.api.claims import Claim, StatusWriter
 from gpu_provisioner.cloud.agentpools import AgentPools
+from gpu_provisioner.cloud.catalogue import SizeCatalogue
 from gpu_provisioner.cloud.inventory import PoolInventory
 from gpu_provisioner.runtime.events import EventRecorder
 from gpu_provisioner.runtime.kube import Kube
@@ -59,6 +60,8 @@ class Deps:
     claims: ClaimLookup
     events: EventRecorder
     clock: Callable[[], datetime] = utc_now
+    # The region's VM sizes and the pre-flight before a PUT; the default knows only the built-in table.
+    catalogue: SizeCatalogue = field(default_factory=SizeCatalogue)
 
 
 @dataclass

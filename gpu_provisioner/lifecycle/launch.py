@@ -31,7 +31,7 @@ from gpu_provisioner.cloud.errors import (
     classify_code,
 )
 from gpu_provisioner.cloud.pool_request import InvalidClaim, PoolRequest, build_pool_request
-from gpu_provisioner.cloud.skus import VmSize, lookup
+from gpu_provisioner.cloud.skus import VmSize
 from gpu_provisioner.lifecycle.base import DONE, WAITING, Deps, Outcome, Reconciliation
 
 log = structlog.get_logger(__name__)
@@ -87,7 +87,8 @@ class Launch:
         if r.status.is_true(condition):
             return DONE
         try:
-            request = build_pool_request(claim, created_at=rfc3339(claim.created or r.now))
+            request = build_pool_request(claim, created_at=rfc3339(claim.created or r.now),
+                                         size_of=self.deps.catalogue.size)
         except InvalidClaim as invalid:
             self._fail(r, invalid.reason, invalid.message)
             return WAITING
@@ -146,7 +147,15 @@ class Launch:
         size = self._next_size(claim.uid, request)
         if size is None:
             return self._all_unavailable(r)
-        inventory = self.deps.inventory
+        inventory, catalogue = self.deps.inventory, self.deps.catalogue
+        # The pre-flight: a restricted size or a used-up quota costs no PUT, and the next size is tried.
+        refusal = catalogue.reserve(size)
+        if refusal is not None:
+            log.info("pre-flight refused a size; no request sent", claim=claim.key, vm_size=size.name,
+                     reason=refusal.reason, detail=refusal.message)
+            return self._size_unavailable(r, request, size, refusal)
+        # The size's vCPUs stay counted in flight once a PUT may have landed; otherwise they are released.
+        put_may_have_landed = False
         reservation = PoolState(request.name, "Creating", size.name, request.tags)
         try:
             cluster = inventory.cluster()
@@ -163,8 +172,10 @@ class Launch:
         except TransientError as error:
             if isinstance(error, ThrottledError):
                 inventory.release(reservation)
-            # Otherwise (a 5xx, a lost answer) the PUT may have landed: the reservation stands for it, so no
-            # other PUT goes out before a LIST tells.
+            else:
+                # A 5xx, a lost answer: the PUT may have landed. The reservation stands for it, so no other
+                # PUT goes out before a LIST tells.
+                put_may_have_landed = True
             message = f"creating agent pool {request.name}: {error.describe()}"
             r.report(self.deps.events, condition, error.reason, message)
             raise
@@ -172,6 +183,11 @@ class Launch:
             # AKS refused it: nothing was created.
             inventory.release(reservation)
             return self._refused(r, request, size, error)
+        else:
+            put_may_have_landed = True
+        finally:
+            if not put_may_have_landed:
+                catalogue.release(size)
         self.deps.inventory.record(state)
         r.status.wait(condition, "Launching", f"creating agent pool {request.name} ({size.name})")
         self.deps.events.normal(claim.obj, "LaunchingAgentPool", f"creating agent pool {request.name} with {size.name}")
@@ -206,7 +222,7 @@ class Launch:
 
     def _launched(self, r: Reconciliation, pool: PoolState) -> Outcome:
         claim = r.claim
-        size = lookup(pool.vm_size)
+        size = self.deps.catalogue.size(pool.vm_size)
         with self._lock:
             self._unavailable.pop(claim.uid, None)
             self._capacity_backoff.pop(claim.uid, None)
@@ -226,7 +242,7 @@ class Launch:
     def _failed_pool(self, r: Reconciliation, request: PoolRequest, pool: PoolState) -> Outcome:
         """The create LRO ended Failed: remember why, delete the pool, and try again (or the next size)."""
         error = classify_code(pool.error_code, pool.error_message or f"agent pool {pool.name} provisioning failed")
-        size = lookup(pool.vm_size)
+        size = self.deps.catalogue.size(pool.vm_size)
         self.deps.inventory.delete(pool)
         # Counted once the failed pool is on its way out, so that a retry after a failed DELETE does not count again.
         metrics.LAUNCHES.labels(kind=r.claim.api.kind, result=error.reason).inc()

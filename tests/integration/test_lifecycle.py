@@ -159,15 +159,16 @@ def test_a_pool_of_the_claims_name_made_by_someone_else_is_never_touched(
     assert kept is not None and not kept.spec.unschedulable and kept.metadata.deletion_timestamp is None
 
 
+@pytest.mark.parametrize("preflight", [True, False], ids=["preflight", "aks-judges"])
 @pytest.mark.parametrize("api", APIS, ids=lambda a: a.kind)
 def test_quota_exhausted_fails_fast_with_kaitos_phrase_and_the_claim_is_kept_and_retried_with_backoff(
-    api, claims, start_sim, start_controller, unique_name, monkeypatch
+    api, preflight, claims, start_sim, start_controller, unique_name, monkeypatch
 ):
     monkeypatch.setattr(launch, "CAPACITY_RETRY_S", 0.5)
     sim = start_sim("quota-exhausted")
     refused = {"kind": api.kind, "result": "QuotaExceeded"}
     refused_before = REGISTRY.get_sample_value("gpu_provisioner_launches_total", refused) or 0
-    start_controller(sim, launch_timeout_s=2)
+    start_controller(sim, launch_timeout_s=2, preflight=preflight)
     claims.create(api, kaito_claim(api, unique_name))
     launched = claims.wait_condition(api, unique_name, api.launched, "False", reason="QuotaExceeded")
     if api is MACHINE:
@@ -181,15 +182,19 @@ def test_quota_exhausted_fails_fast_with_kaitos_phrase_and_the_claim_is_kept_and
         for e in claims.events(unique_name)))
 
     # Past the launch timeout the claim is kept (Kaito would make the same claim again and again), and it
-    # is asked for again after 0.5, 1, 2, 4 s: not once a reconcile.
+    # is looked at again after 0.5, 1, 2, 4 s: not once a reconcile. The pre-flight refuses each try, so no
+    # PUT is ever sent (tests/integration/test_preflight.py has the rest); without it, AKS refuses each PUT.
     time.sleep(6)
     assert claims.get(api, unique_name) is not None
     assert "LaunchTimeout" not in claims.event_reasons(unique_name)
-    assert 3 <= sim.count_requests("agentpools.create") <= 5
-    # Each refused PUT is one launch attempt counted with its reason (not one per condition change).
-    wait_for("a launch counted for each refused PUT", lambda: (
-        REGISTRY.get_sample_value("gpu_provisioner_launches_total", refused) - refused_before
-        == sim.count_requests("agentpools.create")), timeout_s=3)
+    if preflight:
+        assert sim.count_requests("agentpools.create") == 0 and 3 <= sim.count_requests("usages.list") <= 8
+    else:
+        assert 3 <= sim.count_requests("agentpools.create") <= 5
+        # Each refused PUT is one launch attempt counted with its reason (not one per condition change).
+        wait_for("a launch counted for each refused PUT", lambda: (
+            REGISTRY.get_sample_value("gpu_provisioner_launches_total", refused) - refused_before
+            == sim.count_requests("agentpools.create")), timeout_s=3)
     assert sum(e.count or 1 for e in claims.events(unique_name) if e.reason == "QuotaExceeded") <= 2
     assert sim.pools() == {}
 
