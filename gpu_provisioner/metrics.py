@@ -40,3 +40,12 @@ WORKQUEUE_WORK_DURATION = Histogram(
 )
 
 LEADER = Gauge("gpu_provisioner_leader", "1 while this replica is the leader")
+
+NODE_REPAIRS = Counter(
+    "gpu_provisioner_node_repairs_total",
+    "Ready claims deleted because their Node stayed unhealthy (NodeNotReady, GPUUnavailable)", ["kind", "reason"],
+)
+NODE_REPAIRS_BLOCKED = Counter(
+    "gpu_provisioner_node_repairs_blocked_total",
+    "Repairs held back by a safety rule (TooManyUnhealthy, APIServerDown, ARMDown, AgentPoolBusy)", ["reason"],
+)

@@ -59,6 +59,15 @@ class Settings(BaseSettings):
     pod_namespace: str = Field("default", validation_alias="POD_NAMESPACE")
     pod_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", validation_alias="POD_NAME")
     lease_duration_s: float = Field(15.0, gt=0, validation_alias="LEASE_DURATION_SECONDS")
+    # A registered claim whose Node is not Ready with its GPUs within this time is deleted (Kaito makes a new one).
+    initialization_timeout_s: float = Field(900.0, gt=0, validation_alias="INITIALIZATION_TIMEOUT_SECONDS")
+    # GPU node repair: a Ready claim whose Node stays NotReady/Unknown, or whose GPUs stay at 0 allocatable, for
+    # the toleration is deleted; never while more than the share of the managed nodes is unhealthy (Karpenter's 20%).
+    node_repair_enabled: bool = Field(True, validation_alias="NODE_REPAIR_ENABLED")
+    node_repair_toleration_s: float = Field(600.0, gt=0, validation_alias="NODE_REPAIR_TOLERATION_SECONDS")
+    node_repair_max_unhealthy_percent: int = Field(
+        20, ge=0, le=100, validation_alias="NODE_REPAIR_MAX_UNHEALTHY_PERCENT"
+    )
 
     @field_validator("claim_apis", mode="before")
     @classmethod
