@@ -36,6 +36,15 @@ def _taint(spec: str) -> dict[str, str]:
     return {"key": key, "value": value, "effect": effect}
 
 
+def _unless_gone(action: Callable[[], None]) -> None:
+    """Act on a Node unless it was deleted meanwhile (with its pool): a kubelet would be gone too."""
+    try:
+        action()
+    except ApiException as error:
+        if error.status != 404:
+            raise
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -83,9 +92,9 @@ class NodeMaterialiser:
             self._after(gpus_at, lambda: self._set_status(node_name, size, ready=True, gpus=True))
         # Failures of a node in service, after it came up whole.
         if s.gpus_lost_after_s is not None and size.is_gpu:
-            self._after(serving_at + s.gpus_lost_after_s, lambda: self.lose_gpus(node_name))
+            self._after(serving_at + s.gpus_lost_after_s, lambda: _unless_gone(lambda: self.lose_gpus(node_name)))
         if s.node_lost_after_s is not None:
-            self._after(serving_at + s.node_lost_after_s, lambda: self.lose_node(node_name))
+            self._after(serving_at + s.node_lost_after_s, lambda: _unless_gone(lambda: self.lose_node(node_name)))
 
     def pool_deleted(self, cluster: str, pool: str) -> None:
         with self._lock:
@@ -98,8 +107,7 @@ class NodeMaterialiser:
     def lose_gpus(self, node_name: str) -> None:
         """The device plugin reports every GPU unhealthy (an Xid error, a driver crash): allocatable drops to
         0, capacity stays."""
-        node = self._core.read_node(node_name)
-        size = lookup(node.metadata.labels["node.kubernetes.io/instance-type"])
+        size = lookup(self._core.read_node(node_name).metadata.labels["node.kubernetes.io/instance-type"])
         if size is not None and size.is_gpu:
             self._patch_status(node_name, {"allocatable": {size.gpu_resource: "0"}})
 
@@ -118,8 +126,7 @@ class NodeMaterialiser:
 
     def restore_node(self, node_name: str) -> None:
         """The kubelet and the device plugin are healthy again: Ready, with every GPU allocatable."""
-        node = self._core.read_node(node_name)
-        size = lookup(node.metadata.labels["node.kubernetes.io/instance-type"])
+        size = lookup(self._core.read_node(node_name).metadata.labels["node.kubernetes.io/instance-type"])
         assert size is not None
         self._set_status(node_name, size, ready=True, gpus=True)
 
@@ -177,13 +184,13 @@ class NodeMaterialiser:
         try:
             if ready:
                 self._lift_not_ready_taint(name)
-            self._core.patch_node_status(name, {"status": {
+            self._patch_status(name, {
                 "capacity": resources, "allocatable": resources, "conditions": conditions,
                 "nodeInfo": {"kubeletVersion": "v1.33.5", "osImage": "Ubuntu 22.04.5 LTS", "architecture": "amd64",
                              "operatingSystem": "linux", "containerRuntimeVersion": "containerd://1.7.27",
                              "kernelVersion": "5.15.0-1089-azure", "kubeProxyVersion": "", "machineID": "",
                              "systemUUID": "", "bootID": ""},
-            }}, _content_type="application/merge-patch+json")
+            })
         except ApiException as error:
             if error.status != 404:  # deleted meanwhile: a kubelet would be gone too
                 raise
@@ -199,11 +206,7 @@ class NodeMaterialiser:
                                          "spec": {"taints": kept}}, _content_type="application/merge-patch+json")
 
     def _delete(self, name: str) -> None:
-        try:
-            self._core.delete_node(name)
-        except ApiException as error:
-            if error.status != 404:
-                raise
+        _unless_gone(lambda: self._core.delete_node(name))
 
     # timing -----------------------------------------------------------------------------------
 
