@@ -4,6 +4,7 @@ moves (the end-to-end runs are in tests/integration/test_repair.py)."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -14,8 +15,8 @@ from gpu_provisioner.api.claims import MACHINE, NODECLAIM, READY, Claim, ClaimAp
 from gpu_provisioner.cloud.agentpools import PoolState
 from gpu_provisioner.cloud.errors import TransientError
 from gpu_provisioner.cloud.pool_request import CLAIM_TAG, MANAGED_TAG, MANAGED_VALUE
-from gpu_provisioner.lifecycle.base import pool_of_node
 from gpu_provisioner.lifecycle.controller import ClaimLifecycle
+from gpu_provisioner.lifecycle.nodes import pool_of_node
 from gpu_provisioner.lifecycle.repair import GPU_UNAVAILABLE_SINCE, allowed_unhealthy
 from gpu_provisioner.runtime.outage import Outage
 from tests.unit.test_phases import START, Harness, Kube, kaito
@@ -59,8 +60,9 @@ class Nodes:
     def nodes_for(self, claim: Claim) -> list[dict[str, Any]]:
         return [n for n in self.nodes.values() if pool_of_node(n) == claim.name]
 
-    def all_nodes(self) -> list[dict[str, Any]]:
-        return list(self.nodes.values())
+    def nodes_of_pools(self, pools: Iterable[str]) -> list[dict[str, Any]]:
+        wanted = set(pools)
+        return [n for n in self.nodes.values() if pool_of_node(n) in wanted]
 
     def patch(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         self.patches.append(patch)
