@@ -27,7 +27,14 @@ from typing import Any
 import structlog
 
 from gpu_provisioner import metrics
-from gpu_provisioner.api.claims import INITIALIZED_LABEL, INSTANCE_TYPE_LABEL, Claim, parse_time, rfc3339
+from gpu_provisioner.api.claims import (
+    INITIALIZED_LABEL,
+    INSTANCE_TYPE_LABEL,
+    TERMINATION_TIMESTAMP_ANNOTATION,
+    Claim,
+    parse_time,
+    rfc3339,
+)
 from gpu_provisioner.cloud.skus import lookup
 from gpu_provisioner.lifecycle.base import Deps, Reconciliation
 from gpu_provisioner.lifecycle.initialization import offers
@@ -142,6 +149,14 @@ class NodeRepair:
             # Other Nodes recovering wake only their own claims: look again, sooner with a short toleration.
             r.requeue(min(BLOCKED_RETRY_S, settings.node_repair_toleration_s))
             return ""
+        if TERMINATION_TIMESTAMP_ANNOTATION in claim.annotations:
+            # Decided (said and counted) by an earlier pass, whose delete the watch event of its annotation overtook.
+            self.deps.kube.delete_claim(claim.api, claim.name)
+            return ""
+        # As Karpenter's repair: the Node is out of service, so its drain does not wait (a PodDisruptionBudget
+        # would otherwise hold a broken GPU node, and its pool, forever).
+        self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": {"annotations": {
+            TERMINATION_TIMESTAMP_ANNOTATION: rfc3339(r.now)}}})
         metrics.NODE_REPAIRS.labels(kind=claim.api.kind, reason=problem.reason).inc()
         return (f"{unhealthy}, longer than {settings.node_repair_toleration_s:.0f}s: deleting the claim so that Kaito "
                 "makes a new one (its agent pool is deleted)")

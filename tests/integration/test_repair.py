@@ -121,10 +121,14 @@ def test_no_repair_while_more_than_the_share_of_nodes_is_unhealthy(claims, start
         assert claims.get(NODECLAIM, name) is not None
 
 
-def test_no_repair_while_arm_is_down(claims, start_sim, start_controller, unique_name):
+def test_no_repair_while_arm_is_down_and_then_no_drain_holds_the_broken_node(
+    claims, start_sim, start_controller, unique_name
+):
     sim = start_sim()
     manager = start_controller(sim, node_repair_toleration_s=2)
     node_name = claims.create_ready(NODECLAIM, kaito_claim(NODECLAIM, unique_name))["status"]["nodeName"]
+    pod = f"{unique_name}-model"
+    claims.start_guarded_pod(node_name, pod)  # a PodDisruptionBudget that allows no eviction
     sim.update_scenario(server_error_rate=1.0)  # every ARM request answers 5xx
     wait_for("a failed agent-pool LIST", lambda: manager.inventory.list_error)
     before = repairs(NODECLAIM.kind, "NodeNotReady")
@@ -133,9 +137,15 @@ def test_no_repair_while_arm_is_down(claims, start_sim, start_controller, unique
     assert "ARM looks down" in blocked and claims.get(NODECLAIM, unique_name) is not None
 
     sim.update_scenario(server_error_rate=0.0)
-    claims.wait_gone(NODECLAIM, unique_name, timeout_s=30)
+    try:
+        # As Karpenter's repair, no drain waits on a node out of service: the budget does not hold it.
+        claims.wait_gone(NODECLAIM, unique_name, timeout_s=30)
+    finally:
+        claims.remove_guarded_pod(pod)
     [repaired] = claims.event_messages(unique_name, "NodeRepair")
     assert f"node {node_name} is Ready=False (KubeletNotReady)" in repaired
+    [forced] = claims.event_messages(unique_name, "TerminationGracePeriodExpired")
+    assert "(node repair)" in forced and "DrainBlocked" not in claims.event_reasons(unique_name)
     assert repairs(NODECLAIM.kind, "NodeNotReady") - before == 1
     wait_for("the pool to be deleted", lambda: unique_name not in sim.pools())
 

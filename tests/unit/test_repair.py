@@ -11,7 +11,15 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from gpu_provisioner.api.claims import MACHINE, NODECLAIM, READY, Claim, ClaimApi, rfc3339
+from gpu_provisioner.api.claims import (
+    MACHINE,
+    NODECLAIM,
+    READY,
+    TERMINATION_TIMESTAMP_ANNOTATION,
+    Claim,
+    ClaimApi,
+    rfc3339,
+)
 from gpu_provisioner.cloud.agentpools import PoolState
 from gpu_provisioner.cloud.errors import TransientError
 from gpu_provisioner.cloud.pool_request import CLAIM_TAG, MANAGED_TAG, MANAGED_VALUE
@@ -156,6 +164,13 @@ def test_not_ready_is_repaired_a_toleration_after_its_transition_and_said_once_b
     fleet.at(50 + 601)
     fleet.reconcile(claim)
     assert fleet.kube.deleted_claims == ["ws1"] and len(messages(fleet, "NodeRepair")) == 1
+    # The drain will not wait (Karpenter's deadline annotation, now), ...
+    deadline = {TERMINATION_TIMESTAMP_ANNOTATION: "2026-11-26T12:10:51Z"}
+    assert fleet.kube.claim_patches[-1] == {"metadata": {"annotations": deadline}}
+    # ... and a pass that sees the annotation before the deletion makes sure of the delete, saying nothing again.
+    claim.obj["metadata"]["annotations"] = {**claim.annotations, **deadline}
+    fleet.reconcile_fresh(claim)
+    assert fleet.kube.deleted_claims == ["ws1", "ws1"] and len(messages(fleet, "NodeRepair")) == 1
     assert REGISTRY.get_sample_value("gpu_provisioner_node_repairs_total",
                                      {"kind": "NodeClaim", "reason": "NodeNotReady"}) == before + 1
 
