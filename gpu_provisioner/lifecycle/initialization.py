@@ -7,22 +7,25 @@ published its GPUs as allocatable.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from kubernetes.utils.quantity import parse_quantity
 
 from gpu_provisioner.api.claims import INITIALIZED_LABEL, INSTANCE_TYPE_LABEL, STORAGE, Claim
-from gpu_provisioner.cloud.skus import AMD_GPU_RESOURCE, GPU_RESOURCE, lookup
+from gpu_provisioner.cloud.skus import AMD_GPU_RESOURCE, GPU_RESOURCE, VmSize
 from gpu_provisioner.lifecycle.base import DONE, WAITING, Deps, Outcome, Reconciliation
 
 GPU_RESOURCES = frozenset({GPU_RESOURCE, AMD_GPU_RESOURCE})
+# What a VM size is (its GPUs), by name: the live catalogue's answer, or the built-in table's.
+SizeOf = Callable[[str], VmSize | None]
 
 
-def required_resources(claim: Claim, vm_size: str) -> dict[str, Any]:
+def required_resources(claim: Claim, vm_size: str, size_of: SizeOf) -> dict[str, Any]:
     """Non-zero requests except storage, plus the size's GPUs."""
     required = {k: v for k, v in claim.requests.items() if k != STORAGE and parse_quantity(v) > 0}
-    size = lookup(vm_size)
+    size = size_of(vm_size)
     if size is not None and size.is_gpu:
         required.setdefault(size.gpu_resource, str(size.gpu_count))
     return required
@@ -48,7 +51,7 @@ class Awaited:
     never_came: str  # for the initialization timeout's Event: what never came, and what to check
 
 
-def awaited(claim: Claim, node: dict[str, Any]) -> Awaited | None:
+def awaited(claim: Claim, node: dict[str, Any], size_of: SizeOf) -> Awaited | None:
     """The first thing the Node lacks (Ready, startup taints gone, the requested resources and GPUs), or None."""
     name = node["metadata"]["name"]
     if not node_is_ready(node):
@@ -62,7 +65,7 @@ def awaited(claim: Claim, node: dict[str, Any]) -> Awaited | None:
     allocatable = (node.get("status") or {}).get("allocatable") or {}
     instance_type = (node["metadata"].get("labels") or {}).get(INSTANCE_TYPE_LABEL, "")
     missing = {
-        resource: amount for resource, amount in required_resources(claim, instance_type).items()
+        resource: amount for resource, amount in required_resources(claim, instance_type, size_of).items()
         if not offers(node, resource, amount)
     }
     if not missing:
@@ -90,7 +93,7 @@ class Initialization:
             return WAITING
         node = nodes[0]
         name = node["metadata"]["name"]
-        lacking = awaited(claim, node)
+        lacking = awaited(claim, node, self.deps.catalogue.size)
         if lacking is not None:
             r.status.wait(condition, lacking.reason, lacking.message)
             return WAITING

@@ -81,7 +81,7 @@ class Liveness:
     def _never_initialized(self, r: Reconciliation) -> str:
         """What the registered Node never did (became Ready, lost its startup taints, offered its GPUs)."""
         nodes = self.deps.nodes.nodes_for(r.claim)
-        lacking = awaited(r.claim, nodes[0]) if nodes else None
+        lacking = awaited(r.claim, nodes[0], self.deps.catalogue.size) if nodes else None
         return lacking.never_came if lacking else ""
 
     def _node_gone(self, r: Reconciliation) -> str:

@@ -35,10 +35,9 @@ from gpu_provisioner.api.claims import (
     parse_time,
     rfc3339,
 )
-from gpu_provisioner.cloud.skus import lookup
+from gpu_provisioner.cloud.agentpools import IN_PROGRESS
 from gpu_provisioner.lifecycle.base import Deps, Reconciliation
-from gpu_provisioner.lifecycle.initialization import offers
-from gpu_provisioner.lifecycle.launch import IN_PROGRESS
+from gpu_provisioner.lifecycle.initialization import SizeOf, offers
 
 log = structlog.get_logger(__name__)
 GPU_UNAVAILABLE_SINCE = "gpu-provisioner.kaito.sh/gpus-unavailable-since"
@@ -59,16 +58,16 @@ def _ready_condition(node: dict[str, Any]) -> dict[str, Any]:
     return next((c for c in conditions if c.get("type") == "Ready"), {})
 
 
-def unavailable_gpus(node: dict[str, Any]) -> str:
+def unavailable_gpus(node: dict[str, Any], size_of: SizeOf) -> str:
     """The GPU resource of the Node's size when none of it is allocatable, else ""."""
-    size = lookup((node["metadata"].get("labels") or {}).get(INSTANCE_TYPE_LABEL, ""))
+    size = size_of((node["metadata"].get("labels") or {}).get(INSTANCE_TYPE_LABEL, ""))
     if size is None or not size.is_gpu:
         return ""
     return "" if offers(node, size.gpu_resource, 1) else size.gpu_resource
 
 
-def is_unhealthy(node: dict[str, Any]) -> bool:
-    return _ready_condition(node).get("status") in ("False", "Unknown") or bool(unavailable_gpus(node))
+def is_unhealthy(node: dict[str, Any], size_of: SizeOf) -> bool:
+    return _ready_condition(node).get("status") in ("False", "Unknown") or bool(unavailable_gpus(node, size_of))
 
 
 def gpus_noted_unavailable_since(node: dict[str, Any]) -> datetime | None:
@@ -78,7 +77,7 @@ def gpus_noted_unavailable_since(node: dict[str, Any]) -> datetime | None:
         return None
 
 
-def problems(node: dict[str, Any]) -> list[Problem]:
+def problems(node: dict[str, Any], size_of: SizeOf) -> list[Problem]:
     """What is wrong with the Node and since when (a GPU loss only once noted on the Node)."""
     name = node["metadata"]["name"]
     found = []
@@ -87,7 +86,7 @@ def problems(node: dict[str, Any]) -> list[Problem]:
     if ready.get("status") in ("False", "Unknown") and ready_since is not None:
         why = ready.get("reason") or "no reason given"
         found.append(Problem("NodeNotReady", ready_since, f"node {name} is Ready={ready['status']} ({why})"))
-    resource = unavailable_gpus(node)
+    resource = unavailable_gpus(node, size_of)
     gpus_since = gpus_noted_unavailable_since(node)
     if resource and gpus_since is not None:
         found.append(Problem("GPUUnavailable", gpus_since, f"node {name} has no allocatable {resource} (GPU driver, "
@@ -126,7 +125,7 @@ class NodeRepair:
         if len(nodes) != 1:  # none: liveness deletes the claim (NodeDeleted); several: registration says so
             return ""
         node = self._note_gpus(r, nodes[0])
-        found = problems(node)
+        found = problems(node, self.deps.catalogue.size)
         if not found:
             if self._said.get(claim.uid):
                 self.forget(claim.uid)
@@ -163,7 +162,7 @@ class NodeRepair:
 
     def _note_gpus(self, r: Reconciliation, node: dict[str, Any]) -> dict[str, Any]:
         """Write on the Node since when its GPUs are gone, or clear it once they are back; returns the Node."""
-        gone = bool(unavailable_gpus(node))
+        gone = bool(unavailable_gpus(node, self.deps.catalogue.size))
         if gone == (gpus_noted_unavailable_since(node) is not None):
             return node
         since = rfc3339(r.now) if gone else None
@@ -191,7 +190,7 @@ class NodeRepair:
             node for node in self.deps.nodes.nodes_of_pools(managed)
             if (node["metadata"].get("labels") or {}).get(INITIALIZED_LABEL) == "true"
         ]
-        unhealthy = sum(is_unhealthy(node) for node in fleet)
+        unhealthy = sum(is_unhealthy(node, self.deps.catalogue.size) for node in fleet)
         percent = self.deps.settings.node_repair_max_unhealthy_percent
         if unhealthy > allowed_unhealthy(len(fleet), percent):
             return Blocked("TooManyUnhealthy", f"{unhealthy} of the {len(fleet)} GPU nodes gpu-provisioner manages are "
