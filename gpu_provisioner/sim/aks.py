@@ -85,6 +85,8 @@ class Aks:
         # Called (cluster, pool body) when a pool has been created, and (cluster, name) once deleted.
         self.on_pool_created: Callable[[str, dict[str, Any]], None] = lambda cluster, pool: None
         self.on_pool_deleted: Callable[[str, str], None] = lambda cluster, name: None
+        # Called when an operation starts, so that whoever settles operations on time wakes for it.
+        self.on_operation_started: Callable[[], None] = lambda: None
 
     def node_resource_group(self, cluster: str) -> str:
         return f"MC_{self.resource_group}_{cluster}_{self.location}"
@@ -265,6 +267,7 @@ class Aks:
     def _start(self, pool: Pool, kind: str, delay_s: float) -> Operation:
         operation = Operation(str(uuid.uuid4()), kind, pool.cluster, pool.name, self._clock() + delay_s)
         self.operations[operation.id] = operation
+        self.on_operation_started()
         return operation
 
     @staticmethod

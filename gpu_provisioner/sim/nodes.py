@@ -64,7 +64,7 @@ class NodeMaterialiser:
         self._sequence = itertools.count()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._scheduled = threading.Event()  # an action was added: the scheduler may have to wake earlier
+        self._scheduled = threading.Event()  # an action or operation was added: the scheduler may wake earlier
         # Per lane, its due steps in order (the first is running); a lane is here while it has any.
         self._lanes: dict[tuple[str, str], deque[tuple[float, Callable[[], None]]]] = {}
         self._runnable: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
@@ -103,6 +103,10 @@ class NodeMaterialiser:
         if not s.no_gpu and size.is_gpu:
             gpus_at = ready_at + s.gpu_publish_delay_s
             self._after(gpus_at, lambda: self._set_status(node_name, size, ready=True, gpus=True))
+
+    def wake(self) -> None:
+        """A pool operation started: settle it when it is due."""
+        self._scheduled.set()
 
     def pool_deleted(self, cluster: str, pool: str) -> None:
         with self._lock:

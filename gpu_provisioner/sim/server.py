@@ -75,6 +75,7 @@ class AksSimulator:
             self.aks.on_pool_created = lambda cluster, pool: nodes.pool_created(
                 cluster, self.aks.node_resource_group(cluster), self.location, pool)
             self.aks.on_pool_deleted = nodes.pool_deleted
+            self.aks.on_operation_started = nodes.wake
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.endpoint = ""
