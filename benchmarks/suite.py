@@ -280,7 +280,7 @@ def add_foreign_nodes(plane: ControlPlane, count: int) -> float:
     started = time.monotonic()
     with plane.api_client() as client:  # its connection pool (5 a core) holds PARALLEL_WRITES
         core = kubernetes.client.CoreV1Api(client)
-        in_parallel(lambda index: core.create_node(foreign_node(index), _preload_content=False), range(count))
+        in_parallel(lambda index: core.create_node(foreign_node(index), _preload_content=False).data, range(count))
     return time.monotonic() - started
 
 

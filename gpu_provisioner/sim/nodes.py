@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
+import json
 import queue
 import threading
 import time
@@ -72,6 +73,7 @@ class NodeMaterialiser:
         self._threads = [threading.Thread(target=self._run, name="aks-sim-nodes", daemon=True)] + [
             threading.Thread(target=self._work, name=f"aks-sim-kubelet-{n}", daemon=True) for n in range(_WORKERS)]
         self._nodes: dict[tuple[str, str], str] = {}  # (cluster, pool) -> node name
+        self._not_ready_taint_at: dict[str, int] = {}  # node name -> index in its taints, until lifted
 
     def start(self) -> None:
         for thread in self._threads:
@@ -145,21 +147,26 @@ class NodeMaterialiser:
         size = lookup(node["metadata"]["labels"]["node.kubernetes.io/instance-type"])
         assert size is not None
         # A kubelet registers its Node with a first status (Nodes take status on create): one write.
+        name = node["metadata"]["name"]
         try:
-            self._core.create_node({**node, "status": _status(size, ready=False, gpus=False)})
+            created = json.loads(_unparsed(self._core.create_node, {**node, "status": _status(size, False, False)}))
+            taints = [t["key"] for t in created["spec"].get("taints") or []]
         except ApiException as error:
             if error.status != 409:  # 409: made by a try whose answer the API server's restart lost
                 raise
+            taints = [NOT_READY_TAINT]  # where it is is looked up when it is lifted
         with self._lock:
-            self._nodes[(cluster, pool)] = node["metadata"]["name"]
+            self._nodes[(cluster, pool)] = name
+            if NOT_READY_TAINT in taints:
+                self._not_ready_taint_at[name] = taints.index(NOT_READY_TAINT)
         self._done(timeline.NODE_JOINED)
 
     def _set_status(self, name: str, size: VmSize, ready: bool, gpus: bool) -> None:
         try:
             if ready:
                 self._lift_not_ready_taint(name)
-            self._core.patch_node_status(name, {"status": _status(size, ready, gpus)},
-                                         _content_type="application/merge-patch+json")
+            _unparsed(self._core.patch_node_status, name, {"status": _status(size, ready, gpus)},
+                      _content_type="application/merge-patch+json")
         except ApiException as error:
             if error.status != 404:  # deleted meanwhile: a kubelet would be gone too
                 raise
@@ -169,16 +176,28 @@ class NodeMaterialiser:
     def _lift_not_ready_taint(self, name: str) -> None:
         # The API server taints every new Node not-ready; kube-controller-manager's node lifecycle
         # controller (absent here) lifts it once the kubelet reports Ready.
-        node = self._core.read_node(name)
-        taints = node.spec.taints or []
-        kept = [{"key": t.key, "value": t.value, "effect": t.effect} for t in taints if t.key != NOT_READY_TAINT]
+        with self._lock:
+            index = self._not_ready_taint_at.pop(name, None)
+        if index is None:
+            return
+        try:  # one write where the Node was made, unless its taints changed since
+            _unparsed(self._core.patch_node, name, [
+                {"op": "test", "path": f"/spec/taints/{index}/key", "value": NOT_READY_TAINT},
+                {"op": "remove", "path": f"/spec/taints/{index}"}], _content_type="application/json-patch+json")
+            return
+        except ApiException as error:
+            if error.status == 404:
+                raise
+        node = json.loads(_unparsed(self._core.read_node, name))
+        taints = node["spec"].get("taints") or []
+        kept = [t for t in taints if t["key"] != NOT_READY_TAINT]
         if len(kept) != len(taints):
-            self._core.patch_node(name, {"metadata": {"resourceVersion": node.metadata.resource_version},
-                                         "spec": {"taints": kept}}, _content_type="application/merge-patch+json")
+            change = {"metadata": {"resourceVersion": node["metadata"]["resourceVersion"]}, "spec": {"taints": kept}}
+            _unparsed(self._core.patch_node, name, change, _content_type="application/merge-patch+json")
 
     def _delete(self, name: str) -> None:
         try:
-            self._core.delete_node(name)
+            _unparsed(self._core.delete_node, name)
         except ApiException as error:
             if error.status != 404:
                 raise
@@ -249,6 +268,11 @@ class NodeMaterialiser:
                 self._running.lane = self._running.due = None
             with self._lock:
                 steps.popleft()
+
+
+def _unparsed(call: Callable[..., Any], *args: Any, **kwargs: Any) -> bytes:
+    """The answer's body as it came: the client's models cost more CPU than this kubelet's whole work."""
+    return call(*args, **kwargs, _preload_content=False).data
 
 
 def _status(size: VmSize, ready: bool, gpus: bool) -> dict[str, Any]:
