@@ -177,25 +177,29 @@ class NodeMaterialiser:
         # The API server taints every new Node not-ready; kube-controller-manager's node lifecycle
         # controller (absent here) lifts it once the kubelet reports Ready.
         with self._lock:
-            index = self._not_ready_taint_at.pop(name, None)
+            index = self._not_ready_taint_at.get(name)
         if index is None:
             return
         try:  # one write where the Node was made, unless its taints changed since
             _unparsed(self._core.patch_node, name, [
                 {"op": "test", "path": f"/spec/taints/{index}/key", "value": NOT_READY_TAINT},
                 {"op": "remove", "path": f"/spec/taints/{index}"}], _content_type="application/json-patch+json")
-            return
         except ApiException as error:
             if error.status == 404:
                 raise
-        node = json.loads(_unparsed(self._core.read_node, name))
-        taints = node["spec"].get("taints") or []
-        kept = [t for t in taints if t["key"] != NOT_READY_TAINT]
-        if len(kept) != len(taints):
-            change = {"metadata": {"resourceVersion": node["metadata"]["resourceVersion"]}, "spec": {"taints": kept}}
-            _unparsed(self._core.patch_node, name, change, _content_type="application/merge-patch+json")
+            node = json.loads(_unparsed(self._core.read_node, name))
+            taints = node["spec"].get("taints") or []
+            kept = [t for t in taints if t["key"] != NOT_READY_TAINT]
+            if len(kept) != len(taints):
+                change = {"metadata": {"resourceVersion": node["metadata"]["resourceVersion"]},
+                          "spec": {"taints": kept}}
+                _unparsed(self._core.patch_node, name, change, _content_type="application/merge-patch+json")
+        with self._lock:  # only once lifted: a try the API server's restart cut short is tried again
+            self._not_ready_taint_at.pop(name, None)
 
     def _delete(self, name: str) -> None:
+        with self._lock:
+            self._not_ready_taint_at.pop(name, None)
         try:
             _unparsed(self._core.delete_node, name)
         except ApiException as error:
