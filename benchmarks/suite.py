@@ -7,9 +7,9 @@ Scenarios:
   restart      1,000 Ready claims among 5,000 foreign Nodes, the controller restarted: time to /readyz and the
                writes it makes (ARM, claims, Nodes, Events); then all deleted.
 
-Each prints its figures and writes them to .artifacts/bench/<scenario>.json; `table` prints the README's
-tables from those files. Times per claim are measured by a watch (not by polling lists), the simulator's part
-from its own timeline: when each step was due under the scenario and when it happened.
+Each prints its figures and writes them to .artifacts/bench/<scenario>.json (or $BENCH_RESULTS/); `table`
+prints the README's table from those files. Times per claim are measured by a watch (not by polling lists),
+the simulator's part from its own timeline: when each step was due under the scenario and when it happened.
 Run: `make bench` (all three), `make bench ARGS="burst --claims 1000"`, `make bench ARGS=table`.
 """
 
@@ -45,7 +45,7 @@ from gpu_provisioner.devenv.tools import ensure_tools
 from gpu_provisioner.sandbox import kaito_claim
 from gpu_provisioner.sim import AksSimulator, Scenario, timeline
 
-RESULTS = Path(__file__).resolve().parents[1] / ".artifacts" / "bench"
+RESULTS = Path(__file__).resolve().parents[1] / ".artifacts" / "bench"  # or $BENCH_RESULTS
 CLAIM_API = CLAIM_APIS["nodeclaim"]
 ARM_OPERATIONS_NOT_COUNTED = ("token", "openid-configuration")
 PARALLEL_WRITES = 8  # client threads creating or deleting objects at once
@@ -116,7 +116,8 @@ class Controller:
         self.health_port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ARM_", "AZURE_", "AKS_SIM_"))}
         env.update(sim.azure_environment(), KUBECONFIG=str(plane.kubeconfig), CLAIM_APIS=CLAIM_API.name,
-                   POOL_REFRESH_INTERVAL_SECONDS="10", METRICS_PORT=str(free_port()),
+                   POOL_REFRESH_INTERVAL_SECONDS=os.environ.get("POOL_REFRESH_INTERVAL_SECONDS", "10"),
+                   METRICS_PORT=str(free_port()),
                    HEALTH_PROBE_PORT=str(self.health_port), LOG_LEVEL="warning")
         self.log_path = workdir / f"{name}.log"
         self.started = time.monotonic()
@@ -395,9 +396,13 @@ def running(scenario: str, foreign_nodes: int = 0) -> Iterator[tuple[Run, LoadSa
             print(f"controller logs in {workdir}", file=sys.stderr)
 
 
+def results_dir() -> Path:
+    return Path(os.environ.get("BENCH_RESULTS") or RESULTS)
+
+
 def report(name: str, figures: dict[str, Any]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    results_dir().mkdir(parents=True, exist_ok=True)
+    path = results_dir() / f"{name}.json"
     path.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"== {name} ({figures['date']}, {figures['foreign_nodes']} foreign Nodes)")
     for phase in ("launch", "after_restart", "deletion"):
@@ -497,35 +502,41 @@ def all_scenarios() -> None:
 
 @app.command()
 def table() -> None:
-    """The README's tables, from the results in .artifacts/bench/."""
-    results = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("*.json"))]
-    print("| scenario | claim created -> PUT | PUT -> node GPU-ready (simulator) | node GPU-ready -> claim Ready "
-          "(p50 / p95 / p99 / max) "
-          "| all Ready | all deleted | ARM requests | controller peak RSS / CPU | load (2 cores) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    """The README's table, from the results in .artifacts/bench/ (or $BENCH_RESULTS)."""
+    order = {"burst": 0, "big-cluster": 1, "restart": 2}
+    results = sorted((json.loads(path.read_text()) for path in results_dir().glob("*.json")),
+                     key=lambda r: (order.get(r["scenario"].split("-")[0], order.get(r["scenario"], 9)),
+                                    r["launch"]["claims"]))
+    print("| scenario (UTC) | claims, foreign Nodes | claim created -> PUT, p50 / p95 | PUT -> node GPU-ready "
+          "(simulator, scheduled 3.5 s), p50 / p95 / max | node GPU-ready -> claim Ready, p50 / p95 / p99 / max "
+          "| all Ready | all deleted | ARM requests | controller peak RSS / CPU | load average, mean / max |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         launch, deletion, machine = r["launch"], r["deletion"], r["machine"]
-        sim, up = launch["put_to_gpu_ready_s"], launch["put_to_gpu_ready_nominal_s"]
-        print(f"| {r['scenario']}: {launch['claims']} claims, {r['foreign_nodes']} foreign Nodes, {r['date']} "
-              f"| p50 {launch['created_to_put_s']['p50']:.2f} / p95 {launch['created_to_put_s']['p95']:.2f} s "
-              f"| p50 {sim['p50']:.2f} / max {sim['max']:.2f} s (scheduled {up:.1f} s: simulator lag "
-              f"{sim['p50'] - up:.2f} / {sim['max'] - up:.2f} s) "
-              f"| {shown(launch['gpu_ready_to_claim_ready_s'])} "
-              f"| {launch['all_ready_s']:.1f} s | {deletion['all_deleted_s']:.1f} s (scenario delay "
-              f"{deletion['delete_delay_nominal_s']:.0f} s) "
-              f"| {sum(r['arm_requests'].values())} ({r['arm_requests_per_claim']} a claim) "
-              f"| {r['controller']['peak_rss_mib']:.0f} MiB / {r['controller']['cpu_s']:.1f} s "
-              f"| {machine['load_1m_mean']:.1f} mean, {machine['load_1m_max']:.1f} max |")
+        controller = launch.get("controller", r["controller"])  # restart: the controller that made them Ready
+        up, nominal = launch["put_to_gpu_ready_s"], launch["put_to_gpu_ready_nominal_s"]
+        arm = _requests(r["arm_requests"])
+        print(f"| {r['scenario']} ({r['date'][11:16]}) | {launch['claims']}, {r['foreign_nodes']} "
+              f"| {launch['created_to_put_s']['p50']:.2f} / {launch['created_to_put_s']['p95']:.2f} s "
+              f"| {up['p50']:.2f} / {up['p95']:.2f} / {up['max']:.2f} s (lag {up['p50'] - nominal:.2f} / "
+              f"{up['p95'] - nominal:.2f} / {up['max'] - nominal:.2f} s) "
+              f"| {shown(launch['gpu_ready_to_claim_ready_s'])} | {launch['all_ready_s']:.1f} s "
+              f"| {deletion['all_deleted_s']:.1f} s | {r['arm_requests_per_claim']} a claim ({arm}) "
+              f"| {controller['peak_rss_mib']:.0f} MiB / {controller['cpu_s']:.1f} s "
+              f"| {machine['load_1m_mean']:.1f} / {machine['load_1m_max']:.1f} |")
     for r in results:
         if after := r.get("after_restart"):
-            writes = sum(n for op, n in after["arm_requests"].items() if op in ("agentpools.create",
-                                                                                  "agentpools.delete"))
-            print(f"\nrestart ({r['launch']['claims']} Ready claims, {r['foreign_nodes']} foreign Nodes): /readyz "
-                  f"after {after['controller_ready_s']:.2f} s; in the {after['writes_counted_for_s']:.0f} s after: "
-                  f"ARM requests {after['arm_requests']} ({writes} writes), claims written "
+            print(f"\nrestart ({r['launch']['claims']} Ready claims, {r['foreign_nodes']} foreign Nodes; the row above "
+                  "is the first controller making them Ready, its deletion the restarted one's): /readyz "
+                  f"{after['controller_ready_s']:.2f} s after the start; in the {after['writes_counted_for_s']:.0f} s "
+                  f"after it: ARM requests {_requests(after['arm_requests']) or 'none'}, claims written "
                   f"{after['claims_written']}, Nodes written {after['nodes_written']}, Events "
-                  f"{after['events_written']}; peak RSS {after['controller']['peak_rss_mib']:.0f} MiB, CPU "
-                  f"{after['controller']['cpu_s']:.1f} s")
+                  f"{after['events_written']}; controller peak RSS {after['controller']['peak_rss_mib']:.0f} MiB, "
+                  f"CPU {after['controller']['cpu_s']:.1f} s")
+
+
+def _requests(by_operation: dict[str, int]) -> str:
+    return ", ".join(f"{n} {op.removeprefix('agentpools.')}" for op, n in by_operation.items())
 
 
 if __name__ == "__main__":
