@@ -75,6 +75,8 @@ def run() -> None:
             stop.set()
             campaign.join()
         else:
+            # The only replica reconciles: it is the leader, so `sum(gpu_provisioner_leader) == 1` holds.
+            metrics.LEADER.set(1)
             manager.start()
             wait_for_interrupt()
     finally:
@@ -136,9 +138,9 @@ def sandbox(
 
 @devenv_app.command("tools")
 def devenv_tools() -> None:
-    """Build the pinned kube-apiserver, kubectl, etcd and helm once into the cache, then print their paths."""
+    """Build the pinned kube-apiserver, kubectl, etcd, helm, Prometheus and promtool once; print their paths."""
     started = time.monotonic()
-    tools = ensure_tools(console)
+    tools = ensure_tools(console, ALL_TOOLS)
     for name, path in vars(tools).items():
         typer.echo(f"{name.replace('_', '-')}: {path}")
     versions = ", ".join(f"{tool.name} {tool.version}" for tool in ALL_TOOLS)

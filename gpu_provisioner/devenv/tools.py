@@ -1,4 +1,4 @@
-"""Build the pinned control-plane binaries from Go modules, once, into a versioned cache.
+"""Build the pinned control-plane binaries (and Prometheus) from Go modules, once, into a versioned cache.
 
 No Docker engine, kind or envtest download exists here, but the Go module proxy does. Each tool is
 built in a small wrapper module that requires the upstream module at the pinned version; for
@@ -26,6 +26,9 @@ KUBERNETES_VERSION = "v1.33.13"
 # The etcd release Kubernetes 1.33 is tested with (its go.mod's etcd client version).
 ETCD_VERSION = "v3.5.21"
 HELM_VERSION = "v3.19.5"
+# Prometheus 3.16.0, whose Go module version is v0.316.0: the server scrapes a controller in the tests, and
+# promtool checks and unit-tests the chart's alerts.
+PROMETHEUS_VERSION = "v0.316.0"
 
 _STAGING_REPLACE = re.compile(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/", re.MULTILINE)
 
@@ -94,6 +97,12 @@ def _kubernetes_ldflags() -> tuple[str, ...]:
     return tuple(flags)
 
 
+def _prometheus_release() -> str:
+    """The release a Prometheus module version stands for: 3.N.P is tagged v0.3NN.P for Go modules."""
+    _, minor, patch = PROMETHEUS_VERSION.removeprefix("v").split(".")
+    return f"{minor[0]}.{int(minor[1:])}.{patch}"
+
+
 KUBERNETES = GoTool(
     name="kubernetes",
     module="k8s.io/kubernetes",
@@ -119,7 +128,16 @@ HELM = GoTool(
     builds=(("helm", "helm.sh/helm/v3/cmd/helm"),),
     ldflags=(f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",),
 )
-ALL_TOOLS = (KUBERNETES, ETCD, HELM)
+PROMETHEUS = GoTool(
+    name="prometheus",
+    module="github.com/prometheus/prometheus",
+    version=PROMETHEUS_VERSION,
+    builds=tuple((binary, f"github.com/prometheus/prometheus/cmd/{binary}") for binary in ("promtool", "prometheus")),
+    ldflags=(f"-X github.com/prometheus/common/version.Version={_prometheus_release()}",),
+)
+# What a control plane (tests, the sandbox, `devenv up`) needs; `devenv tools` (make tools) builds Prometheus too.
+CONTROL_PLANE_TOOLS = (KUBERNETES, ETCD, HELM)
+ALL_TOOLS = (*CONTROL_PLANE_TOOLS, PROMETHEUS)
 
 
 @dataclass(frozen=True)
@@ -130,6 +148,8 @@ class Toolset:
     kubectl: Path
     etcd: Path
     helm: Path
+    promtool: Path
+    prometheus: Path
 
 
 def toolset() -> Toolset:
@@ -138,6 +158,8 @@ def toolset() -> Toolset:
         kubectl=KUBERNETES.path("kubectl"),
         etcd=ETCD.path("etcd"),
         helm=HELM.path("helm"),
+        promtool=PROMETHEUS.path("promtool"),
+        prometheus=PROMETHEUS.path("prometheus"),
     )
 
 
@@ -207,7 +229,7 @@ def timed_step(console: Console, label: str) -> Iterator[None]:
     console.print(f"  [green]done[/green] {label} in {time.monotonic() - started:.1f}s")
 
 
-def ensure_tools(console: Console | None = None, tools: tuple[GoTool, ...] = ALL_TOOLS) -> Toolset:
+def ensure_tools(console: Console | None = None, tools: tuple[GoTool, ...] = CONTROL_PLANE_TOOLS) -> Toolset:
     """Build whatever pinned tool is missing from the cache, then return all paths.
 
     A lock file makes concurrent callers (a test run and a sandbox) wait for one build.

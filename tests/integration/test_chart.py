@@ -177,11 +177,13 @@ def changed_value(value: object) -> str:
 def test_every_value_changes_the_rendered_chart(control_plane):
     """No dead keys: each value, changed, changes what the chart renders."""
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    optional_on = ["--set", "serviceMonitor.enabled=true", "--set", "podDisruptionBudget.enabled=true"]
+    toggles = ("serviceMonitor.enabled", "podDisruptionBudget.enabled", "grafanaDashboard.enabled",
+               "prometheusRule.enabled")
+    optional_on = [arg for toggle in toggles for arg in ("--set", f"{toggle}=true")]
     baseline = render(control_plane, *optional_on)
     dead = []
     for path, value in leaf_values(values):
-        if path in ("serviceMonitor.enabled", "podDisruptionBudget.enabled"):
+        if path in toggles:
             continue
         if isinstance(value, dict):
             flag = ["--set-json", f'{path}={{"probe":"x"}}']
