@@ -299,12 +299,10 @@ def add_foreign_nodes(plane: ControlPlane, count: int) -> float:
 
 @dataclass
 class Run:
-    scenario: str
     plane: ControlPlane
     sim: AksSimulator
-    client: kubernetes.client.ApiClient
+    client: kubernetes.client.ApiClient  # for the claims' writes; the simulator has its own
     workdir: Path
-    foreign_nodes: int
     watcher: ClaimWatcher = field(init=False)
     created_at: dict[str, float] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)
@@ -385,7 +383,7 @@ def running(scenario: str, foreign_nodes: int = 0) -> Iterator[tuple[Run, LoadSa
             AksSimulator(Scenario(), kube_api=sim_client) as sim, plane.api_client() as client:
         setup_s = add_foreign_nodes(plane, foreign_nodes) if foreign_nodes else 0.0
         workdir = Path(tempfile.mkdtemp(prefix=f"gpu-provisioner-bench-{scenario}-"))
-        run = Run(scenario, plane, sim, client, workdir, foreign_nodes)
+        run = Run(plane, sim, client, workdir)
         run.figures.update(scenario=scenario, date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
                            foreign_nodes=foreign_nodes, foreign_nodes_setup_s=round(setup_s, 1))
         try:
