@@ -30,7 +30,7 @@ interop: tools
 	KAITO_INTEROP_REQUIRED=1 $(BIN)/pytest -m interop tests/interop $(PYTEST_ARGS)
 
 bench: tools
-	$(BIN)/python benchmarks/fleet.py $(ARGS)
+	$(BIN)/python benchmarks/suite.py $(or $(ARGS),all)
 
 chaos: tools
 	$(BIN)/python -m tests.integration.chaos $(ARGS)

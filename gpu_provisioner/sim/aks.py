@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gpu_provisioner.cloud.skus import CATALOGUE, lookup
+from gpu_provisioner.sim import timeline
 from gpu_provisioner.sim.scenario import Scenario
 
 POOL_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
@@ -81,11 +82,14 @@ class Aks:
         self.operations: dict[str, Operation] = {}
         # Pools each PUT created, per (cluster, name): whether its answer reached the client or not.
         self.creations: Counter[tuple[str, str]] = Counter()
+        self.timeline = timeline.Timeline()
         self.lock = threading.RLock()
         self._clock = clock
         # Called (cluster, pool body) when a pool has been created, and (cluster, name) once deleted.
         self.on_pool_created: Callable[[str, dict[str, Any]], None] = lambda cluster, pool: None
         self.on_pool_deleted: Callable[[str, str], None] = lambda cluster, name: None
+        # Called when an operation starts, so that whoever settles operations on time wakes for it.
+        self.on_operation_started: Callable[[], None] = lambda: None
 
     def node_resource_group(self, cluster: str) -> str:
         return f"MC_{self.resource_group}_{cluster}_{self.location}"
@@ -197,6 +201,8 @@ class Aks:
             pool.operation = self._start(pool, "create", self.scenario.create_delay_s)
             self.pools[(cluster, name)] = pool
             self.creations[(cluster, name)] += 1
+            received = self._clock()
+            self.timeline.record(cluster, name, timeline.PUT, received, received)
             return 201, self._pool_body(pool), pool.operation
 
     def delete_pool(self, cluster: str, name: str) -> Operation | None:
@@ -212,6 +218,8 @@ class Aks:
             self._check_cluster_accepts_writes(cluster)
             pool.properties["provisioningState"] = "Deleting"
             pool.operation = self._start(pool, "delete", self.scenario.delete_delay_s)
+            received = self._clock()
+            self.timeline.record(cluster, pool.name, timeline.DELETE, received, received)
             return pool.operation
 
     def seed_pool(self, cluster: str, name: str, vm_size: str, tags: dict[str, str]) -> dict[str, Any]:
@@ -236,18 +244,24 @@ class Aks:
 
     # time -------------------------------------------------------------------------------------
 
-    def settle(self) -> None:
-        """Finish every operation whose time has come."""
+    def settle(self) -> float | None:
+        """Finish every operation whose time has come; when the next one is due (None: none in progress)."""
         created: list[tuple[str, dict[str, Any]]] = []
         deleted: list[tuple[str, str]] = []
+        next_due: float | None = None
         with self.lock:
             now = self._clock()
             for key, pool in list(self.pools.items()):
                 operation = pool.operation
-                if operation is None or operation.due > now:
+                if operation is None:
+                    continue
+                if operation.due > now:
+                    next_due = operation.due if next_due is None else min(next_due, operation.due)
                     continue
                 pool.operation = None
                 operation.ended = _now_iso()
+                step = timeline.DELETED if operation.kind == "delete" else timeline.CREATED
+                self.timeline.record(pool.cluster, pool.name, step, operation.due, now)
                 if operation.kind == "delete":
                     del self.pools[key]
                     operation.status = "Succeeded"
@@ -271,6 +285,7 @@ class Aks:
             self.on_pool_created(cluster, body)
         for cluster, name in deleted:
             self.on_pool_deleted(cluster, name)
+        return next_due
 
     # internals --------------------------------------------------------------------------------
 
@@ -296,6 +311,7 @@ class Aks:
     def _start(self, pool: Pool, kind: str, delay_s: float) -> Operation:
         operation = Operation(str(uuid.uuid4()), kind, pool.cluster, pool.name, self._clock() + delay_s)
         self.operations[operation.id] = operation
+        self.on_operation_started()
         return operation
 
     @staticmethod

@@ -1,14 +1,21 @@
 """A kubelet (and GPU device plugin) stand-in: the Node of each simulated agent pool joins the real
-API server, turns Ready and publishes its GPUs, after the scenario's delays; it leaves with its pool."""
+API server, turns Ready and publishes its GPUs, after the scenario's delays; it leaves with its pool.
+
+Each pool's steps run in order on its own lane; lanes run side by side on a few workers, so a burst of
+pools keeps the scenario's timing (each step's due and actual time go to the timeline)."""
 
 from __future__ import annotations
 
 import hashlib
 import heapq
 import itertools
+import json
+import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 import kubernetes
@@ -17,10 +24,15 @@ import urllib3
 from kubernetes.client import ApiException
 
 from gpu_provisioner.cloud.skus import VmSize, lookup
+from gpu_provisioner.sim import timeline
 from gpu_provisioner.sim.scenario import Scenario
 
 log = structlog.get_logger(__name__)
 _TICK_S = 0.1
+# Fewer than the kubernetes client's connection pool (5 a core) so that no worker waits for a connection.
+_WORKERS = 8
+# The lane (cluster, pool) that the steps scheduled by this thread belong to.
+_lane: ContextVar[tuple[str, str]] = ContextVar("aks_sim_node_lane", default=("", ""))
 _CONDITION_TYPES = ("MemoryPressure", "DiskPressure", "PIDPressure")
 NOT_READY_TAINT = "node.kubernetes.io/not-ready"
 
@@ -36,7 +48,7 @@ def _taint(spec: str) -> dict[str, str]:
     return {"key": key, "value": value, "effect": effect}
 
 
-def _unless_gone(action: Callable[[], None]) -> None:
+def _unless_gone(action: Callable[[], object]) -> None:
     """Act on a Node unless it was deleted meanwhile (with its pool): a kubelet would be gone too."""
     try:
         action()
@@ -51,24 +63,36 @@ def _now() -> str:
 
 class NodeMaterialiser:
     def __init__(self, api_client: kubernetes.client.ApiClient, scenario: Scenario, subscription_id: str,
-                 settle: Callable[[], None]) -> None:
+                 settle: Callable[[], float | None], steps: timeline.Timeline | None = None) -> None:
         self._core = kubernetes.client.CoreV1Api(api_client)
         self.scenario = scenario
         self.subscription_id = subscription_id
-        self._settle = settle  # lets pending operations finish on time even without ARM traffic
-        self._actions: list[tuple[float, int, Callable[[], None]]] = []
+        # Lets pending operations finish on time even without ARM traffic; says when the next one is due.
+        self._settle = settle
+        self._timeline = steps or timeline.Timeline()
+        self._actions: list[tuple[float, int, tuple[str, str], Callable[[], None]]] = []
         self._sequence = itertools.count()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="aks-sim-nodes", daemon=True)
+        self._scheduled = threading.Event()  # an action or operation was added: the scheduler may wake earlier
+        # Per lane, its due steps in order (the first is running); a lane is here while it has any.
+        self._lanes: dict[tuple[str, str], deque[tuple[float, Callable[[], None]]]] = {}
+        self._runnable: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._running = threading.local()  # the lane and due time of the step a worker runs
+        self._threads = [threading.Thread(target=self._run, name="aks-sim-nodes", daemon=True)] + [
+            threading.Thread(target=self._work, name=f"aks-sim-kubelet-{n}", daemon=True) for n in range(_WORKERS)]
         self._nodes: dict[tuple[str, str], str] = {}  # (cluster, pool) -> node name
+        self._not_ready_taint_at: dict[str, int] = {}  # node name -> index in its taints, until lifted
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._scheduled.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
 
     # hooks from the resource provider ---------------------------------------------------------
 
@@ -79,6 +103,7 @@ class NodeMaterialiser:
             return
         vmss = vmss_name(self.scenario.seed, cluster, pool["name"])
         node_name = f"{vmss}000000"
+        _lane.set((cluster, pool["name"]))
         node = self._node(node_name, vmss, cluster, node_resource_group, location, pool["name"], size, properties)
         s = self.scenario
         self._after(s.node_join_delay_s, lambda: self._create(cluster, pool["name"], node))
@@ -96,10 +121,15 @@ class NodeMaterialiser:
         if s.node_lost_after_s is not None:
             self._after(serving_at + s.node_lost_after_s, lambda: _unless_gone(lambda: self.lose_node(node_name)))
 
+    def wake(self) -> None:
+        """A pool operation started: settle it when it is due."""
+        self._scheduled.set()
+
     def pool_deleted(self, cluster: str, pool: str) -> None:
         with self._lock:
             node_name = self._nodes.pop((cluster, pool), None)
         if node_name is not None:
+            _lane.set((cluster, pool))
             self._after(0, lambda: self._delete(node_name))
 
     # failures of a node in service, as the kubelet and the node lifecycle controller report them ---------
@@ -131,7 +161,7 @@ class NodeMaterialiser:
         self._set_status(node_name, size, ready=True, gpus=True)
 
     def _patch_status(self, name: str, status: dict[str, Any]) -> None:
-        self._core.patch_node_status(name, {"status": status}, _content_type="application/merge-patch+json")
+        _unparsed(self._core.patch_node_status, name, {"status": status}, _content_type="application/merge-patch+json")
 
     # node objects -----------------------------------------------------------------------------
 
@@ -160,77 +190,154 @@ class NodeMaterialiser:
         }
 
     def _create(self, cluster: str, pool: str, node: dict[str, Any]) -> None:
-        self._core.create_node(node)
-        with self._lock:
-            self._nodes[(cluster, pool)] = node["metadata"]["name"]
         size = lookup(node["metadata"]["labels"]["node.kubernetes.io/instance-type"])
         assert size is not None
-        self._set_status(node["metadata"]["name"], size, ready=False, gpus=False)
+        # A kubelet registers its Node with a first status (Nodes take status on create): one write.
+        name = node["metadata"]["name"]
+        try:
+            created = json.loads(_unparsed(self._core.create_node, {**node, "status": _status(size, False, False)}))
+            taints = [t["key"] for t in created["spec"].get("taints") or []]
+        except ApiException as error:
+            if error.status != 409:  # 409: made by a try whose answer the API server's restart lost
+                raise
+            taints = [NOT_READY_TAINT]  # where it is is looked up when it is lifted
+        with self._lock:
+            self._nodes[(cluster, pool)] = name
+            if NOT_READY_TAINT in taints:
+                self._not_ready_taint_at[name] = taints.index(NOT_READY_TAINT)
+        self._done(timeline.NODE_JOINED)
 
     def _set_status(self, name: str, size: VmSize, ready: bool, gpus: bool) -> None:
-        resources = size.capacity()
-        if not gpus:
-            resources.pop(size.gpu_resource, None)
-        now = _now()
-        conditions = [
-            {"type": t, "status": "False", "reason": f"KubeletHasNo{t}", "lastHeartbeatTime": now,
-             "lastTransitionTime": now} for t in _CONDITION_TYPES
-        ]
-        conditions.append({
-            "type": "Ready", "status": "True" if ready else "False",
-            "reason": "KubeletReady" if ready else "KubeletNotReady", "message": "", "lastHeartbeatTime": now,
-            "lastTransitionTime": now,
-        })
         try:
             if ready:
                 self._lift_not_ready_taint(name)
-            self._patch_status(name, {
-                "capacity": resources, "allocatable": resources, "conditions": conditions,
-                "nodeInfo": {"kubeletVersion": "v1.33.5", "osImage": "Ubuntu 22.04.5 LTS", "architecture": "amd64",
-                             "operatingSystem": "linux", "containerRuntimeVersion": "containerd://1.7.27",
-                             "kernelVersion": "5.15.0-1089-azure", "kubeProxyVersion": "", "machineID": "",
-                             "systemUUID": "", "bootID": ""},
-            })
+            self._patch_status(name, _status(size, ready, gpus))
         except ApiException as error:
             if error.status != 404:  # deleted meanwhile: a kubelet would be gone too
                 raise
+        if ready:
+            self._done(timeline.GPUS_PUBLISHED if gpus else timeline.NODE_READY)
 
     def _lift_not_ready_taint(self, name: str) -> None:
         # The API server taints every new Node not-ready; kube-controller-manager's node lifecycle
         # controller (absent here) lifts it once the kubelet reports Ready.
-        node = self._core.read_node(name)
-        taints = node.spec.taints or []
-        kept = [{"key": t.key, "value": t.value, "effect": t.effect} for t in taints if t.key != NOT_READY_TAINT]
-        if len(kept) != len(taints):
-            self._core.patch_node(name, {"metadata": {"resourceVersion": node.metadata.resource_version},
-                                         "spec": {"taints": kept}}, _content_type="application/merge-patch+json")
+        with self._lock:
+            index = self._not_ready_taint_at.get(name)
+        if index is None:
+            return
+        try:  # one write where the Node was made, unless its taints changed since
+            _unparsed(self._core.patch_node, name, [
+                {"op": "test", "path": f"/spec/taints/{index}/key", "value": NOT_READY_TAINT},
+                {"op": "remove", "path": f"/spec/taints/{index}"}], _content_type="application/json-patch+json")
+        except ApiException as error:
+            if error.status == 404:
+                raise
+            node = json.loads(_unparsed(self._core.read_node, name))
+            taints = node["spec"].get("taints") or []
+            kept = [t for t in taints if t["key"] != NOT_READY_TAINT]
+            if len(kept) != len(taints):
+                change = {"metadata": {"resourceVersion": node["metadata"]["resourceVersion"]},
+                          "spec": {"taints": kept}}
+                _unparsed(self._core.patch_node, name, change, _content_type="application/merge-patch+json")
+        with self._lock:  # only once lifted: a try the API server's restart cut short is tried again
+            self._not_ready_taint_at.pop(name, None)
 
     def _delete(self, name: str) -> None:
-        _unless_gone(lambda: self._core.delete_node(name))
+        with self._lock:
+            self._not_ready_taint_at.pop(name, None)
+        _unless_gone(lambda: _unparsed(self._core.delete_node, name))
+        self._done(timeline.NODE_DELETED)
 
     # timing -----------------------------------------------------------------------------------
 
     def _after(self, delay_s: float, action: Callable[[], None]) -> None:
         with self._lock:
-            heapq.heappush(self._actions, (time.monotonic() + delay_s, next(self._sequence), action))
+            heapq.heappush(self._actions, (time.monotonic() + delay_s, next(self._sequence), _lane.get(), action))
+        self._scheduled.set()
+
+    def _done(self, step: str) -> None:
+        """Records that the step a worker is running is done (a step run outside the lanes is not timed)."""
+        lane, due = getattr(self._running, "lane", None), getattr(self._running, "due", None)
+        if lane is not None and due is not None:
+            self._timeline.record(*lane, step, due, time.monotonic())
 
     def _run(self) -> None:
-        while not self._stop.wait(_TICK_S):
+        """Hands each step to its lane when due, and settles the pool operations on time."""
+        while not self._stop.is_set():
             try:
-                self._settle()
+                next_operation = self._settle()
             except Exception:
                 log.exception("simulator settle failed")
-            while True:
-                with self._lock:
-                    if not self._actions or self._actions[0][0] > time.monotonic():
-                        break
-                    entry = heapq.heappop(self._actions)
-                try:
-                    entry[2]()
-                except (urllib3.exceptions.HTTPError, ConnectionError):
-                    # The API server is down (restarting): a kubelet keeps trying, and its steps keep their order.
-                    with self._lock:
-                        heapq.heappush(self._actions, entry)
-                    break
-                except Exception:
-                    log.exception("node materialiser action failed")
+                next_operation = None
+            now = time.monotonic()
+            with self._lock:
+                while self._actions and self._actions[0][0] <= now:
+                    due, _, lane, action = heapq.heappop(self._actions)
+                    steps = self._lanes.get(lane)
+                    if steps is None:
+                        steps = self._lanes[lane] = deque()
+                        self._runnable.put(lane)
+                    steps.append((due, action))
+                next_action = self._actions[0][0] if self._actions else None
+                self._scheduled.clear()
+            wake = min([now + _TICK_S] + [t for t in (next_operation, next_action) if t is not None])
+            self._scheduled.wait(max(wake - time.monotonic(), 0))
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                lane = self._runnable.get(timeout=_TICK_S)
+            except queue.Empty:
+                continue
+            self._drain(lane)
+
+    def _drain(self, lane: tuple[str, str]) -> None:
+        """Runs the lane's due steps in order until it has none."""
+        while not self._stop.is_set():
+            with self._lock:
+                steps = self._lanes[lane]
+                if not steps:
+                    del self._lanes[lane]
+                    return
+                due, action = steps[0]
+            self._running.lane, self._running.due = lane, due
+            try:
+                action()
+            except (urllib3.exceptions.HTTPError, ConnectionError):
+                # The API server is down (restarting): a kubelet keeps trying, and its steps keep their order.
+                self._stop.wait(_TICK_S)
+                continue
+            except Exception:
+                log.exception("node materialiser action failed")
+            finally:
+                self._running.lane = self._running.due = None
+            with self._lock:
+                steps.popleft()
+
+
+def _unparsed(call: Callable[..., Any], *args: Any, **kwargs: Any) -> bytes:
+    """The answer's body as it came: the client's models cost more CPU than this kubelet's whole work."""
+    return call(*args, **kwargs, _preload_content=False).data
+
+
+def _status(size: VmSize, ready: bool, gpus: bool) -> dict[str, Any]:
+    resources = size.capacity()
+    if not gpus:
+        resources.pop(size.gpu_resource, None)
+    now = _now()
+    conditions = [
+        {"type": t, "status": "False", "reason": f"KubeletHasNo{t}", "lastHeartbeatTime": now,
+         "lastTransitionTime": now} for t in _CONDITION_TYPES
+    ]
+    conditions.append({
+        "type": "Ready", "status": "True" if ready else "False",
+        "reason": "KubeletReady" if ready else "KubeletNotReady", "message": "", "lastHeartbeatTime": now,
+        "lastTransitionTime": now,
+    })
+    return {
+        "capacity": resources, "allocatable": resources, "conditions": conditions,
+        "nodeInfo": {"kubeletVersion": "v1.33.5", "osImage": "Ubuntu 22.04.5 LTS", "architecture": "amd64",
+                     "operatingSystem": "linux", "containerRuntimeVersion": "containerd://1.7.27",
+                     "kernelVersion": "5.15.0-1089-azure", "kubeProxyVersion": "", "machineID": "",
+                     "systemUUID": "", "bootID": ""},
+    }

@@ -25,6 +25,7 @@ from gpu_provisioner.pki import CertificateAuthority
 from gpu_provisioner.sim.aks import Aks, ArmError, Operation
 from gpu_provisioner.sim.nodes import NodeMaterialiser
 from gpu_provisioner.sim.scenario import Scenario
+from gpu_provisioner.sim.timeline import Step
 
 _PROVIDER = r"/subscriptions/(?P<sub>[^/]+)/resourcegroups/(?P<rg>[^/]+)/providers/microsoft\.containerservice"
 _ROUTES = [
@@ -72,10 +73,12 @@ class AksSimulator:
         self.ca_bundle = self._dir / "ca.crt"
         self._nodes: NodeMaterialiser | None = None
         if kube_api is not None:
-            nodes = self._nodes = NodeMaterialiser(kube_api, self.scenario, self.subscription_id, self.aks.settle)
+            nodes = self._nodes = NodeMaterialiser(kube_api, self.scenario, self.subscription_id, self.aks.settle,
+                                                   self.aks.timeline)
             self.aks.on_pool_created = lambda cluster, pool: nodes.pool_created(
                 cluster, self.aks.node_resource_group(cluster), self.location, pool)
             self.aks.on_pool_deleted = nodes.pool_deleted
+            self.aks.on_operation_started = nodes.wake
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.endpoint = ""
@@ -150,6 +153,11 @@ class AksSimulator:
     def pools(self, cluster: str | None = None) -> dict[str, dict[str, Any]]:
         body = self.aks.list_pools(cluster or self.cluster_name)
         return {pool["name"]: pool for pool in body["value"]}
+
+    def timeline(self, cluster: str | None = None) -> dict[str, dict[str, Step]]:
+        """Per pool, when each scenario step (sim.timeline: PUT, CREATED, NODE_JOINED...) was due and when it
+        happened, in time.monotonic(): the simulator's own lag."""
+        return self.aks.timeline.pools(cluster or self.cluster_name)
 
     def update_scenario(self, **changes: Any) -> None:
         for name, value in changes.items():

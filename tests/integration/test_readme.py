@@ -3,6 +3,7 @@ cannot rot."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -66,12 +67,20 @@ def test_readme_helm_install_works_against_a_real_api_server(control_plane, uniq
 
 
 
-def test_make_bench_prints_its_figures():
-    result = subprocess.run(["make", "bench", "ARGS=--claims 2 --refresh-s 1"], cwd=REPO, capture_output=True,
-                            text=True, timeout=600, env=CLEAN_ENV)
+def test_make_bench_prints_its_figures_and_the_readme_table(tmp_path):
+    env = {**CLEAN_ENV, "BENCH_RESULTS": str(tmp_path), "POOL_REFRESH_INTERVAL_SECONDS": "1"}
+    result = subprocess.run(["make", "bench", "ARGS=burst --claims 2"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "ready: 2/2" in result.stdout and "ARM requests in all" in result.stdout
-    assert "make bench" in README
+    figures = json.loads((tmp_path / "burst-2.json").read_text())
+    assert figures["launch"]["gpu_ready_to_claim_ready_s"]["n"] == 2
+    assert figures["arm_requests"]["agentpools.create"] == 2 and figures["controller"]["cpu_s"] > 0
+    assert "simulator_lag_by_step_s" in figures["launch"] and "node_deleted_to_claim_gone_s" in figures["deletion"]
+    assert "ARM requests:" in result.stdout and "lag of gpus-published" in result.stdout
+    table = subprocess.run(["make", "bench", "ARGS=table"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                           env=env)
+    assert table.stdout.count("| burst-2 (") == 1
+    assert "make bench" in README and "| scenario (UTC) |" in README
 
 
 def test_make_chaos_passes_its_args_to_the_chaos_run():

@@ -18,7 +18,7 @@ from azure.core.exceptions import HttpResponseError
 from azure.identity import DefaultAzureCredential
 from azure.mgmt.containerservice import ContainerServiceClient
 
-from gpu_provisioner.sim import AksSimulator, Scenario
+from gpu_provisioner.sim import AksSimulator, Scenario, timeline
 from tests.integration.harness import interrupt, wait_for
 
 GPU_POOL = {"properties": {"count": 1, "vmSize": "Standard_NC6s_v3", "osType": "Linux", "mode": "User",
@@ -226,7 +226,8 @@ def test_nodes_that_never_turn_ready_or_never_show_gpus(
         (n for n in core.list_node().items if n.metadata.labels.get("agentpool") == unique_name), None))
     time.sleep(1.5)  # well past the ready and GPU delays
     status = core.read_node(node.metadata.name).status
-    assert any(c.type == "Ready" and c.status == "True" for c in status.conditions or []) is expect_ready
+    # The node registered with its status (a never-ready one keeps that first Ready False).
+    assert {c.type: c.status for c in status.conditions}["Ready"] == ("True" if expect_ready else "False")
     assert ("nvidia.com/gpu" in (status.allocatable or {})) is expect_gpu
 
 
@@ -280,3 +281,36 @@ def test_creations_count_the_pools_puts_made_whether_answered_or_not(simulator, 
     client.agent_pools.begin_delete(sim.resource_group, sim.cluster_name, "kept").result()
     create(client, sim, "kept").result()
     assert sim.creations() == {"lost": 1, "kept": 2}
+
+
+def test_the_simulator_records_each_steps_due_and_actual_time(simulator, monkeypatch, kube_api, unique_name):
+    sim = simulator()
+    client = sdk(sim, monkeypatch)
+    names = [f"{unique_name[:10]}{n}" for n in range(4)]
+    for poller in [create(client, sim, name) for name in names]:
+        poller.result()
+    wait_for("every node GPU-ready", lambda: all(timeline.GPUS_PUBLISHED in sim.timeline()[n] for n in names))
+    core = kubernetes.client.CoreV1Api(kube_api)
+    for name in names:
+        steps = sim.timeline()[name]
+        # Due times follow the scenario's delays: the node's from when the pool's operation ended.
+        assert steps[timeline.PUT].lag_s == 0
+        assert steps[timeline.CREATED].due - steps[timeline.PUT].at == pytest.approx(FAST["create_delay_s"], abs=0.01)
+        node_due = steps[timeline.CREATED].at
+        for step, delay in [(timeline.NODE_JOINED, "node_join_delay_s"), (timeline.NODE_READY, "node_ready_delay_s"),
+                            (timeline.GPUS_PUBLISHED, "gpu_publish_delay_s")]:
+            node_due += FAST[delay]
+            assert steps[step].due == pytest.approx(node_due, abs=0.05)
+        # Carried out on time (a loaded machine may lag, but not by seconds) and never early.
+        assert all(0 <= step.lag_s < 1.5 for step in steps.values()), steps
+        node = next(n for n in core.list_node(label_selector=f"agentpool={name}").items)
+        assert node.status.allocatable["nvidia.com/gpu"] == "1"
+    for name in names:
+        client.agent_pools.begin_delete(sim.resource_group, sim.cluster_name, name).result()
+    wait_for("every node gone", lambda: all(timeline.NODE_DELETED in sim.timeline()[n] for n in names))
+    for name in names:
+        steps = sim.timeline()[name]
+        delete_delay = steps[timeline.DELETED].due - steps[timeline.DELETE].at
+        assert delete_delay == pytest.approx(FAST["delete_delay_s"], abs=0.01)
+        assert steps[timeline.NODE_DELETED].at >= steps[timeline.DELETED].at
+        assert not core.list_node(label_selector=f"agentpool={name}").items

@@ -1,0 +1,541 @@
+"""Benchmark suite: a `gpu-provisioner run` process (configured by its environment only, as in production)
+against a real API server and the AKS simulator with its default delays.
+
+Scenarios:
+  burst        N Kaito NodeClaims at once (default 200), until all are Ready, then all deleted.
+  big-cluster  the same among 5,000 foreign Nodes made like real AKS nodes (images, conditions, addresses).
+  restart      1,000 Ready claims among 5,000 foreign Nodes, the controller restarted: time to /readyz and the
+               writes it makes (ARM, claims, Nodes, Events); then all deleted.
+
+Each prints its figures and writes them to .artifacts/bench/<scenario>.json (or $BENCH_RESULTS/); `table`
+prints the README's table from those files. Times per claim are measured by a watch (not by polling lists),
+the simulator's part from its own timeline: when each step was due under the scenario and when it happened.
+Run: `make bench` (all three), `make bench ARGS="burst --claims 1000"`, `make bench ARGS=table`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import kubernetes
+import typer
+
+from gpu_provisioner.api.claims import CLAIM_APIS, GROUP, READY
+from gpu_provisioner.devenv.controlplane import ControlPlane, die_with_parent, free_port
+from gpu_provisioner.devenv.tools import ensure_tools
+from gpu_provisioner.sandbox import kaito_claim
+from gpu_provisioner.sim import AksSimulator, Scenario, timeline
+
+RESULTS = Path(__file__).resolve().parents[1] / ".artifacts" / "bench"  # or $BENCH_RESULTS
+CLAIM_API = CLAIM_APIS["nodeclaim"]
+ARM_OPERATIONS_NOT_COUNTED = ("token", "openid-configuration")
+PARALLEL_WRITES = 8  # client threads creating or deleting objects at once
+app = typer.Typer(add_completion=False, no_args_is_help=True)
+
+
+# figures -------------------------------------------------------------------------------------
+
+
+def distribution(values: Iterable[float]) -> dict[str, float] | None:
+    """p50/p95/p99/max (nearest rank) in seconds, or None for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    rank = lambda p: round(ordered[max(math.ceil(p * len(ordered)) - 1, 0)], 3)  # noqa: E731
+    return {"n": len(ordered), "p50": rank(0.50), "p95": rank(0.95), "p99": rank(0.99), "max": rank(1.0)}
+
+
+def shown(figure: dict[str, float] | None) -> str:
+    """p50 / p95 / p99 / max."""
+    if figure is None:
+        return "-"
+    return " / ".join(f"{figure[k]:.2f}" for k in ("p50", "p95", "p99", "max")) + " s"
+
+
+class LoadSampler:
+    """The machine's 1-minute load average, every second while a scenario runs."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> LoadSampler:
+        self._cpu_at_start = _own_cpu_s()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            if self._stop.wait(1):
+                return
+
+    def figures(self) -> dict[str, Any]:
+        return {"cpus": os.cpu_count(), "simulator_process_cpu_s": round(_own_cpu_s() - self._cpu_at_start, 2),
+                "load_1m_mean": round(statistics.fmean(self.samples), 2),
+                "load_1m_max": round(max(self.samples), 2), "load_at_end": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process: the simulator (ARM server, kubelet stand-in) and the client's writes."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
+
+
+# the controller ------------------------------------------------------------------------------
+
+
+class Controller:
+    """`gpu-provisioner run` in its own process, configured only by its environment."""
+
+    def __init__(self, plane: ControlPlane, sim: AksSimulator, workdir: Path, name: str) -> None:
+        self.health_port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ARM_", "AZURE_", "AKS_SIM_"))}
+        env.update(sim.azure_environment(), KUBECONFIG=str(plane.kubeconfig), CLAIM_APIS=CLAIM_API.name,
+                   POOL_REFRESH_INTERVAL_SECONDS=os.environ.get("POOL_REFRESH_INTERVAL_SECONDS", "10"),
+                   METRICS_PORT=str(free_port()),
+                   HEALTH_PROBE_PORT=str(self.health_port), LOG_LEVEL="warning")
+        self.log_path = workdir / f"{name}.log"
+        self.started = time.monotonic()
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "gpu_provisioner", "run"], env=env, stdout=log,
+                                            stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise SystemExit(f"the controller exited with code {self.process.returncode}; log: {self.log_path}")
+
+    def seconds_to_ready(self, timeout_s: float = 120) -> float:
+        while time.monotonic() - self.started < timeout_s:
+            self.check_alive()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/readyz", timeout=1) as answer:
+                    if answer.status == 200:
+                        return time.monotonic() - self.started
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise SystemExit(f"the controller was not ready after {timeout_s:.0f}s; log: {self.log_path}")
+
+    def figures(self) -> dict[str, float]:
+        """Peak resident MiB and CPU seconds so far, from /proc."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        peak_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return {"peak_rss_mib": round(peak_kib / 1024, 1), "cpu_s": round(cpu_s, 2)}
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+# watching claims -----------------------------------------------------------------------------
+
+
+class ClaimWatcher:
+    """When each claim was first seen Ready and when it was gone, from a watch on the claims. The watch runs in
+    a process of its own, so that the simulator's threads in this one do not delay what it sees."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self.ready_at: dict[str, float] = {}
+        self.gone_at: dict[str, float] = {}
+        self._changed = threading.Condition()
+        context = multiprocessing.get_context("spawn")
+        self._events: multiprocessing.Queue[tuple[str, str, float]] = context.Queue()
+        self._process = context.Process(target=watch_claims, args=(str(plane.kubeconfig), self._events), daemon=True)
+        self._process.start()
+        self._events.get(timeout=120)  # the watch is open
+        threading.Thread(target=self._receive, daemon=True).start()
+
+    def stop(self) -> None:
+        self._process.terminate()
+
+    def wait(self, what: str, done: Callable[[], bool], timeout_s: float, controller: Controller) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while not done():
+                controller.check_alive()
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"timed out after {timeout_s:.0f}s waiting for {what}; log: {controller.log_path}")
+                self._changed.wait(1)
+
+    def _receive(self) -> None:
+        while True:
+            change, name, seen = self._events.get()
+            with self._changed:
+                (self.gone_at if change == "gone" else self.ready_at).setdefault(name, seen)
+                self._changed.notify_all()
+
+
+def watch_claims(kubeconfig: str, events: multiprocessing.Queue[tuple[str, str, float]]) -> None:
+    """In its own process: sends ("ready" | "gone", claim name, time.monotonic() when seen) for each claim."""
+    custom = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(config_file=kubeconfig))
+    resource_version = custom.list_cluster_custom_object(GROUP, CLAIM_API.version, CLAIM_API.plural)[
+        "metadata"]["resourceVersion"]
+    events.put(("open", "", time.monotonic()))
+    while True:
+        try:
+            for event in kubernetes.watch.Watch().stream(
+                    custom.list_cluster_custom_object, GROUP, CLAIM_API.version, CLAIM_API.plural,
+                    resource_version=resource_version, timeout_seconds=30):
+                seen = time.monotonic()
+                claim = event["object"]
+                resource_version = claim["metadata"]["resourceVersion"]
+                if event["type"] == "DELETED":
+                    events.put(("gone", claim["metadata"]["name"], seen))
+                elif any(c["type"] == READY and c["status"] == "True"
+                         for c in (claim.get("status") or {}).get("conditions") or []):
+                    events.put(("ready", claim["metadata"]["name"], seen))
+        except Exception as error:  # the next watch resumes from the last resourceVersion seen
+            print(f"claim watch ended: {error!r}; watching again", file=sys.stderr)
+
+
+# the cluster ---------------------------------------------------------------------------------
+
+
+def foreign_node(index: int) -> dict[str, Any]:
+    """An ordinary (CPU) AKS node, with about what a real one carries: labels, annotations, addresses,
+    4 conditions, 25 images, capacity, nodeInfo."""
+    pool = f"nodepool{index // 100 + 1}"
+    vmss = f"aks-{pool}-{31415926 + index // 100}-vmss"
+    name = f"{vmss}{index % 100:06x}"
+    node_rg = "mc_kaito-rg_kaito-cluster_eastus"
+    labels = {
+        "agentpool": pool, "kubernetes.azure.com/agentpool": pool, "kubernetes.azure.com/cluster": node_rg,
+        "kubernetes.azure.com/mode": "system" if index < 100 else "user", "kubernetes.azure.com/role": "agent",
+        "kubernetes.azure.com/os-sku": "Ubuntu", "kubernetes.azure.com/node-image-version":
+            "AKSUbuntu-2204gen2containerd-202611.10.0", "kubernetes.azure.com/nodepool-type": "VirtualMachineScaleSets",
+        "kubernetes.azure.com/kubelet-identity-client-id": "5a3c4f1e-0000-4000-8000-00000000c1d0",
+        "kubernetes.azure.com/consolidated-additional-properties": "c2d8f1a0-0000-4000-8000-000000000001",
+        "kubernetes.azure.com/network-policy": "none", "kubernetes.azure.com/storageprofile": "managed",
+        "kubernetes.azure.com/storagetier": "Premium_LRS", "storageprofile": "managed", "storagetier": "Premium_LRS",
+        "beta.kubernetes.io/arch": "amd64", "beta.kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+        "kubernetes.io/os": "linux", "kubernetes.io/role": "agent", "node-role.kubernetes.io/agent": "",
+        "kubernetes.io/hostname": name, "node.kubernetes.io/instance-type": "Standard_D8s_v5",
+        "beta.kubernetes.io/instance-type": "Standard_D8s_v5", "topology.kubernetes.io/region": "eastus",
+        "topology.kubernetes.io/zone": f"eastus-{index % 3 + 1}", "failure-domain.beta.kubernetes.io/region": "eastus",
+        "failure-domain.beta.kubernetes.io/zone": f"eastus-{index % 3 + 1}",
+        "topology.disk.csi.azure.com/zone": f"eastus-{index % 3 + 1}",
+    }
+    annotations = {
+        "node.alpha.kubernetes.io/ttl": "0", "volumes.kubernetes.io/controller-managed-attach-detach": "true",
+        "csi.volume.kubernetes.io/nodeid": json.dumps({"disk.csi.azure.com": name, "file.csi.azure.com": name}),
+    }
+    images = [{"names": [f"mcr.microsoft.com/oss/kubernetes/component-{n}@sha256:{(index * 31 + n):064x}",
+                         f"mcr.microsoft.com/oss/kubernetes/component-{n}:v1.{n}.{index % 7}"],
+               "sizeBytes": 20_000_000 + n * 1_048_576} for n in range(25)]
+    heartbeat = "2026-11-26T06:00:00Z"
+    conditions = [{"type": t, "status": "False", "reason": f"KubeletHasNo{t}", "message": f"kubelet has no {t}",
+                   "lastHeartbeatTime": heartbeat, "lastTransitionTime": heartbeat}
+                  for t in ("MemoryPressure", "DiskPressure", "PIDPressure")]
+    conditions.append({"type": "Ready", "status": "True", "reason": "KubeletReady",
+                       "message": "kubelet is posting ready status", "lastHeartbeatTime": heartbeat,
+                       "lastTransitionTime": heartbeat})
+    capacity = {"cpu": "8", "memory": "32863040Ki", "pods": "110", "ephemeral-storage": "129886128Ki",
+                "hugepages-1Gi": "0", "hugepages-2Mi": "0"}
+    return {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": labels, "annotations": annotations},
+        "spec": {"providerID": f"azure:///subscriptions/00000000-0000-4000-8000-000000000000/resourceGroups/"
+                               f"{node_rg}/providers/Microsoft.Compute/virtualMachineScaleSets/{vmss}/"
+                               f"virtualMachines/{index % 100}", "podCIDR": f"10.{index // 250}.{index % 250}.0/24"},
+        "status": {
+            "capacity": capacity, "allocatable": {**capacity, "cpu": "7820m", "memory": "28434496Ki"},
+            "conditions": conditions, "images": images,
+            "addresses": [{"type": "InternalIP", "address": f"10.224.{index // 250}.{index % 250 + 4}"},
+                          {"type": "Hostname", "address": name}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "nodeInfo": {"kubeletVersion": "v1.33.5", "osImage": "Ubuntu 22.04.5 LTS", "architecture": "amd64",
+                         "operatingSystem": "linux", "containerRuntimeVersion": "containerd://1.7.27-1",
+                         "kernelVersion": "5.15.0-1089-azure", "kubeProxyVersion": "v1.33.5",
+                         "machineID": f"{index:032x}", "systemUUID": f"{index:08x}-0000-4000-8000-000000000000",
+                         "bootID": f"{index:08x}-0000-4000-8000-00000000b007"},
+        },
+    }
+
+
+def in_parallel(action: Callable[[Any], object], items: Iterable[Any]) -> None:
+    with ThreadPoolExecutor(PARALLEL_WRITES) as pool:
+        for _ in pool.map(action, items):
+            pass
+
+
+def add_foreign_nodes(plane: ControlPlane, count: int) -> float:
+    """Setup, not measured: `count` foreign Nodes (a Node takes its status on create: one write each)."""
+    started = time.monotonic()
+    with plane.api_client() as client:  # its connection pool (5 a core) holds PARALLEL_WRITES
+        core = kubernetes.client.CoreV1Api(client)
+        in_parallel(lambda index: core.create_node(foreign_node(index), _preload_content=False).data, range(count))
+    return time.monotonic() - started
+
+
+# a run ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    plane: ControlPlane
+    sim: AksSimulator
+    client: kubernetes.client.ApiClient  # for the claims' writes; the simulator has its own
+    workdir: Path
+    watcher: ClaimWatcher = field(init=False)
+    created_at: dict[str, float] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.watcher = ClaimWatcher(self.plane)
+        self._custom = kubernetes.client.CustomObjectsApi(self.client)
+
+    def controller(self, name: str = "controller") -> Controller:
+        return Controller(self.plane, self.sim, self.workdir, name)
+
+    def arm_requests(self, since: int = 0) -> dict[str, int]:
+        counted = Counter(r.operation for r in self.sim.requests[since:]
+                          if r.operation not in ARM_OPERATIONS_NOT_COUNTED)
+        return dict(sorted(counted.items()))
+
+    def burst(self, controller: Controller, claims: int) -> dict[str, Any]:
+        """Creates `claims` claims at once and waits until all are Ready; their figures."""
+        names = [f"ws{index:09x}" for index in range(claims)]
+
+        def create(name: str) -> None:
+            self.created_at[name] = time.monotonic()
+            self._custom.create_cluster_custom_object(GROUP, CLAIM_API.version, CLAIM_API.plural,
+                                                      kaito_claim(CLAIM_API, name))
+
+        first = time.monotonic()
+        in_parallel(create, names)
+        ready = self.watcher.ready_at
+        self.watcher.wait("every claim Ready", lambda: all(n in ready for n in names), 120 + claims, controller)
+        steps = self.sim.timeline()
+        s = self.sim.scenario
+        nominal = s.create_delay_s + s.node_join_delay_s + s.node_ready_delay_s + s.gpu_publish_delay_s
+        up = [timeline.CREATED, timeline.NODE_JOINED, timeline.NODE_READY, timeline.GPUS_PUBLISHED]
+        return {
+            "claims": claims,
+            "created_to_put_s": distribution(steps[n][timeline.PUT].at - self.created_at[n] for n in names),
+            "put_to_gpu_ready_s": distribution(
+                steps[n][timeline.GPUS_PUBLISHED].at - steps[n][timeline.PUT].at for n in names),
+            "put_to_gpu_ready_nominal_s": nominal,
+            "simulator_lag_s": distribution(steps[n][step].lag_s for n in names for step in up),
+            "simulator_lag_by_step_s": {step: distribution(steps[n][step].lag_s for n in names) for step in up},
+            "gpu_ready_to_claim_ready_s": distribution(
+                ready[n] - steps[n][timeline.GPUS_PUBLISHED].at for n in names),
+            "created_to_claim_ready_s": distribution(ready[n] - self.created_at[n] for n in names),
+            "all_ready_s": round(max(ready[n] for n in names) - first, 2),
+            "arm_requests_until_ready": self.arm_requests(),
+        }
+
+    def delete_all(self, controller: Controller) -> dict[str, Any]:
+        names = list(self.created_at)
+        requests_before = len(self.sim.requests)
+        started = time.monotonic()
+        in_parallel(lambda name: self._custom.delete_cluster_custom_object(
+            GROUP, CLAIM_API.version, CLAIM_API.plural, name), names)
+        gone = self.watcher.gone_at
+        self.watcher.wait("every claim gone", lambda: all(n in gone for n in names), 120 + len(names), controller)
+        steps = self.sim.timeline()
+        return {
+            "all_deleted_s": round(max(gone[n] for n in names) - started, 2),
+            "delete_delay_nominal_s": self.sim.scenario.delete_delay_s,
+            "node_deleted_to_claim_gone_s": distribution(
+                gone[n] - steps[n][timeline.NODE_DELETED].at for n in names if timeline.NODE_DELETED in steps[n]),
+            "arm_requests_deleting": self.arm_requests(requests_before),
+        }
+
+    def finish(self, controller: Controller, load: LoadSampler) -> dict[str, Any]:
+        arm = self.arm_requests()
+        claims = len(self.created_at)
+        self.figures.update(
+            arm_requests=arm, arm_requests_per_claim=round(sum(arm.values()) / max(claims, 1), 2),
+            controller=controller.figures(), machine=load.figures())
+        return self.figures
+
+
+@contextmanager
+def running(scenario: str, foreign_nodes: int = 0) -> Iterator[tuple[Run, LoadSampler]]:
+    with ControlPlane(ensure_tools()) as plane, plane.api_client() as sim_client, \
+            AksSimulator(Scenario(), kube_api=sim_client) as sim, plane.api_client() as client:
+        setup_s = add_foreign_nodes(plane, foreign_nodes) if foreign_nodes else 0.0
+        workdir = Path(tempfile.mkdtemp(prefix=f"gpu-provisioner-bench-{scenario}-"))
+        run = Run(plane, sim, client, workdir)
+        run.figures.update(scenario=scenario, date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                           foreign_nodes=foreign_nodes, foreign_nodes_setup_s=round(setup_s, 1))
+        try:
+            with LoadSampler() as load:
+                yield run, load
+        finally:
+            run.watcher.stop()
+            print(f"controller logs in {workdir}", file=sys.stderr)
+
+
+def results_dir() -> Path:
+    return Path(os.environ.get("BENCH_RESULTS") or RESULTS)
+
+
+def report(name: str, figures: dict[str, Any]) -> None:
+    results_dir().mkdir(parents=True, exist_ok=True)
+    path = results_dir() / f"{name}.json"
+    path.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"== {name} ({figures['date']}, {figures['foreign_nodes']} foreign Nodes)")
+    for phase in ("launch", "after_restart", "deletion"):
+        for key, value in (figures.get(phase) or {}).items():
+            if key == "simulator_lag_by_step_s":
+                for step, lag in value.items():
+                    print(f"{phase:>13}   lag of {step:<22} {shown(lag)}")
+            else:
+                print(f"{phase:>13} {key:<30} {shown(value) if isinstance(value, dict) and 'p50' in value else value}")
+    print(f"ARM requests: {figures['arm_requests']} ({figures['arm_requests_per_claim']} a claim)")
+    print(f"controller: {figures['controller']}; machine: {figures['machine']}")
+    print(f"written to {path}")
+
+
+# scenarios -----------------------------------------------------------------------------------
+
+
+def measure_burst(name: str, claims: int, foreign_nodes: int) -> None:
+    with running(name, foreign_nodes) as (run, load):
+        controller = run.controller()
+        try:
+            run.figures["launch"] = {"controller_ready_s": round(controller.seconds_to_ready(), 2),
+                                     **run.burst(controller, claims)}
+            run.figures["deletion"] = run.delete_all(controller)
+            figures = run.finish(controller, load)
+        finally:
+            controller.stop()
+    report(name, figures)
+
+
+@app.command()
+def burst(claims: Annotated[int, typer.Option(help="How many claims at once.")] = 200) -> None:
+    """N claims at once until all are Ready, then all deleted."""
+    measure_burst(f"burst-{claims}", claims, 0)
+
+
+@app.command("big-cluster")
+def big_cluster(claims: Annotated[int, typer.Option(help="How many claims at once.")] = 200,
+                nodes: Annotated[int, typer.Option(help="Foreign Nodes in the cluster.")] = 5000) -> None:
+    """A burst of claims among thousands of foreign Nodes."""
+    measure_burst("big-cluster", claims, nodes)
+
+
+@app.command()
+def restart(claims: Annotated[int, typer.Option(help="Ready claims when the controller restarts.")] = 1000,
+            nodes: Annotated[int, typer.Option(help="Foreign Nodes in the cluster.")] = 5000,
+            watch_s: Annotated[float, typer.Option(help="How long writes are counted after /readyz.")] = 25) -> None:
+    """The controller restarted with Ready claims and foreign Nodes: time to /readyz and the writes it makes."""
+    with running("restart", nodes) as (run, load):
+        first = run.controller("controller-before-restart")
+        try:
+            first.seconds_to_ready()
+            run.figures["launch"] = {**run.burst(first, claims), "controller": first.figures()}
+        finally:
+            first.stop()
+        with run.plane.api_client() as client:
+            core = kubernetes.client.CoreV1Api(client)
+            mark = int(core.list_node(limit=1).metadata.resource_version)
+            requests_before = len(run.sim.requests)
+            controller = run.controller()
+            try:
+                ready_s = controller.seconds_to_ready()
+                time.sleep(watch_s)
+                run.figures["after_restart"] = {
+                    "controller_ready_s": round(ready_s, 2), "writes_counted_for_s": watch_s,
+                    "arm_requests": run.arm_requests(requests_before),
+                    **objects_written_since(client, mark), "controller": controller.figures()}
+                run.figures["deletion"] = run.delete_all(controller)
+                figures = run.finish(controller, load)
+            finally:
+                controller.stop()
+    report("restart", figures)
+
+
+def objects_written_since(client: kubernetes.client.ApiClient, resource_version: int) -> dict[str, int]:
+    """How many claims, Nodes and Events were written since `resource_version` (etcd's revision)."""
+    core = kubernetes.client.CoreV1Api(client)
+    custom = kubernetes.client.CustomObjectsApi(client)
+    newer = lambda items: sum(int(item["metadata"]["resourceVersion"]) > resource_version  # noqa: E731
+                              for item in items)
+    claims = custom.list_cluster_custom_object(GROUP, CLAIM_API.version, CLAIM_API.plural)["items"]
+    nodes = json.loads(core.list_node(_preload_content=False).data)["items"]
+    events = json.loads(core.list_event_for_all_namespaces(_preload_content=False).data)["items"]
+    return {"claims_written": newer(claims), "nodes_written": newer(nodes), "events_written": newer(events)}
+
+
+@app.command("all")
+def all_scenarios() -> None:
+    """burst (200), big-cluster and restart with their defaults."""
+    burst()
+    big_cluster()
+    restart()
+
+
+# the README's tables -------------------------------------------------------------------------
+
+
+@app.command()
+def table() -> None:
+    """The README's table, from the results in .artifacts/bench/ (or $BENCH_RESULTS)."""
+    order = {"burst": 0, "big-cluster": 1, "restart": 2}
+    results = sorted((json.loads(path.read_text()) for path in results_dir().glob("*.json")),
+                     key=lambda r: (order.get(r["scenario"].split("-")[0], order.get(r["scenario"], 9)),
+                                    r["launch"]["claims"]))
+    print("| scenario (UTC) | claims, foreign Nodes | claim created -> PUT, p50 / p95 | PUT -> node GPU-ready "
+          "(simulator, scheduled 3.5 s), p50 / p95 / max | node GPU-ready -> claim Ready, p50 / p95 / p99 / max "
+          "| all Ready | all deleted | ARM requests | controller peak RSS / CPU | load average, mean / max |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        launch, deletion, machine = r["launch"], r["deletion"], r["machine"]
+        controller = launch.get("controller", r["controller"])  # restart: the controller that made them Ready
+        up, nominal = launch["put_to_gpu_ready_s"], launch["put_to_gpu_ready_nominal_s"]
+        arm = _requests(r["arm_requests"])
+        print(f"| {r['scenario']} ({r['date'][11:16]}) | {launch['claims']}, {r['foreign_nodes']} "
+              f"| {launch['created_to_put_s']['p50']:.2f} / {launch['created_to_put_s']['p95']:.2f} s "
+              f"| {up['p50']:.2f} / {up['p95']:.2f} / {up['max']:.2f} s (lag {up['p50'] - nominal:.2f} / "
+              f"{up['p95'] - nominal:.2f} / {up['max'] - nominal:.2f} s) "
+              f"| {shown(launch['gpu_ready_to_claim_ready_s'])} | {launch['all_ready_s']:.1f} s "
+              f"| {deletion['all_deleted_s']:.1f} s | {r['arm_requests_per_claim']} a claim ({arm}) "
+              f"| {controller['peak_rss_mib']:.0f} MiB / {controller['cpu_s']:.1f} s "
+              f"| {machine['load_1m_mean']:.1f} / {machine['load_1m_max']:.1f} |")
+    for r in results:
+        if after := r.get("after_restart"):
+            print(f"\nrestart ({r['launch']['claims']} Ready claims, {r['foreign_nodes']} foreign Nodes; the row above "
+                  "is the first controller making them Ready, its deletion the restarted one's): /readyz "
+                  f"{after['controller_ready_s']:.2f} s after the start; in the {after['writes_counted_for_s']:.0f} s "
+                  f"after it: ARM requests {_requests(after['arm_requests']) or 'none'}, claims written "
+                  f"{after['claims_written']}, Nodes written {after['nodes_written']}, Events "
+                  f"{after['events_written']}; controller peak RSS {after['controller']['peak_rss_mib']:.0f} MiB, "
+                  f"CPU {after['controller']['cpu_s']:.1f} s")
+
+
+def _requests(by_operation: dict[str, int]) -> str:
+    return ", ".join(f"{n} {op.removeprefix('agentpools.')}" for op, n in by_operation.items())
+
+
+if __name__ == "__main__":
+    app()
