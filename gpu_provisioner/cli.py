@@ -58,9 +58,8 @@ def run() -> None:
         kubernetes.config.load_incluster_config()
         api_client = kubernetes.client.ApiClient()
     manager = Manager(settings, api_client)
-    stop_metrics = start_metrics_server(settings.metrics_port)
-    # A standby is ready (to take over); the leader once its caches are synced.
-    probes = ProbeServer(settings.health_probe_port, lambda: not manager.started or manager.synced())
+    stop_metrics = start_metrics_server(settings.metrics_port, settings.bind_address)
+    probes = ProbeServer(settings.health_probe_port, manager.not_ready_reason, settings.bind_address)
     probes.start()
     stop = threading.Event()
     try:

@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     orphan_grace_s: float = Field(600.0, ge=0, validation_alias="ORPHAN_GRACE_SECONDS")
     metrics_port: int = Field(8080, validation_alias="METRICS_PORT")
     health_probe_port: int = Field(8081, validation_alias="HEALTH_PROBE_PORT")
+    bind_address: str = Field("0.0.0.0", validation_alias="BIND_ADDRESS")
     log_level: str = Field("info", validation_alias="LOG_LEVEL")
     # Leader election on a Lease in the pod's namespace; the pod name identifies the candidate.
     leader_elect: bool = Field(False, validation_alias="LEADER_ELECT")
