@@ -16,6 +16,7 @@ from rich.console import Console
 
 from gpu_provisioner.devenv.controlplane import ControlPlane
 from gpu_provisioner.devenv.tools import ALL_TOOLS, ensure_tools
+from gpu_provisioner.logs import configure_logging, crash_logged
 from gpu_provisioner.signals import wait_for_interrupt
 from gpu_provisioner.sim.cli import simulate_aks
 
@@ -28,10 +29,10 @@ console = Console(stderr=True)
 
 
 @app.command("run")
+@crash_logged
 def run() -> None:
     """Run the controller: settings come from the environment (ARM_SUBSCRIPTION_ID, ... see the README)."""
     from gpu_provisioner import metrics
-    from gpu_provisioner.logs import configure_logging
     from gpu_provisioner.manager import Manager
     from gpu_provisioner.runtime.leader import LeaderElector
     from gpu_provisioner.runtime.probes import ProbeServer, start_metrics_server
@@ -40,8 +41,9 @@ def run() -> None:
     try:
         settings = Settings.load()
     except SettingsError as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
+        structlog.get_logger(__name__).error("gpu-provisioner cannot start: settings missing or wrong",
+                                             problems=error.problems)
+        raise SystemExit(2) from None  # not typer.Exit: that is an Exception, which crash_logged reports
     configure_logging(settings.log_level)
     version = importlib.metadata.version("gpu-provisioner")
     metrics.BUILD_INFO.info({"version": version})
