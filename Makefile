@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: sandbox test tools lint bench interop chaos
+.PHONY: sandbox test tools lint bench interop chaos image bench-image
 
 $(BIN)/gpu-provisioner: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,11 @@ bench: tools
 
 chaos: tools
 	$(BIN)/python -m tests.integration.chaos $(ARGS)
+
+# The Dockerfile, built with a Docker engine when one runs, else with podman (installed from Debian when
+# missing) and a stand-in for the base image; tests/integration/test_image.py runs what it builds.
+image: $(BIN)/gpu-provisioner
+	$(BIN)/gpu-provisioner devenv image $(ARGS)
+
+bench-image: tools
+	$(BIN)/python benchmarks/image.py $(ARGS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,7 +44,7 @@ def run() -> None:
     except SettingsError as error:
         structlog.get_logger(__name__).error("gpu-provisioner cannot start: settings missing or wrong",
                                              problems=error.problems)
-        raise SystemExit(2) from None  # not typer.Exit: that is an Exception, which crash_logged reports
+        raise typer.Exit(2) from None
     configure_logging(settings.log_level)
     version = importlib.metadata.version("gpu-provisioner")
     metrics.BUILD_INFO.info({"version": version})
@@ -54,11 +55,7 @@ def run() -> None:
         tenant_id=settings.tenant_id or "(from the environment)", claim_apis=settings.claim_apis,
         leader_elect=settings.leader_elect,
     )
-    if settings.kubeconfig:
-        api_client = kubernetes.config.new_client_from_config(config_file=str(settings.kubeconfig))
-    else:
-        kubernetes.config.load_incluster_config()
-        api_client = kubernetes.client.ApiClient()
+    api_client = _kubernetes_api_client(settings.kubeconfig)
     manager = Manager(settings, api_client)
     stop_metrics = start_metrics_server(settings.metrics_port, settings.bind_address)
     probes = ProbeServer(settings.health_probe_port, manager.not_ready_reason, settings.bind_address)
@@ -79,12 +76,36 @@ def run() -> None:
             stop.set()
             campaign.join()
         else:
+            # The only replica reconciles: it is the leader, so `sum(gpu_provisioner_leader) == 1` holds.
+            metrics.LEADER.set(1)
             manager.start()
             wait_for_interrupt()
     finally:
         manager.stop()
         probes.stop()
         stop_metrics()
+
+
+def _kubernetes_api_client(kubeconfig: Path | None) -> kubernetes.client.ApiClient:
+    """In-cluster credentials, or the kubeconfig's. The client writes a kubeconfig's inline certificates to
+    temporary files, which a read-only root without a writable /tmp cannot hold: say so, not a traceback."""
+    if kubeconfig is None:
+        kubernetes.config.load_incluster_config()
+        return kubernetes.client.ApiClient()
+    try:
+        return kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+    except OSError as error:
+        try:
+            tempfile.gettempdir()
+        except FileNotFoundError:
+            structlog.get_logger(__name__).error(
+                "no writable temporary directory for the kubeconfig's inline certificates",
+                kubeconfig=str(kubeconfig), error=str(error),
+                fix="mount a writable tmpfs on /tmp (the chart mounts an emptyDir there) or set TMPDIR to a "
+                    "writable directory; in a cluster, run without KUBECONFIG to use the service account",
+            )
+            raise typer.Exit(2) from None
+        raise
 
 
 @app.command("sandbox")
@@ -118,13 +139,29 @@ def sandbox(
 
 @devenv_app.command("tools")
 def devenv_tools() -> None:
-    """Build the pinned kube-apiserver, kubectl, etcd and helm once into the cache, then print their paths."""
+    """Build the pinned kube-apiserver, kubectl, etcd, helm, Prometheus and promtool once; print their paths."""
     started = time.monotonic()
-    tools = ensure_tools(console)
+    tools = ensure_tools(console, ALL_TOOLS)
     for name, path in vars(tools).items():
         typer.echo(f"{name.replace('_', '-')}: {path}")
     versions = ", ".join(f"{tool.name} {tool.version}" for tool in ALL_TOOLS)
     console.print(f"tools ready ({versions}) in {time.monotonic() - started:.1f}s")
+
+
+@devenv_app.command("image")
+def devenv_image(
+    tag: Annotated[str | None, typer.Option(help="Image name; default: the chart's image at its appVersion.")] = None,
+) -> None:
+    """Build the Dockerfile: with a Docker engine if one runs, else with podman and a stand-in base image."""
+    from gpu_provisioner.devenv.image import ImageBuildError, build_image
+
+    try:
+        engine, built = build_image(console, tag)
+    except ImageBuildError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
+    size_mb = engine.image_size_bytes(built) / 1e6
+    typer.echo(f"{built} ({engine.name}, {size_mb:.0f} MB uncompressed)")
 
 
 @devenv_app.command("up")

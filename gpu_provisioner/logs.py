@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 import structlog
+import typer
 
 # Libraries that log through the standard library: warnings and errors always; their info only at debug.
 THIRD_PARTY_LOGGERS = ("azure", "msal", "urllib3", "kubernetes")
@@ -100,6 +101,8 @@ def crash_logged(command: Callable[P, R]) -> Callable[P, R]:
             configure_logging()
         try:
             return command(*args, **kwargs)
+        except typer.Exit:  # the command chose its exit status, having said why
+            raise
         except Exception as error:
             structlog.get_logger(__name__).critical(
                 f"gpu-provisioner stopped: {type(error).__name__}: {error}", exc_info=True)

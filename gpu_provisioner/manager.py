@@ -17,23 +17,25 @@ from azure.core.credentials import TokenCredential
 
 from gpu_provisioner import metrics
 from gpu_provisioner.api.claims import CLAIM_APIS, GROUP, READY, Claim, ClaimApi, claim_key, split_key
-from gpu_provisioner.cloud.agentpools import AgentPools, PoolState
+from gpu_provisioner.cloud.agentpools import AgentPools, PoolState, default_credential
+from gpu_provisioner.cloud.catalogue import SizeCatalogue
+from gpu_provisioner.cloud.compute import ComputeReads
 from gpu_provisioner.cloud.errors import CloudError, TransientError
 from gpu_provisioner.cloud.inventory import PoolInventory
 from gpu_provisioner.lifecycle.base import Deps
 from gpu_provisioner.lifecycle.controller import ClaimLifecycle
 from gpu_provisioner.lifecycle.launch import LAUNCH_FAILURES
+from gpu_provisioner.lifecycle.nodes import NodeCache, pool_of_node
 from gpu_provisioner.lifecycle.orphans import OrphanSweep
 from gpu_provisioner.runtime.events import EventRecorder
-from gpu_provisioner.runtime.informer import NODES, Informer, Resource
+from gpu_provisioner.runtime.informer import Informer, Resource
 from gpu_provisioner.runtime.kube import Kube
 from gpu_provisioner.runtime.outage import Outage
 from gpu_provisioner.runtime.workqueue import WorkQueue
 from gpu_provisioner.settings import Settings
 
 log = structlog.get_logger(__name__)
-AGENTPOOL_LABELS = ("kubernetes.azure.com/agentpool", "agentpool")
-QUEUE_POLL_S = 0.5
+SYNC_POLL_S = 0.1
 CLAIM_METRICS_INTERVAL_S = 5.0
 CLAIM_PHASES = ("Pending", "Launched", "Registered", "Initialized", "Ready", "Failed", "Terminating")
 
@@ -51,21 +53,6 @@ def claim_phase(claim: Claim) -> str:
     return reached[-1].removeprefix("Machine") if reached else "Pending"
 
 
-class NodeIndex:
-    """Finds a claim's Nodes in the Node informer's cache."""
-
-    def __init__(self, informer: Informer) -> None:
-        self._informer = informer
-
-    def nodes_for(self, claim: Claim) -> list[dict[str, Any]]:
-        nodes = self._informer.list()
-        if claim.provider_id:
-            matched = [n for n in nodes if (n.get("spec") or {}).get("providerID") == claim.provider_id]
-            if matched:
-                return matched
-        return [n for n in nodes if pool_of_node(n) == claim.name]
-
-
 class ClaimIndex:
     """Answers from the claim informers whether a claim object still exists."""
 
@@ -75,11 +62,6 @@ class ClaimIndex:
     def claim_exists(self, claim: Claim) -> bool:
         current = self._informers[claim.api.name].get(claim.name)
         return current is not None and current["metadata"].get("uid") == claim.uid
-
-
-def pool_of_node(node: dict[str, Any]) -> str:
-    labels = node["metadata"].get("labels") or {}
-    return next((labels[k] for k in AGENTPOOL_LABELS if labels.get(k)), "")
 
 
 class Manager:
@@ -92,13 +74,18 @@ class Manager:
             name: Informer(api_client, Resource(GROUP, api.version, api.plural, api.kind), self._on_claim_event)
             for name, api in CLAIM_APIS.items() if name in settings.claim_apis
         }
-        self.node_informer = Informer(api_client, NODES, self._on_node_event)
+        self.nodes = NodeCache(api_client, self._on_node_event)
+        credential = credential or default_credential(settings)
         self.pools = AgentPools(settings, credential)
+        self.compute = ComputeReads(settings, credential)
+        self.catalogue = SizeCatalogue(self.compute if settings.preflight else None, settings.location,
+                                       settings.sku_catalogue_refresh_s, settings.quota_refresh_interval_s)
         self.inventory = PoolInventory(self.pools, settings.pool_refresh_interval_s, self._on_pool_change)
         api_server_outage = Outage("API server")
         kube = Kube(api_client, lambda api, obj: self.claim_informers[api.name].remember_write(obj), api_server_outage)
-        deps = Deps(settings, kube, self.pools, self.inventory, NodeIndex(self.node_informer),
-                    ClaimIndex(self.claim_informers), EventRecorder(api_client, api_server_outage))
+        deps = Deps(settings, kube, self.pools, self.inventory, self.nodes,
+                    ClaimIndex(self.claim_informers), EventRecorder(api_client, api_server_outage),
+                    catalogue=self.catalogue)
         self.lifecycle = ClaimLifecycle(deps)
         self.orphans = OrphanSweep(deps, self._claim_exists)
         self._stop = threading.Event()
@@ -109,9 +96,10 @@ class Manager:
 
     def start(self) -> None:
         self.started = True
-        for informer in [*self.claim_informers.values(), self.node_informer]:
+        for informer in [*self.claim_informers.values(), self.nodes.informer]:
             informer.start()
         self._spawn("pool-inventory", self.inventory.run, self._stop)
+        self._spawn("catalogue-warm-up", self.catalogue.warm_up)
         self._spawn("orphan-sweep", self._sweep_loop)
         self._spawn("claim-metrics", self._publish_claim_phases)
         for index in range(self.settings.workers):
@@ -125,11 +113,12 @@ class Manager:
         self._stop.set()
         self.queue.shutdown()
         self.inventory.request_refresh()
-        for informer in [*self.claim_informers.values(), self.node_informer]:
+        for informer in [*self.claim_informers.values(), self.nodes.informer]:
             informer.stop()
         for thread in self._threads:
             thread.join(timeout=10)
         self.pools.close()
+        self.compute.close()
 
     def synced(self) -> bool:
         return self._caches_synced() and self.inventory.synced
@@ -148,7 +137,7 @@ class Manager:
 
     def _caches_synced(self) -> bool:
         informers = [i for i in self.claim_informers.values() if i.available]
-        return self.node_informer.has_synced and all(i.has_synced for i in informers)
+        return self.nodes.informer.has_synced and all(i.has_synced for i in informers)
 
     def _spawn(self, name: str, target: Any, *args: Any) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -206,12 +195,11 @@ class Manager:
         # answered the first pool LIST: a claim could only wait, and would say so a second too late for
         # Kaito v0.3, which reads a new Machine once, one second after making it.
         while not (self._caches_synced() and self.inventory.first_answer.is_set()):
-            if self._stop.wait(QUEUE_POLL_S / 5):
+            if self._stop.wait(SYNC_POLL_S):
                 return
-        while not self._stop.is_set():
-            key = self.queue.get(timeout_s=QUEUE_POLL_S)
-            if key is None:
-                continue
+        # Blocks until a key is ready; None once the queue is shut down. A key taken as the controller stops
+        # (its leadership lost) is left alone.
+        while (key := self.queue.get()) is not None and not self._stop.is_set():
             try:
                 self._process(key)
             finally:
@@ -271,7 +259,7 @@ class Manager:
 
     def _publish_claim_phases(self) -> None:
         while not self._caches_synced():
-            if self._stop.wait(QUEUE_POLL_S):
+            if self._stop.wait(SYNC_POLL_S):
                 return
         foreign = self._count_claims()
         log.info("claims not made by Kaito are left alone", **{f"{kind}_ignored": n for kind, n in foreign.items()})

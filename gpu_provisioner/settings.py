@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     pod_namespace: str = Field("default", validation_alias="POD_NAMESPACE")
     pod_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", validation_alias="POD_NAME")
     lease_duration_s: float = Field(15.0, gt=0, validation_alias="LEASE_DURATION_SECONDS")
+    # Before a PUT, the size is checked against the region's Resource SKUs (restrictions; read at most once per
+    # SKU interval) and its family's vCPU quota (Usages; at most once per quota interval, shared by all claims).
+    preflight: bool = Field(True, validation_alias="PREFLIGHT")
+    sku_catalogue_refresh_s: float = Field(3600.0, gt=0, validation_alias="SKU_CATALOGUE_REFRESH_SECONDS")
+    quota_refresh_interval_s: float = Field(60.0, gt=0, validation_alias="QUOTA_REFRESH_INTERVAL_SECONDS")
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -9,6 +9,7 @@ work queue with the delay ARM asked for.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,6 +33,8 @@ T = TypeVar("T")
 # A worker sleeps at most this long for one retry; a longer Retry-After goes back to the queue.
 MAX_INLINE_RETRY_WAIT_S = 2.0
 INLINE_ATTEMPTS = 3
+# Provisioning states of a pool whose create or update is still running.
+IN_PROGRESS = frozenset({"Creating", "Updating", "Scaling", "Upgrading", "Starting"})
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,11 @@ class PoolState:
             error_code=error.get("code", ""),
             error_message=error.get("message", ""),
         )
+
+    @property
+    def operation_running(self) -> bool:
+        """A create, update or delete is under way (AKS refuses another write to the pool meanwhile)."""
+        return self.provisioning_state in IN_PROGRESS or self.provisioning_state == "Deleting"
 
     @property
     def managed(self) -> bool:
@@ -89,13 +97,15 @@ class ClusterState:
 
 
 _ARM_PATH = re.compile(r"/managedclusters/[^/]+(/agentpools(/[^/?]+)?)?(?:\?|$)", re.IGNORECASE)
+_COMPUTE_READS = {"skus": re.compile(r"/providers/microsoft\.compute/skus(?:\?|$)", re.IGNORECASE),
+                  "usages": re.compile(r"/providers/microsoft\.compute/locations/[^/]+/usages(?:\?|$)", re.IGNORECASE)}
 
 
 def arm_operation(method: str, url: str) -> str:
     """A low-cardinality name for an ARM request, for metrics."""
     match = _ARM_PATH.search(url)
     if match is None:
-        return "other"
+        return next((f"{name}.list" for name, path in _COMPUTE_READS.items() if path.search(url)), "other")
     if match.group(1) is None:
         return f"managedclusters.{method.lower()}"
     if match.group(2) is None:
@@ -104,18 +114,25 @@ def arm_operation(method: str, url: str) -> str:
 
 
 class ArmRequestMetricsPolicy(SansIOHTTPPolicy):
-    """Counts every HTTP request the SDK sends to ARM, by operation and status code."""
+    """Counts and times every HTTP request the SDK sends to ARM, by operation (and status code)."""
+
+    _STARTED = "gpu_provisioner_started"
+
+    def on_request(self, request: PipelineRequest) -> None:
+        request.context[self._STARTED] = time.monotonic()
 
     def on_response(self, request: PipelineRequest, response: PipelineResponse) -> None:
-        http_request = request.http_request
-        metrics.ARM_REQUESTS.labels(
-            operation=arm_operation(http_request.method, http_request.url),
-            code=str(response.http_response.status_code),
-        ).inc()
+        self._record(request, str(response.http_response.status_code))
 
     def on_exception(self, request: PipelineRequest) -> None:
-        http_request = request.http_request
-        metrics.ARM_REQUESTS.labels(operation=arm_operation(http_request.method, http_request.url), code="error").inc()
+        self._record(request, "error")
+
+    def _record(self, request: PipelineRequest, code: str) -> None:
+        operation = arm_operation(request.http_request.method, request.http_request.url)
+        metrics.ARM_REQUESTS.labels(operation=operation, code=code).inc()
+        started = request.context.get(self._STARTED)
+        if started is not None:
+            metrics.ARM_REQUEST_DURATION.labels(operation=operation).observe(time.monotonic() - started)
 
 
 def _short_transient(error: BaseException) -> bool:
@@ -140,18 +157,41 @@ def _wait(retry_state: Any) -> float:
     return requested if requested is not None else 0.2 * 2 ** (retry_state.attempt_number - 1)
 
 
+def call_arm(request: Callable[[], T], retry_when: Callable[[BaseException], bool] = _short_transient) -> T:
+    """Run one ARM request with short inline retries; raise a classified CloudError."""
+    retrying = retry(
+        retry=retry_if_exception(retry_when),
+        wait=_wait,
+        stop=stop_after_attempt(INLINE_ATTEMPTS),
+        reraise=True,
+    )
+    try:
+        return retrying(request)()
+    except Exception as error:
+        raise classify(error) from error
+
+
+def arm_client_options(settings: Settings) -> dict[str, Any]:
+    """What every ARM client of the controller is built with."""
+    return {
+        "base_url": settings.arm_endpoint,
+        # One retry layer, ours: it knows when a wait belongs in the queue rather than in a worker.
+        "retry_total": 0,
+        "per_retry_policies": [ArmRequestMetricsPolicy()],
+    }
+
+
+def default_credential(settings: Settings) -> TokenCredential:
+    return DefaultAzureCredential(disable_instance_discovery=settings.disable_instance_discovery)
+
+
 class AgentPools:
     """create / delete / get / list for the agent pools of one managed cluster."""
 
     def __init__(self, settings: Settings, credential: TokenCredential | None = None) -> None:
         self.settings = settings
         self._client = ContainerServiceClient(
-            credential or DefaultAzureCredential(disable_instance_discovery=settings.disable_instance_discovery),
-            settings.subscription_id,
-            base_url=settings.arm_endpoint,
-            # One retry layer, ours: it knows when a wait belongs in the queue rather than in a worker.
-            retry_total=0,
-            per_retry_policies=[ArmRequestMetricsPolicy()],
+            credential or default_credential(settings), settings.subscription_id, **arm_client_options(settings)
         )
         self._group = settings.resource_group
         self._cluster = settings.cluster_name
@@ -161,47 +201,43 @@ class AgentPools:
 
     def create(self, name: str, body: dict[str, Any]) -> PoolState:
         """Start creating (or updating) a pool; returns its state as ARM accepted it (Creating)."""
-        poller = self._call(lambda: self._client.agent_pools.begin_create_or_update(
+        poller = call_arm(lambda: self._client.agent_pools.begin_create_or_update(
             self._group, self._cluster, name, body, polling=False
         ), retry_when=_short_transient_unsent)
         return PoolState.from_arm(poller.result().as_dict())
 
-    def delete(self, name: str) -> None:
-        """Start deleting a pool; an absent pool is already deleted."""
+    def delete(self, name: str) -> float | None:
+        """Start deleting a pool; an absent pool is already deleted. Returns when ARM said to look again (its
+        Retry-After, in seconds), if it said."""
         try:
-            self._call(lambda: self._client.agent_pools.begin_delete(self._group, self._cluster, name, polling=False))
+            poller = call_arm(lambda: self._client.agent_pools.begin_delete(
+                self._group, self._cluster, name, polling=False,
+                cls=lambda response, *_: response.http_response.headers.get("Retry-After"),
+            ))
         except NotFoundError:
-            return
+            return None
+        retry_after = poller.result()
+        try:
+            return float(retry_after) if retry_after is not None else None
+        except ValueError:  # an HTTP date: ARM sends seconds, so this is not worth parsing
+            return None
 
     def get(self, name: str) -> PoolState | None:
         try:
-            pool = self._call(lambda: self._client.agent_pools.get(self._group, self._cluster, name))
+            pool = call_arm(lambda: self._client.agent_pools.get(self._group, self._cluster, name))
         except NotFoundError:
             return None
         return PoolState.from_arm(pool.as_dict())
 
     def list(self) -> list[PoolState]:
-        return self._call(lambda: [
+        return call_arm(lambda: [
             PoolState.from_arm(pool.as_dict()) for pool in self._client.agent_pools.list(self._group, self._cluster)
         ])
 
     def cluster(self) -> ClusterState:
-        cluster = self._call(lambda: self._client.managed_clusters.get(self._group, self._cluster)).as_dict()
+        cluster = call_arm(lambda: self._client.managed_clusters.get(self._group, self._cluster)).as_dict()
         properties = cluster.get("properties") or {}
         return ClusterState(
             provisioning_state=properties.get("provisioningState", ""),
             power_state=(properties.get("powerState") or {}).get("code", ""),
         )
-
-    def _call(self, request: Callable[[], T], retry_when: Callable[[BaseException], bool] = _short_transient) -> T:
-        """Run one ARM request with short inline retries; raise a classified CloudError."""
-        retrying = retry(
-            retry=retry_if_exception(retry_when),
-            wait=_wait,
-            stop=stop_after_attempt(INLINE_ATTEMPTS),
-            reraise=True,
-        )
-        try:
-            return retrying(request)()
-        except Exception as error:
-            raise classify(error) from error

@@ -4,6 +4,10 @@ ARM throttles per subscription, and a GPU fleet in flight must not spend a GET p
 Claims read pool state from here; the refresher lists, compares, and reports each pool whose state
 changed so that only the claims concerned are reconciled. Writes of our own (a PUT or DELETE just
 accepted) are recorded at once, so a claim never acts on a LIST older than its own write.
+
+A pool a claim waits on (being deleted, or still creating under a claim being deleted) is followed: LISTed
+every few seconds, or as often as ARM's Retry-After for the DELETE says, rather than a whole interval later,
+until its operation is over. One LIST still serves every pool, so a burst costs no more requests than one.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from gpu_provisioner.cloud.agentpools import AgentPools, ClusterState, PoolState
 from gpu_provisioner.cloud.errors import CloudError, TransientError
 
 log = structlog.get_logger(__name__)
+# How often a followed pool is LISTed when ARM gives no Retry-After, and the least it may ask for.
+FOLLOW_S = 2.0
+MIN_FOLLOW_S = 1.0
 
 
 class PoolInventory:
@@ -39,7 +46,11 @@ class PoolInventory:
         self._listed_at = float("-inf")
         self._cluster: ClusterState | None = None
         self._cluster_read_at = float("-inf")
-        self._wake = threading.Event()
+        # Pools a claim waits on -> how often to LIST while their operation lasts.
+        self._followed: dict[str, float] = {}
+        # When the refresher lists next; moved earlier by request_refresh and by deletions in flight.
+        self._plan = threading.Condition()
+        self._next_list_at = float("-inf")
         # Why the last LIST failed (None once one succeeds), for claims waiting on a first LIST.
         self.list_error: CloudError | None = None
         # Set once the first LIST has answered, either way: until then a claim can only wait.
@@ -104,9 +115,26 @@ class PoolInventory:
         self._states[name] = state
         self._recorded[name] = (self._clock(), state)
 
-    def request_refresh(self) -> None:
-        """Ask for the next LIST now rather than at the end of the interval."""
-        self._wake.set()
+    def delete(self, pool: PoolState) -> None:
+        """Start deleting `pool`, record it Deleting, and follow it at the pace ARM's Retry-After asks for."""
+        check_after_s = self._pools.delete(pool.name)
+        with self._lock:
+            self._put(pool.name, PoolState(pool.name, "Deleting", pool.vm_size, pool.tags))
+        self.follow(pool.name, check_after_s or FOLLOW_S, at_once=False)
+
+    def follow(self, name: str, every_s: float = FOLLOW_S, at_once: bool = True) -> None:
+        """LIST every `every_s` (at once first, unless not `at_once`) until pool `name`'s create or delete is over."""
+        every_s = min(max(every_s, MIN_FOLLOW_S), self.interval_s)
+        with self._lock:
+            new = name not in self._followed
+            self._followed[name] = every_s
+        self.request_refresh(within_s=0.0 if new and at_once else every_s)
+
+    def request_refresh(self, within_s: float = 0.0) -> None:
+        """Ask for a LIST within `within_s` rather than at the end of the interval."""
+        with self._plan:
+            self._next_list_at = min(self._next_list_at, self._clock() + within_s)
+            self._plan.notify_all()
 
     # the refresher ----------------------------------------------------------------------------
 
@@ -124,6 +152,13 @@ class PoolInventory:
                     listed[name] = state
             previous, self._states = self._states, listed
             self._listed_at = started
+            for name in [n for n in self._followed if n not in listed or not listed[n].operation_running]:
+                del self._followed[name]
+            follow_s = min(self._followed.values(), default=None)
+        with self._plan:
+            self._next_list_at = self._clock() + self.interval_s
+        if follow_s is not None:
+            self.request_refresh(within_s=follow_s)
         for name in previous.keys() | listed.keys():
             before, after = previous.get(name), listed.get(name)
             if before != after:
@@ -140,8 +175,11 @@ class PoolInventory:
                 self.list_error = error
                 log.warning("agent pool list failed", error=error.describe(), error_class=error.reason)
                 self.first_answer.set()
+                with self._plan:
+                    self._next_list_at = self._clock() + self.interval_s
                 if isinstance(error, TransientError) and error.retry_after_s:
                     # ARM asked for a pause: claims asking for an early LIST must not cut it short.
                     stop.wait(error.retry_after_s)
-            self._wake.wait(self.interval_s)
-            self._wake.clear()
+            with self._plan:
+                while not stop.is_set() and (wait := self._next_list_at - self._clock()) > 0:
+                    self._plan.wait(wait)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -30,6 +31,8 @@ MANAGED_VALUE = "managed"
 CLAIM_TAG = "kaito-claim"
 CLAIM_UID_TAG = "kaito-claim-uid"
 CREATED_TAG = "kaito-created-at"
+# On every node of a pool gpu-provisioner makes ("gpu" or "cpu"), as the Go gpu-provisioner labels them.
+MACHINE_TYPE_LABEL = "kaito.sh/machine-type"
 
 # Label domains owned by AKS and the kubelet: AKS refuses them in nodeLabels, and a claim must not be
 # able to overwrite them on a Node (node-restriction.kubernetes.io is the one domain meant for users).
@@ -116,7 +119,8 @@ class PoolRequest:
         return {"properties": properties}
 
 
-def build_pool_request(claim: Claim, created_at: str) -> PoolRequest:
+def build_pool_request(claim: Claim, created_at: str,
+                       size_of: Callable[[str], VmSize | None] = lookup) -> PoolRequest:
     """The request for `claim`, or InvalidClaim naming the first thing a person must fix."""
     if not POOL_NAME.match(claim.name):
         raise InvalidClaim(
@@ -124,7 +128,7 @@ def build_pool_request(claim: Claim, created_at: str) -> PoolRequest:
             f"claim name {claim.name!r} cannot be an AKS agent pool name: it must be 1-12 lowercase "
             "letters or digits starting with a letter",
         )
-    sizes = _vm_sizes(claim)
+    sizes = _vm_sizes(claim, size_of)
     return PoolRequest(
         name=claim.name,
         vm_sizes=sizes,
@@ -136,14 +140,14 @@ def build_pool_request(claim: Claim, created_at: str) -> PoolRequest:
     )
 
 
-def _vm_sizes(claim: Claim) -> tuple[VmSize, ...]:
+def _vm_sizes(claim: Claim, size_of: Callable[[str], VmSize | None]) -> tuple[VmSize, ...]:
     names = claim.requirement_values(INSTANCE_TYPE_LABEL) or claim.requirement_values(AZURE_SKU_LABEL)
     if not names:
         raise InvalidClaim(
             "InstanceTypeMissing",
             f"the claim has no `{INSTANCE_TYPE_LABEL} In [...]` requirement naming the VM size to create",
         )
-    sizes = [size for size in map(lookup, names) if size is not None]
+    sizes = [size for size in map(size_of, names) if size is not None]
     if not sizes:
         raise InvalidClaim(
             "UnknownInstanceType",
@@ -211,7 +215,7 @@ def _node_labels(claim: Claim, sizes: tuple[VmSize, ...], created_at: str) -> di
     pool_key, pool_value = claim.api.pool_label
     labels = {key: value for key, value in claim.labels.items() if not is_reserved_label(key)}
     labels.setdefault(pool_key, pool_value)
-    labels["kaito.sh/machine-type"] = "gpu" if all(s.is_gpu for s in sizes) else "cpu"
+    labels[MACHINE_TYPE_LABEL] = "gpu" if all(s.is_gpu for s in sizes) else "cpu"
     # Label values may not hold ':'; the Go provisioner used the same dashed form.
     labels["kaito.sh/creation-timestamp"] = created_at.replace(":", "-")
     return labels

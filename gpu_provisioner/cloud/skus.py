@@ -1,9 +1,12 @@
-"""The VM sizes this project knows: Kaito's GPU SKUs and a few CPU sizes for system pools.
+"""The VM sizes this project knows without asking Azure: every GPU size in Kaito's SKU list (releases
+v0.3.1 to v0.12.0, kept in tests/data/kaito-azure-skus.csv and diffed against this table by a test) and
+today's common general-purpose CPU sizes.
 
 Figures come from the public Azure VM size documentation (vCPUs, memory, quota family) and from
-Kaito's GPU SKU table (GPU count, model, total GPU memory). The controller uses the catalogue to
-fill a claim's capacity and to know which resources a node must publish before it is initialized;
-the AKS simulator uses the same table to decide what a node reports.
+Kaito's GPU SKU table (GPU count, model, total GPU memory). The controller uses the live catalogue
+(cloud/catalogue.py, ARM's Resource SKUs API) when it can and this table when it cannot; GPU model and
+memory, which the API does not give, always come from here. The AKS simulator serves this table as its
+region's Resource SKUs and uses it to decide what a node reports.
 """
 
 from __future__ import annotations
@@ -72,8 +75,31 @@ CATALOGUE: dict[str, VmSize] = {
         _gpu("NV36ads_A10_v5", 36, 440, "StandardNVADSA10v5Family", 1, "A10", 24),
         _gpu("NV72ads_A10_v5", 72, 880, "StandardNVADSA10v5Family", 2, "A10", 48),
         _gpu("NG32ads_V620_v1", 32, 64, "StandardNGADSV620v1Family", 1, "V620", 32, AMD_GPU_RESOURCE),
-        VmSize("Standard_D4s_v3", 4, 16, "standardDSv3Family"),
-        VmSize("Standard_D8s_v3", 8, 32, "standardDSv3Family"),
+        _gpu("NG32adms_V620_v1", 32, 176, "StandardNGADSV620v1Family", 1, "V620", 32, AMD_GPU_RESOURCE),
+        _gpu("NV32as_v4", 32, 112, "StandardNVASv4Family", 1, "MI25", 16, AMD_GPU_RESOURCE),
+        _gpu("NV12s_v3", 12, 112, "standardNVSv3Family", 1, "M60", 8),
+        _gpu("NV24s_v3", 24, 224, "standardNVSv3Family", 2, "M60", 16),
+        _gpu("NV48s_v3", 48, 448, "standardNVSv3Family", 4, "M60", 32),
+        # NV-series (M60): in Kaito's list up to v0.8; retired by Azure, so a live catalogue no longer offers it.
+        _gpu("NV6", 6, 56, "standardNVFamily", 1, "M60", 8),
+        _gpu("NV12", 12, 112, "standardNVFamily", 2, "M60", 16),
+        _gpu("NV24", 24, 224, "standardNVFamily", 4, "M60", 32),
+        *(
+            VmSize(f"Standard_{name}", vcpus, vcpus * 4, family)
+            for family, names in (
+                ("standardDSv5Family", ("D2s_v5", "D4s_v5", "D8s_v5", "D16s_v5", "D32s_v5")),
+                ("standardDv5Family", ("D2_v5", "D4_v5", "D8_v5", "D16_v5")),
+                ("standardDDSv5Family", ("D4ds_v5", "D8ds_v5", "D16ds_v5")),
+                ("standardDASv5Family", ("D4as_v5", "D8as_v5", "D16as_v5")),
+                ("standardDADSv5Family", ("D4ads_v5", "D8ads_v5", "D16ads_v5")),
+                ("standardDSv4Family", ("D2s_v4", "D4s_v4", "D8s_v4", "D16s_v4")),
+                ("standardDv4Family", ("D2_v4", "D4_v4", "D8_v4", "D16_v4")),
+                ("standardDSv3Family", ("D2s_v3", "D4s_v3", "D8s_v3", "D16s_v3")),
+            )
+            for name in names
+            # The vCPU count is in the name (D4s_v5: 4 vCPUs); these general-purpose sizes have 4 GiB a vCPU.
+            for vcpus in (int(name[1:].split("_")[0].rstrip("adsp")),)
+        ),
         VmSize("Standard_DS2_v2", 2, 7, "standardDSv2Family"),
     )
 }

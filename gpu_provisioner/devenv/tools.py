@@ -1,4 +1,4 @@
-"""Build the pinned control-plane binaries from Go modules, once, into a versioned cache.
+"""Build the pinned control-plane binaries (and Prometheus) from Go modules, once, into a versioned cache.
 
 No Docker engine, kind or envtest download exists here, but the Go module proxy does. Each tool is
 built in a small wrapper module that requires the upstream module at the pinned version; for
@@ -27,6 +27,9 @@ KUBERNETES_VERSION = "v1.33.13"
 # The etcd release Kubernetes 1.33 is tested with (its go.mod's etcd client version).
 ETCD_VERSION = "v3.5.21"
 HELM_VERSION = "v3.19.5"
+# Prometheus 3.16.0, whose Go module version is v0.316.0: the server scrapes a controller in the tests, and
+# promtool checks and unit-tests the chart's alerts.
+PROMETHEUS_VERSION = "v0.316.0"
 
 _STAGING_REPLACE = re.compile(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/", re.MULTILINE)
 
@@ -104,6 +107,12 @@ def _kubernetes_ldflags() -> tuple[str, ...]:
     return tuple(flags)
 
 
+def _prometheus_release() -> str:
+    """The release a Prometheus module version stands for: 3.N.P is tagged v0.3NN.P for Go modules."""
+    _, minor, patch = PROMETHEUS_VERSION.removeprefix("v").split(".")
+    return f"{minor[0]}.{int(minor[1:])}.{patch}"
+
+
 KUBERNETES = GoTool(
     name="kubernetes",
     module="k8s.io/kubernetes",
@@ -140,7 +149,16 @@ HELM = GoTool(
     ldflags=_helm_ldflags(),
     variant=f"kube-{KUBERNETES_VERSION}",
 )
-ALL_TOOLS = (KUBERNETES, ETCD, HELM)
+PROMETHEUS = GoTool(
+    name="prometheus",
+    module="github.com/prometheus/prometheus",
+    version=PROMETHEUS_VERSION,
+    builds=tuple((binary, f"github.com/prometheus/prometheus/cmd/{binary}") for binary in ("promtool", "prometheus")),
+    ldflags=(f"-X github.com/prometheus/common/version.Version={_prometheus_release()}",),
+)
+# What a control plane (tests, the sandbox, `devenv up`) needs; `devenv tools` (make tools) builds Prometheus too.
+CONTROL_PLANE_TOOLS = (KUBERNETES, ETCD, HELM)
+ALL_TOOLS = (*CONTROL_PLANE_TOOLS, PROMETHEUS)
 # Only the tests use it (they score the rendered chart); built on first use.
 KUBE_SCORE = GoTool(
     name="kube-score",
@@ -158,6 +176,8 @@ class Toolset:
     kubectl: Path
     etcd: Path
     helm: Path
+    promtool: Path
+    prometheus: Path
 
 
 def toolset() -> Toolset:
@@ -166,6 +186,8 @@ def toolset() -> Toolset:
         kubectl=KUBERNETES.path("kubectl"),
         etcd=ETCD.path("etcd"),
         helm=HELM.path("helm"),
+        promtool=PROMETHEUS.path("promtool"),
+        prometheus=PROMETHEUS.path("prometheus"),
     )
 
 
@@ -216,7 +238,7 @@ class _GoBuild:
 
 
 @contextmanager
-def _cache_lock() -> Iterator[None]:
+def cache_lock() -> Iterator[None]:
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as handle:
@@ -228,14 +250,14 @@ def _cache_lock() -> Iterator[None]:
 
 
 @contextmanager
-def _timed_step(console: Console, label: str) -> Iterator[None]:
+def timed_step(console: Console, label: str) -> Iterator[None]:
     started = time.monotonic()
     with console.status(f"{label} ..."):
         yield
     console.print(f"  [green]done[/green] {label} in {time.monotonic() - started:.1f}s")
 
 
-def ensure_tools(console: Console | None = None, tools: tuple[GoTool, ...] = ALL_TOOLS) -> Toolset:
+def ensure_tools(console: Console | None = None, tools: tuple[GoTool, ...] = CONTROL_PLANE_TOOLS) -> Toolset:
     """Build whatever pinned tool is missing from the cache, then return all paths.
 
     A lock file makes concurrent callers (a test run and a sandbox) wait for one build.
@@ -243,7 +265,7 @@ def ensure_tools(console: Console | None = None, tools: tuple[GoTool, ...] = ALL
     console = console or Console(stderr=True)
     if shutil.which("go") is None:
         raise ToolBuildError("the Go toolchain is needed to build kube-apiserver, etcd and helm: install Go")
-    with _cache_lock():
+    with cache_lock():
         for tool in tools:
             if tool.is_built():
                 console.print(f"[dim]cached[/dim] {tool.name} {tool.version}: {tool.bin_dir}")
@@ -251,11 +273,11 @@ def ensure_tools(console: Console | None = None, tools: tuple[GoTool, ...] = ALL
             console.print(f"[bold]building[/bold] {tool.name} {tool.version} (once; cached afterwards)")
             started = time.monotonic()
             build = _GoBuild(tool, tool.directory / "module")
-            with _timed_step(console, "write the wrapper module"):
+            with timed_step(console, "write the wrapper module"):
                 build.write_wrapper_module()
-            with _timed_step(console, f"resolve {tool.module}@{tool.version} and its dependencies"):
+            with timed_step(console, f"resolve {tool.module}@{tool.version} and its dependencies"):
                 build.resolve()
-            with _timed_step(console, f"compile {', '.join(tool.binaries)}"):
+            with timed_step(console, f"compile {', '.join(tool.binaries)}"):
                 build.compile(tool.bin_dir)
             (tool.directory / "complete").write_text(f"{tool.version}\n")
             console.print(
@@ -273,11 +295,11 @@ def ensure_checkov(console: Console | None = None) -> Path:
     console = console or Console(stderr=True)
     directory = cache_root() / f"checkov-{CHECKOV_VERSION}"
     binary = directory / "venv" / "bin" / "checkov"
-    with _cache_lock():
+    with cache_lock():
         if (directory / "complete").exists() and binary.exists():
             return binary
         shutil.rmtree(directory, ignore_errors=True)
-        with _timed_step(console, f"install checkov {CHECKOV_VERSION} from PyPI"):
+        with timed_step(console, f"install checkov {CHECKOV_VERSION} from PyPI"):
             for command in ([sys.executable, "-m", "venv", str(directory / "venv")],
                             [str(directory / "venv" / "bin" / "pip"), "install", "--quiet",
                              f"checkov=={CHECKOV_VERSION}"]):

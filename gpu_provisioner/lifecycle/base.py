@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from gpu_provisioner.api.claims import Claim, StatusWriter
 from gpu_provisioner.cloud.agentpools import AgentPools
+from gpu_provisioner.cloud.catalogue import SizeCatalogue
 from gpu_provisioner.cloud.inventory import PoolInventory
 from gpu_provisioner.runtime.events import EventRecorder
 from gpu_provisioner.runtime.kube import Kube
@@ -25,6 +26,21 @@ class ClaimLookup(Protocol):
     def claim_exists(self, claim: Claim) -> bool:
         """Whether the watch still shows this claim object (same uid): False once it was deleted."""
         ...
+
+
+# Karpenter's capacity type label; AKS pools made here are regular-priority VMs, which Karpenter calls on-demand.
+CAPACITY_TYPE_LABEL = "karpenter.sh/capacity-type"
+
+
+def karpenter_nodepool(claim: Claim) -> str:
+    """The `nodepool` label of Karpenter's metrics: a NodeClaim's nodepool, a Machine's provisioner."""
+    key, default = claim.api.pool_label
+    return claim.labels.get(key, default)
+
+
+def karpenter_claim_labels(claim: Claim) -> dict[str, str]:
+    """The `nodepool` and `capacity_type` labels of Karpenter's nodeclaim metrics for a claim."""
+    return {"nodepool": karpenter_nodepool(claim), "capacity_type": claim.labels.get(CAPACITY_TYPE_LABEL, "on-demand")}
 
 
 def utc_now() -> datetime:
@@ -44,6 +60,8 @@ class Deps:
     claims: ClaimLookup
     events: EventRecorder
     clock: Callable[[], datetime] = utc_now
+    # The region's VM sizes and the pre-flight before a PUT; the default knows only the built-in table.
+    catalogue: SizeCatalogue = field(default_factory=SizeCatalogue)
 
 
 @dataclass

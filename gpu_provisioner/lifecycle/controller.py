@@ -6,7 +6,7 @@ import structlog
 
 from gpu_provisioner import metrics
 from gpu_provisioner.api.claims import TERMINATION_FINALIZER, Claim
-from gpu_provisioner.lifecycle.base import Deps, Reconciliation
+from gpu_provisioner.lifecycle.base import Deps, Reconciliation, karpenter_claim_labels, karpenter_nodepool
 from gpu_provisioner.lifecycle.initialization import Initialization
 from gpu_provisioner.lifecycle.launch import Launch
 from gpu_provisioner.lifecycle.liveness import Liveness
@@ -46,6 +46,8 @@ class ClaimLifecycle:
                 "finalizers": [*claim.finalizers, TERMINATION_FINALIZER],
                 "resourceVersion": claim.metadata["resourceVersion"],
             }}))
+            # Taken on: what Karpenter counts when its provisioner creates a nodeclaim.
+            metrics.KARPENTER_NODECLAIMS_CREATED.labels(reason="provisioned", **karpenter_claim_labels(claim)).inc()
         r = Reconciliation(claim, self.deps.clock())
         try:
             for index, phase in enumerate(self.phases):
@@ -84,3 +86,5 @@ class ClaimLifecycle:
             if condition["status"] == "True":
                 stage = condition["type"].removeprefix("Machine").lower()
                 metrics.STAGE_SECONDS.labels(kind=claim.api.kind, stage=stage).observe(r.claim_age_s)
+                if stage == "registered":
+                    metrics.KARPENTER_NODES_CREATED.labels(nodepool=karpenter_nodepool(claim)).inc()

@@ -13,8 +13,8 @@ from datetime import datetime, timedelta
 import structlog
 
 from gpu_provisioner import metrics
-from gpu_provisioner.api.claims import CAPACITY_TYPE_LABEL, INSTANCE_TYPE_LABEL, ON_DEMAND, rfc3339
-from gpu_provisioner.cloud.agentpools import PoolState
+from gpu_provisioner.api.claims import CAPACITY_TYPE_LABEL, INSTANCE_TYPE_LABEL, ON_DEMAND, Claim, rfc3339
+from gpu_provisioner.cloud.agentpools import IN_PROGRESS, PoolState
 from gpu_provisioner.cloud.errors import (
     INSUFFICIENT_CAPACITY_PHRASE,
     AccessDeniedError,
@@ -31,13 +31,12 @@ from gpu_provisioner.cloud.errors import (
     classify_code,
 )
 from gpu_provisioner.cloud.pool_request import InvalidClaim, PoolRequest, build_pool_request
-from gpu_provisioner.cloud.skus import VmSize, lookup
+from gpu_provisioner.cloud.skus import VmSize
 from gpu_provisioner.lifecycle.base import DONE, WAITING, Deps, Outcome, Reconciliation
 
 log = structlog.get_logger(__name__)
 
 # Provisioning states of a pool on its way up (AKS reports more than Creating while it works).
-IN_PROGRESS = {"Creating", "Updating", "Scaling", "Upgrading", "Starting"}
 # After every size failed for capacity, try the whole list again this much later, doubling each time up to
 # the maximum: quota or capacity may come back, and waiting costs nothing while asking costs ARM writes.
 CAPACITY_RETRY_S = 60.0
@@ -88,7 +87,8 @@ class Launch:
         if r.status.is_true(condition):
             return DONE
         try:
-            request = build_pool_request(claim, created_at=rfc3339(claim.created or r.now))
+            request = build_pool_request(claim, created_at=rfc3339(claim.created or r.now),
+                                         size_of=self.deps.catalogue.size)
         except InvalidClaim as invalid:
             self._fail(r, invalid.reason, invalid.message)
             return WAITING
@@ -147,7 +147,15 @@ class Launch:
         size = self._next_size(claim.uid, request)
         if size is None:
             return self._all_unavailable(r)
-        inventory = self.deps.inventory
+        inventory, catalogue = self.deps.inventory, self.deps.catalogue
+        # The pre-flight: a restricted size or a used-up quota costs no PUT, and the next size is tried.
+        refusal = catalogue.reserve(size)
+        if refusal is not None:
+            log.info("pre-flight refused a size; no request sent", claim=claim.key, vm_size=size.name,
+                     reason=refusal.reason, detail=refusal.message)
+            return self._size_unavailable(r, request, size, refusal)
+        # The size's vCPUs stay counted in flight once a PUT may have landed; otherwise they are released.
+        put_may_have_landed = False
         reservation = PoolState(request.name, "Creating", size.name, request.tags)
         try:
             cluster = inventory.cluster()
@@ -160,12 +168,14 @@ class Launch:
             if holder is not None:
                 self._fail(r, "AgentPoolNameTaken", f"agent pool {claim.name} belongs to claim {holder.claim_key}")
                 return WAITING
-            state = self.deps.pools.create(request.name, request.body(size))
+            state = self._put(claim, request, size)
         except TransientError as error:
             if isinstance(error, ThrottledError):
                 inventory.release(reservation)
-            # Otherwise (a 5xx, a lost answer) the PUT may have landed: the reservation stands for it, so no
-            # other PUT goes out before a LIST tells.
+            else:
+                # A 5xx, a lost answer: the PUT may have landed. The reservation stands for it, so no other
+                # PUT goes out before a LIST tells.
+                put_may_have_landed = True
             message = f"creating agent pool {request.name}: {error.describe()}"
             r.report(self.deps.events, condition, error.reason, message)
             raise
@@ -173,12 +183,25 @@ class Launch:
             # AKS refused it: nothing was created.
             inventory.release(reservation)
             return self._refused(r, request, size, error)
+        else:
+            put_may_have_landed = True
+        finally:
+            if not put_may_have_landed:
+                catalogue.release(size)
         self.deps.inventory.record(state)
         r.status.wait(condition, "Launching", f"creating agent pool {request.name} ({size.name})")
         self.deps.events.normal(claim.obj, "LaunchingAgentPool", f"creating agent pool {request.name} with {size.name}")
         log.info("agent pool create started", claim=claim.key, pool=request.name, vm_size=size.name)
         r.requeue(self.deps.inventory.interval_s * 3)
         return WAITING
+
+    def _put(self, claim: Claim, request: PoolRequest, size: VmSize) -> PoolState:
+        """One launch attempt. A refused PUT is counted here; an accepted one once its pool is up or has failed."""
+        try:
+            return self.deps.pools.create(request.name, request.body(size))
+        except CloudError as error:
+            metrics.LAUNCHES.labels(kind=claim.api.kind, result=error.reason).inc()
+            raise
 
     def _refused(self, r: Reconciliation, request: PoolRequest, size: VmSize, error: CloudError) -> Outcome:
         claim, condition = r.claim, r.claim.api.launched
@@ -199,7 +222,7 @@ class Launch:
 
     def _launched(self, r: Reconciliation, pool: PoolState) -> Outcome:
         claim = r.claim
-        size = lookup(pool.vm_size)
+        size = self.deps.catalogue.size(pool.vm_size)
         with self._lock:
             self._unavailable.pop(claim.uid, None)
             self._capacity_backoff.pop(claim.uid, None)
@@ -220,9 +243,10 @@ class Launch:
     def _failed_pool(self, r: Reconciliation, request: PoolRequest, pool: PoolState) -> Outcome:
         """The create LRO ended Failed: remember why, delete the pool, and try again (or the next size)."""
         error = classify_code(pool.error_code, pool.error_message or f"agent pool {pool.name} provisioning failed")
-        size = lookup(pool.vm_size)
-        self.deps.pools.delete(pool.name)
-        self.deps.inventory.record(PoolState(pool.name, "Deleting", pool.vm_size, pool.tags))
+        size = self.deps.catalogue.size(pool.vm_size)
+        self.deps.inventory.delete(pool)
+        # Counted once the failed pool is on its way out, so that a retry after a failed DELETE does not count again.
+        metrics.LAUNCHES.labels(kind=r.claim.api.kind, result=error.reason).inc()
         if isinstance(error, CapacityError) and size is not None:
             return self._size_unavailable(r, request, size, error)
         r.status.wait(r.claim.api.launched, "LaunchFailed",
@@ -271,5 +295,4 @@ class Launch:
         return next((size for size in request.vm_sizes if size.name not in failed), None)
 
     def _fail(self, r: Reconciliation, reason: str, message: str, event_message: str = "") -> None:
-        if r.report(self.deps.events, r.claim.api.launched, reason, message, failed=True, event_message=event_message):
-            metrics.LAUNCHES.labels(kind=r.claim.api.kind, result=reason).inc()
+        r.report(self.deps.events, r.claim.api.launched, reason, message, failed=True, event_message=event_message)

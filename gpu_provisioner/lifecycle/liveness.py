@@ -8,16 +8,27 @@ never reached the cloud.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
 import structlog
 
 from gpu_provisioner import metrics
 from gpu_provisioner.api.claims import parse_time
-from gpu_provisioner.lifecycle.base import DONE, Deps, Outcome, Reconciliation
-from gpu_provisioner.lifecycle.launch import CAPACITY_FAILURES, CLAIM_REFUSALS, IN_PROGRESS, Launch
+from gpu_provisioner.cloud.agentpools import IN_PROGRESS
+from gpu_provisioner.lifecycle.base import DONE, Deps, Outcome, Reconciliation, karpenter_claim_labels
+from gpu_provisioner.lifecycle.launch import CAPACITY_FAILURES, CLAIM_REFUSALS, Launch
 
 log = structlog.get_logger(__name__)
+# The reason label of karpenter_nodeclaims_disrupted_total: Karpenter's word where it deletes a claim for the same
+# cause (its liveness timeouts, its garbage collection of claims whose instance is gone), else the Event reason in
+# Karpenter's snake case (NodeDeleted: node_deleted).
+KARPENTER_DISRUPTION_REASONS = {"LaunchTimeout": "liveness", "RegistrationTimeout": "liveness",
+                                "AgentPoolVanished": "garbage_collected"}
+
+
+def disruption_reason(reason: str) -> str:
+    return KARPENTER_DISRUPTION_REASONS.get(reason) or re.sub(r"(?<!^)(?=[A-Z])", "_", reason).lower()
 
 
 class Liveness:
@@ -80,3 +91,5 @@ class Liveness:
         metrics.TERMINATIONS.labels(kind=r.claim.api.kind, result=reason).inc()
         log.warning("deleting claim", claim=r.claim.key, reason=reason)
         self.deps.kube.delete_claim(r.claim.api, r.claim.name)
+        metrics.KARPENTER_NODECLAIMS_DISRUPTED.labels(
+            reason=disruption_reason(reason), **karpenter_claim_labels(r.claim)).inc()

@@ -10,10 +10,8 @@ from collections.abc import Callable
 import structlog
 
 from gpu_provisioner import metrics
-from gpu_provisioner.cloud.agentpools import PoolState
 from gpu_provisioner.cloud.errors import CloudError
 from gpu_provisioner.lifecycle.base import Deps
-from gpu_provisioner.lifecycle.launch import IN_PROGRESS
 
 log = structlog.get_logger(__name__)
 
@@ -29,20 +27,18 @@ class OrphanSweep:
         deleted = []
         for pool in self.deps.inventory.all():
             # A pool still being created refuses a DELETE: it is deleted on a later sweep.
-            busy = pool.provisioning_state == "Deleting" or pool.provisioning_state in IN_PROGRESS
-            if not pool.managed or busy or pool.created_at is None:
+            if not pool.managed or pool.operation_running or pool.created_at is None:
                 continue
             if self.claim_exists(pool.claim_key) is not False:
                 continue
             if (now - pool.created_at).total_seconds() < self.deps.settings.orphan_grace_s:
                 continue
             try:
-                self.deps.pools.delete(pool.name)
+                self.deps.inventory.delete(pool)
             except CloudError as error:
                 # One pool that cannot go now must not keep the others running.
                 log.warning("orphaned agent pool not deleted", pool=pool.name, error=error.describe())
                 continue
-            self.deps.inventory.record(PoolState(pool.name, "Deleting", pool.vm_size, pool.tags))
             metrics.ORPHANS_DELETED.inc()
             log.warning("deleting orphaned agent pool", pool=pool.name, claim=pool.claim_key, vm_size=pool.vm_size)
             deleted.append(pool.name)

@@ -14,10 +14,18 @@ from kubernetes.client import ApiException
 
 from gpu_provisioner import metrics
 from gpu_provisioner.api.claims import CLAIM_APIS, TERMINATION_FINALIZER, Claim
-from gpu_provisioner.cloud.agentpools import PoolState
+from gpu_provisioner.cloud.agentpools import IN_PROGRESS, PoolState
 from gpu_provisioner.cloud.errors import AccessDeniedError, RequestFailedError
-from gpu_provisioner.lifecycle.base import DONE, WAITING, Deps, Outcome, Reconciliation
-from gpu_provisioner.lifecycle.launch import IN_PROGRESS, REFUSED_RETRY_S
+from gpu_provisioner.lifecycle.base import (
+    DONE,
+    WAITING,
+    Deps,
+    Outcome,
+    Reconciliation,
+    karpenter_claim_labels,
+    karpenter_nodepool,
+)
+from gpu_provisioner.lifecycle.launch import REFUSED_RETRY_S
 
 log = structlog.get_logger(__name__)
 DRAIN_RETRY_S = 2.0
@@ -105,15 +113,15 @@ class Termination:
                 self._vanished.pop(key, None)
             return None
         if pool.provisioning_state in IN_PROGRESS:
-            # AKS refuses a DELETE while the create runs.
+            # AKS refuses a DELETE while the create runs: follow the pool until it ends.
+            inventory.follow(pool.name)
             return inventory.interval_s
         try:
-            self.deps.pools.delete(pool.name)
+            inventory.delete(pool)
         except (AccessDeniedError, RequestFailedError) as error:
             log.warning("agent pool of a deleted claim not deleted yet", claim=key, pool=pool.name,
                         error=error.describe())
             return REFUSED_RETRY_S
-        inventory.record(PoolState(pool.name, "Deleting", pool.vm_size, pool.tags))
         metrics.ORPHANS_DELETED.inc()
         self.deps.events.warning(obj, "DeletingAgentPool", f"claim {claim.name} was deleted before gpu-provisioner "
                                  f"could release it: deleting its agent pool {pool.name}")
@@ -145,18 +153,19 @@ class Termination:
         if pool_is_ours:
             progress.pool_fate = f"agent pool {pool.name} deleted"
             if pool.provisioning_state in IN_PROGRESS:
-                # AKS refuses a DELETE while the create runs: wait for the LIST to show it ended.
+                # AKS refuses a DELETE while the create runs: follow the pool until a LIST shows it ended (it
+                # often has: the node joined while the create was still recorded as running).
+                inventory.follow(pool.name)
                 r.requeue(inventory.interval_s)
                 return WAITING
             if pool.provisioning_state != "Deleting":
                 try:
-                    self.deps.pools.delete(pool.name)
+                    inventory.delete(pool)
                 except (AccessDeniedError, RequestFailedError) as error:
                     self.deps.events.warning(claim.obj, error.reason, f"may not delete agent pool {pool.name}, so "
                                              f"the claim is kept until it can: {error.describe()}")
                     r.requeue(REFUSED_RETRY_S)
                     return WAITING
-                inventory.record(PoolState(pool.name, "Deleting", pool.vm_size, pool.tags))
                 progress.gone_after = inventory.now()
                 self.deps.events.normal(claim.obj, "DeletingAgentPool", f"deleting agent pool {pool.name}")
                 log.info("agent pool delete started", claim=claim.key, pool=pool.name)
@@ -173,6 +182,7 @@ class Termination:
         self.forget(claim.uid)
         self.deps.events.normal(claim.obj, "Terminated", progress.pool_fate or self._no_pool_of_ours(claim, pool))
         metrics.TERMINATIONS.labels(kind=claim.api.kind, result="Terminated").inc()
+        metrics.KARPENTER_NODECLAIMS_TERMINATED.labels(**karpenter_claim_labels(claim)).inc()
         log.info("claim terminated", claim=claim.key)
         return DONE
 
@@ -215,11 +225,16 @@ class Termination:
         if pods or leaving:
             return DRAIN_RETRY_S
         finalizers = node["metadata"].get("finalizers") or []
-        if TERMINATION_FINALIZER in finalizers:
+        released = TERMINATION_FINALIZER in finalizers
+        if released:
             kube.patch_node(name, {"metadata": {
                 "finalizers": [f for f in finalizers if f != TERMINATION_FINALIZER],
                 "resourceVersion": node["metadata"]["resourceVersion"],
             }})
-        if not node["metadata"].get("deletionTimestamp"):
+        deleted = not node["metadata"].get("deletionTimestamp")
+        if deleted:
             kube.delete_node(name)
+        if released or deleted:
+            # Counted once: a Node already deleted and released is only waited for.
+            metrics.KARPENTER_NODES_TERMINATED.labels(nodepool=karpenter_nodepool(claim)).inc()
         return None

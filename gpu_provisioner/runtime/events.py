@@ -2,13 +2,15 @@
 
 Cluster-scoped objects get their Events in the `default` namespace, as client-go's recorder does.
 A repeat of the same reason and message on the same object bumps the count of the existing Event
-instead of creating another.
+instead of creating another. The counts of the most recent Events are remembered, a bounded number of them,
+so that months of churn do not grow the process; an Event forgotten and repeated is counted on from 1.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,13 +25,16 @@ log = structlog.get_logger(__name__)
 EVENT_NAMESPACE = "default"
 COMPONENT = "gpu-provisioner"
 _MESSAGE_LIMIT = 1024
+REMEMBERED_EVENTS = 4096
 
 
 class EventRecorder:
-    def __init__(self, api_client: kubernetes.client.ApiClient, outage: Outage | None = None) -> None:
+    def __init__(self, api_client: kubernetes.client.ApiClient, outage: Outage | None = None,
+                 remembered: int = REMEMBERED_EVENTS) -> None:
         self._core = kubernetes.client.CoreV1Api(api_client)
         self._outage = outage or Outage("API server")
-        self._counts: dict[str, int] = {}
+        self._counts: OrderedDict[str, int] = OrderedDict()  # least recently recorded first
+        self._remembered = remembered
         self._lock = threading.Lock()
 
     def normal(self, obj: dict[str, Any], reason: str, message: str) -> None:
@@ -45,8 +50,10 @@ class EventRecorder:
         name = f"{metadata['name']}.{digest}"
         now = datetime.now(UTC)
         with self._lock:
-            count = self._counts.get(name, 0) + 1
+            count = self._counts.pop(name, 0) + 1
             self._counts[name] = count
+            while len(self._counts) > self._remembered:
+                self._counts.popitem(last=False)
         try:
             if count > 1:
                 self._core.patch_namespaced_event(name, EVENT_NAMESPACE, {"count": count, "lastTimestamp": now})

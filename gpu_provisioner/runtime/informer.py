@@ -2,8 +2,12 @@
 
 Watches resume from the last resourceVersion (kept fresh by bookmarks). A 410 Gone or any error
 leads to a relist with capped, jittered backoff; the relist replaces the cache and emits synthetic
-events for what changed during the gap, so a handler never misses a deletion. A resource that is not
-served (its CRD absent) is re-checked periodically, so installing the CRD later just works.
+events for what changed during the gap, so a handler never misses a deletion. Relists are paginated, so a
+large cluster's list is never one response held whole. A resource that is not served (its CRD absent) is
+re-checked periodically, so installing the CRD later just works.
+
+As client-go's informers: an optional transform keeps only what the controller reads of each object, and
+indexers answer look-ups by a derived key without scanning the cache.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ import structlog
 log = structlog.get_logger(__name__)
 ABSENT_RECHECK_S = 30.0
 MAX_BACKOFF_S = 30.0
+LIST_PAGE_SIZE = 500
+
+Object = dict[str, Any]
+# Index name -> function giving the keys an object is found under.
+Indexers = dict[str, Callable[[Object], list[str]]]
 
 
 @dataclass(frozen=True)
@@ -56,21 +65,27 @@ class Informer:
         self,
         api_client: kubernetes.client.ApiClient,
         resource: Resource,
-        on_event: Callable[[str, dict[str, Any]], None],
+        on_event: Callable[[str, Object], None],
         *,
+        transform: Callable[[Object], Object] | None = None,
+        indexers: Indexers | None = None,
         watch_timeout_s: int = 300,
         absent_recheck_s: float = ABSENT_RECHECK_S,
     ) -> None:
         self._api = api_client
         self.resource = resource
         self._on_event = on_event
+        self._transform = transform or (lambda obj: obj)
+        self._indexers = indexers or {}
         self._watch_timeout_s = watch_timeout_s
         self._absent_recheck_s = absent_recheck_s
-        self._cache: dict[str, dict[str, Any]] = {}
+        self._cache: dict[str, Object] = {}
+        # index name -> key -> names of the cached objects found under it
+        self._indices: dict[str, dict[str, set[str]]] = {index: {} for index in self._indexers}
         # Our own writes, until the watch delivers them or something newer (client-go's integer
         # resourceVersion mutation cache): without this, the next reconcile would act on the state
         # from before its own last write.
-        self._written: dict[str, dict[str, Any]] = {}
+        self._written: dict[str, Object] = {}
         self._lock = threading.Lock()
         self._synced = threading.Event()
         self._stop = threading.Event()
@@ -104,7 +119,7 @@ class Informer:
     def available(self) -> bool:
         return self._available
 
-    def get(self, name: str) -> dict[str, Any] | None:
+    def get(self, name: str) -> Object | None:
         with self._lock:
             cached, written = self._cache.get(name), self._written.get(name)
             # Only the watch says an object exists: a write's answer read after its DELETED event must not
@@ -113,11 +128,30 @@ class Informer:
                 return written
             return cached
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self) -> list[Object]:
         with self._lock:
             return list(self._cache.values())
 
-    def remember_write(self, obj: dict[str, Any]) -> None:
+    def by_index(self, index: str, key: str) -> list[Object]:
+        """The cached objects an indexer files under `key`."""
+        with self._lock:
+            return [self._cache[name] for name in sorted(self._indices[index].get(key, ()))]
+
+    def fetch(self, name: str) -> Object | None:
+        """GET the object now (transformed) and cache it unless the watch has brought a newer version; None if it
+        does not exist. For an object whose cached form is too thin for the caller."""
+        response = self._request([], 30, name=name, missing_ok=True)
+        if response is None:
+            return None
+        obj = self._transform(_with_kind(json.loads(response.read()), self.resource))
+        with self._lock:
+            cached = self._cache.get(name)
+            if cached is not None and _version(cached) > _version(obj):
+                return cached
+            self._store(name, obj)
+        return obj
+
+    def remember_write(self, obj: Object) -> None:
         """Serve `obj` (the server's answer to our write) until the watch brings that version."""
         name = obj["metadata"]["name"]
         with self._lock:
@@ -152,9 +186,11 @@ class Informer:
                 self._log.warning("list/watch failed; relisting", error=str(error)[:300], retry_in_s=round(delay, 2))
                 self._stop.wait(delay)
 
-    def _request(self, query: list[tuple[str, Any]], read_timeout_s: float) -> Any:
+    def _request(self, query: list[tuple[str, Any]], read_timeout_s: float, name: str = "",
+                 missing_ok: bool = False) -> Any:
+        path = f"{self.resource.path}/{name}" if name else self.resource.path
         params = self._api.param_serialize(
-            "GET", self.resource.path, query_params=query, header_params={"Accept": "application/json"},
+            "GET", path, query_params=query, header_params={"Accept": "application/json"},
             auth_settings=["BearerToken"],
         )
         response = self._api.call_api(*params, _request_timeout=(10, read_timeout_s))
@@ -162,16 +198,30 @@ class Informer:
             return response
         body = response.read()  # drained, so the pooled connection stays usable
         if response.status == 404:
+            if missing_ok:
+                return None
             raise _NotServed()
         if response.status == 410:
             raise _Gone()
-        raise RuntimeError(f"GET {self.resource.path}: HTTP {response.status} {body[:300]!r}")
+        raise RuntimeError(f"GET {path}: HTTP {response.status} {body[:300]!r}")
 
     def _relist(self) -> str:
-        body = json.loads(self._request([], 60).read())
-        fresh = {item["metadata"]["name"]: _with_kind(item, self.resource) for item in body.get("items") or []}
+        fresh: dict[str, Object] = {}
+        query: list[tuple[str, Any]] = [("limit", LIST_PAGE_SIZE)]
+        while True:
+            page = json.loads(self._request(query, 60).read())
+            for item in page.get("items") or []:
+                fresh[item["metadata"]["name"]] = self._transform(_with_kind(item, self.resource))
+            token = page["metadata"].get("continue")
+            if not token:
+                break
+            query = [("limit", LIST_PAGE_SIZE), ("continue", token)]
         with self._lock:
-            previous, self._cache = self._cache, fresh
+            previous, self._cache = self._cache, {}
+            for index in self._indices.values():
+                index.clear()
+            for name, obj in fresh.items():
+                self._store(name, obj)
             self._written.clear()
         for name, obj in fresh.items():
             before = previous.get(name)
@@ -183,7 +233,7 @@ class Informer:
             if name not in fresh:
                 self._emit("DELETED", obj)
         self._synced.set()
-        return body["metadata"]["resourceVersion"]
+        return page["metadata"]["resourceVersion"]
 
     def _watch(self, resource_version: str) -> str:
         """Follow one watch request to its end; returns the resourceVersion to resume from."""
@@ -206,33 +256,53 @@ class Informer:
                 resource_version = obj.get("metadata", {}).get("resourceVersion", resource_version)
                 if kind == "BOOKMARK":
                     continue
-                self._apply(kind, _with_kind(obj, self.resource))
+                self._apply(kind, self._transform(_with_kind(obj, self.resource)))
         finally:
             self._response = None
             # A watch may end mid-stream: close its connection rather than pool it half-read.
             response.response.close()
         return resource_version
 
-    def _apply(self, event_type: str, obj: dict[str, Any]) -> None:
+    def _apply(self, event_type: str, obj: Object) -> None:
         name = obj["metadata"]["name"]
         with self._lock:
             written = self._written.get(name)
             if event_type == "DELETED" or (written is not None and _version(obj) >= _version(written)):
                 self._written.pop(name, None)
             if event_type == "DELETED":
-                self._cache.pop(name, None)
+                self._forget(name)
             else:
-                self._cache[name] = obj
+                self._store(name, obj)
         self._emit(event_type, obj)
 
-    def _emit(self, event_type: str, obj: dict[str, Any]) -> None:
+    def _store(self, name: str, obj: Object) -> None:
+        """Cache `obj` and file it in every index (the lock held)."""
+        self._forget(name)
+        self._cache[name] = obj
+        for index, keys_of in self._indexers.items():
+            for key in keys_of(obj):
+                self._indices[index].setdefault(key, set()).add(name)
+
+    def _forget(self, name: str) -> None:
+        old = self._cache.pop(name, None)
+        if old is None:
+            return
+        for index, keys_of in self._indexers.items():
+            for key in keys_of(old):
+                names = self._indices[index].get(key)
+                if names is not None:
+                    names.discard(name)
+                    if not names:
+                        del self._indices[index][key]
+
+    def _emit(self, event_type: str, obj: Object) -> None:
         try:
             self._on_event(event_type, obj)
         except Exception:
             self._log.exception("event handler failed", event=event_type, name=obj["metadata"].get("name"))
 
 
-def _version(obj: dict[str, Any]) -> int:
+def _version(obj: Object) -> int:
     """resourceVersion as the integer etcd makes it; -1 (never newer) if it is not one."""
     try:
         return int(obj["metadata"].get("resourceVersion", ""))
@@ -240,7 +310,7 @@ def _version(obj: dict[str, Any]) -> int:
         return -1
 
 
-def _with_kind(obj: dict[str, Any], resource: Resource) -> dict[str, Any]:
+def _with_kind(obj: Object, resource: Resource) -> Object:
     # List items come without apiVersion/kind; Events and owner references need them.
     obj.setdefault("apiVersion", resource.api_version)
     obj.setdefault("kind", resource.kind)

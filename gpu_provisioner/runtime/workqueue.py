@@ -39,6 +39,10 @@ class WorkQueue:
         self._added_at: dict[str, float] = {}
         self._started_at: dict[str, float] = {}
         self._shutting_down = False
+        # Read at each scrape, as client-go's queue publishes them: a worker stuck on one key shows here long
+        # before its work_duration is observed.
+        metrics.WORKQUEUE_UNFINISHED_WORK.labels(name=name).set_function(lambda: sum(self.running_s()))
+        metrics.WORKQUEUE_LONGEST_RUNNING.labels(name=name).set_function(lambda: max(self.running_s(), default=0.0))
 
     # adding -----------------------------------------------------------------------------------
 
@@ -129,6 +133,12 @@ class WorkQueue:
         with self._cond:
             self._shutting_down = True
             self._cond.notify_all()
+
+    def running_s(self) -> list[float]:
+        """How long each key now held by a worker has been held, in seconds."""
+        with self._cond:
+            now = self._clock()
+            return [now - started for started in self._started_at.values()]
 
     def __len__(self) -> int:
         with self._cond:

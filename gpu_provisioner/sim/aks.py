@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from gpu_provisioner.cloud.skus import lookup
+from gpu_provisioner.cloud.skus import CATALOGUE, lookup
 from gpu_provisioner.sim.scenario import Scenario
 
 POOL_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
@@ -25,6 +25,9 @@ TAINT = re.compile(
 )
 RESERVED_LABEL_DOMAINS = ("kubernetes.azure.com", "kubernetes.io", "k8s.io")
 ORCHESTRATOR_VERSION = "1.33.5"
+ZONES = ("1", "2", "3")
+# What the Usages API says for a quota the scenario leaves unlimited.
+UNLIMITED_VCPUS = 1_000_000
 NODE_IMAGE_VERSION = "AKSUbuntu-2204gen2containerd-202611.10.0"
 
 
@@ -108,7 +111,9 @@ class Aks:
             self._cluster_power(cluster)
             pool = self.pools.get((cluster, name.lower()))
             if pool is None:
-                raise ArmError(404, "NotFound", f"Could not find agent pool {name} in managed cluster {cluster}.")
+                # Real AKS's code and wording (the Go gpu-provisioner, written against it, matches "Agent Pool not
+                # found"): see sim/FIDELITY.md.
+                raise ArmError(404, "NotFound", f"Agent Pool not found: {name} in managed cluster {cluster}.")
             return self._pool_body(pool)
 
     def list_pools(self, cluster: str) -> dict[str, Any]:
@@ -116,6 +121,44 @@ class Aks:
             self.settle()
             self._cluster_power(cluster)
             return {"value": [self._pool_body(p) for (c, _), p in sorted(self.pools.items()) if c == cluster]}
+
+    def resource_skus(self) -> list[dict[str, Any]]:
+        """The region's virtual-machine SKUs as the Resource SKUs API lists them, restrictions from the scenario."""
+        unavailable = {s.lower() for s in self.scenario.unavailable_skus}
+        zone_restricted = {name.lower(): zones for name, zones in self.scenario.zone_restricted_skus.items()}
+        skus = []
+        for size in CATALOGUE.values():
+            restrictions = []
+            if size.name.lower() in unavailable:
+                restrictions.append({"type": "Location", "values": [self.location],
+                                     "restrictionInfo": {"locations": [self.location]},
+                                     "reasonCode": "NotAvailableForSubscription"})
+            if zones := zone_restricted.get(size.name.lower()):
+                restrictions.append({"type": "Zone", "values": [self.location],
+                                     "restrictionInfo": {"locations": [self.location], "zones": list(zones)},
+                                     "reasonCode": "NotAvailableForSubscription"})
+            capabilities = {"vCPUs": size.vcpus, "MemoryGB": size.memory_gib, "GPUs": size.gpu_count}
+            skus.append({
+                "resourceType": "virtualMachines", "name": size.name, "tier": "Standard",
+                "size": size.name.removeprefix("Standard_"), "family": size.family, "locations": [self.location],
+                "locationInfo": [{"location": self.location, "zones": list(ZONES), "zoneDetails": []}],
+                "capabilities": [{"name": k, "value": str(v)} for k, v in capabilities.items() if v or k != "GPUs"],
+                "restrictions": restrictions,
+            })
+        return skus
+
+    def usages(self) -> list[dict[str, Any]]:
+        """vCPU usage and limit per family and in all (the Usages API), from the numbers the PUTs are judged by."""
+        with self.lock:
+            self.settle()
+            families = sorted({size.family for size in CATALOGUE.values()})
+            usages = [(family, f"{family} vCPUs", self._family_vcpus(family),
+                       self.scenario.vcpu_quota.get(family, UNLIMITED_VCPUS)) for family in families]
+            regional = self.scenario.regional_vcpu_quota
+            usages.append(("cores", "Total Regional vCPUs", self._family_vcpus(None),
+                           UNLIMITED_VCPUS if regional is None else regional))
+        return [{"unit": "Count", "currentValue": current, "limit": limit,
+                 "name": {"value": name, "localizedValue": localized}} for name, localized, current, limit in usages]
 
     def operation(self, operation_id: str) -> Operation:
         with self.lock:
@@ -232,7 +275,8 @@ class Aks:
     # internals --------------------------------------------------------------------------------
 
     def _cluster_id(self, cluster: str) -> str:
-        return (f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
+        # Real AKS writes this segment in lower case in the ids it returns (sim/FIDELITY.md).
+        return (f"/subscriptions/{self.subscription_id}/resourcegroups/{self.resource_group}"
                 f"/providers/Microsoft.ContainerService/managedClusters/{cluster}")
 
     def _cluster_power(self, cluster: str) -> str:
@@ -301,19 +345,26 @@ class Aks:
     def _check_offer_and_quota(self, cluster: str, name: str, properties: dict[str, Any]) -> None:
         size = lookup(properties["vmSize"])
         assert size is not None  # validated
-        if size.name.lower() in {s.lower() for s in self.scenario.unavailable_skus}:
+        restricted_zones = next((zones for sku, zones in self.scenario.zone_restricted_skus.items()
+                                 if sku.lower() == size.name.lower()), [])
+        restricted_everywhere = set(ZONES) <= set(restricted_zones)
+        if size.name.lower() in {s.lower() for s in self.scenario.unavailable_skus} or restricted_everywhere:
             # AKS's own wording: a generic code, the cause only in the message.
             raise ArmError(400, "BadRequest", f"The VM size of AgentPoolProfile:{name} is "
                            f"not allowed in your subscription in location '{self.location}'. For more details, "
                            "please visit https://aka.ms/aks/quotas-skus-regions")
-        limit = self.scenario.vcpu_quota.get(size.family)
-        if limit is None:
-            return
-        used = sum(
-            (lookup(p.properties["vmSize"]) or size).vcpus * p.properties.get("count", 1)
-            for p in self.pools.values() if (lookup(p.properties["vmSize"]) or size).family == size.family
-        )
         needed = size.vcpus * properties.get("count", 1)
-        if used + needed > limit:
-            raise ArmError(400, "ErrCode_InsufficientVCPUQuota", f"Insufficient vcpu quota requested {needed}, "
-                           f"remaining {max(limit - used, 0)} for family {size.family} for region {self.location}.")
+        for family, limit in ((size.family, self.scenario.vcpu_quota.get(size.family)),
+                              (None, self.scenario.regional_vcpu_quota)):
+            if limit is None:
+                continue
+            used = self._family_vcpus(family)
+            if used + needed > limit:
+                raise ArmError(400, "ErrCode_InsufficientVCPUQuota", f"Insufficient vcpu quota requested {needed}, "
+                               f"remaining {max(limit - used, 0)} for family {family or 'cores'} for region "
+                               f"{self.location}.")
+
+    def _family_vcpus(self, family: str | None) -> int:
+        """vCPUs of every pool in the region (all clusters) of `family`, or of all families (None)."""
+        return sum(size.vcpus * pool.properties.get("count", 1) for pool in self.pools.values()
+                   if (size := lookup(pool.properties["vmSize"])) is not None and family in (None, size.family))

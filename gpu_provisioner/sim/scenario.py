@@ -22,6 +22,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "no-gpu": {"no_gpu": True},
     "cluster-stopped": {"cluster_power": "Stopped"},
     "flaky": {"server_error_rate": 0.1, "drop_rate": 0.05},
+    "no-compute-read-access": {"denied_actions": [
+        "Microsoft.Compute/skus/read", "Microsoft.Compute/locations/usages/read",
+    ]},
     "no-write-access": {"denied_actions": [
         "Microsoft.ContainerService/managedClusters/agentPools/write",
         "Microsoft.ContainerService/managedClusters/agentPools/delete",
@@ -39,9 +42,17 @@ class Scenario(BaseSettings):
     node_ready_delay_s: float = 0.5  # after the node joined
     gpu_publish_delay_s: float = 0.5  # after the node turned Ready
     poll_retry_after_s: int = 1  # Retry-After on long-running operation responses
-    # Regional vCPU quota per family; a family not listed is unlimited.
+    # Regional vCPU quota per family; a family not listed is unlimited. The Usages API and the PUTs answer
+    # from the same numbers.
     vcpu_quota: dict[str, int] = Field(default_factory=dict)
+    # The region's total vCPU quota ("cores" in the Usages API) that every family also counts against.
+    regional_vcpu_quota: int | None = None
+    # Sizes the subscription may not use in the region: a Location restriction (NotAvailableForSubscription)
+    # in the Resource SKUs, and PUTs refused.
     unavailable_skus: list[str] = Field(default_factory=list)
+    # Size -> zones it is restricted in (Zone restrictions in the Resource SKUs). A regional pool is still
+    # created while one of the region's zones is left; restricted in every zone, its PUT is refused.
+    zone_restricted_skus: dict[str, list[str]] = Field(default_factory=dict)
     # Sizes this AKS refuses as invalid (400 InvalidParameter on vmSize), not for capacity.
     unsupported_skus: list[str] = Field(default_factory=list)
     allocation_failure_skus: list[str] = Field(default_factory=list)

@@ -31,6 +31,9 @@ _ROUTES = [
     ("agentpools", re.compile(_PROVIDER + r"/managedclusters/(?P<cluster>[^/]+)/agentpools/(?P<pool>[^/]+)$", re.I)),
     ("agentpools.list", re.compile(_PROVIDER + r"/managedclusters/(?P<cluster>[^/]+)/agentpools$", re.I)),
     ("managedclusters.get", re.compile(_PROVIDER + r"/managedclusters/(?P<cluster>[^/]+)$", re.I)),
+    ("skus.list", re.compile(r"/subscriptions/(?P<sub>[^/]+)/providers/microsoft\.compute/skus$", re.I)),
+    ("usages.list", re.compile(
+        r"/subscriptions/(?P<sub>[^/]+)/providers/microsoft\.compute/locations/(?P<location>[^/]+)/usages$", re.I)),
     ("operations.get", re.compile(
         r"/subscriptions/(?P<sub>[^/]+)/providers/microsoft\.containerservice/locations/[^/]+"
         r"/(?P<what>operations|operationresults)/(?P<op>[^/]+)$", re.I)),
@@ -205,20 +208,27 @@ class AksSimulator:
         """Azure RBAC: 403 AuthorizationFailed, in ARM's words, for an action the scenario denies."""
         action = _RBAC_ACTIONS.get(operation)
         if action in self.scenario.denied_actions:
-            scope = path.split("/agentPools", 1)[0]
+            scope = path.split("/agentPools", 1)[0] if "/providers/Microsoft.Compute/" not in path else \
+                f"/subscriptions/{self.subscription_id}"
             raise ArmError(403, "AuthorizationFailed", f"The client '{self.client_id}' with object id "
                            f"'{self.client_id}' does not have authorization to perform action '{action}' over scope "
                            f"'{scope}' or the scope is invalid. If access was recently granted, please refresh your "
                            "credentials.")
 
-    def operation_urls(self, operation: Operation) -> dict[str, str]:
+    def operation_headers(self, operation: Operation, location: bool) -> dict[str, str]:
+        """The headers of an answer that started `operation`: where to poll it (Azure-AsyncOperation, and the
+        Location of its result when `location`), and, as on real AKS, the operation's id as x-ms-request-id.
+        Retry-After is the simulator's own, so SDK pollers do not wait 30 s between polls."""
         base = (f"{self.endpoint}/subscriptions/{self.subscription_id}/providers/Microsoft.ContainerService"
                 f"/locations/{self.location}")
-        return {
-            "Azure-AsyncOperation": f"{base}/operations/{operation.id}?api-version=2026-08-01",
-            "Location": f"{base}/operationresults/{operation.id}?api-version=2026-08-01",
+        headers = {
+            "Azure-AsyncOperation": f"{base}/operations/{operation.id}?api-version=2017-08-31",
+            "x-ms-request-id": operation.id,
             "Retry-After": str(self.scenario.poll_retry_after_s),
         }
+        if location:
+            headers["Location"] = f"{base}/operationresults/{operation.id}?api-version=2017-08-31"
+        return headers
 
 
 def _handler_for(sim: AksSimulator) -> type[BaseHTTPRequestHandler]:
@@ -235,6 +245,8 @@ _RBAC_ACTIONS = {
     "agentpools.get": f"{_CLUSTERS_ACTION}/agentPools/read",
     "agentpools.create": f"{_CLUSTERS_ACTION}/agentPools/write",
     "agentpools.delete": f"{_CLUSTERS_ACTION}/agentPools/delete",
+    "skus.list": "Microsoft.Compute/skus/read",
+    "usages.list": "Microsoft.Compute/locations/usages/read",
 }
 
 
@@ -307,7 +319,7 @@ class _ArmHandler(BaseHTTPRequestHandler):
             if "api-version" not in query:
                 raise ArmError(400, "MissingApiVersionParameter", "The api-version query parameter (?api-version=) "
                                "is required for all requests.")
-            return name, self._route(name, match, raw)
+            return name, self._route(name, match, query, raw)
         except _Throttled as throttled:
             return name, self._send(429, {"error": {
                 "code": "SubscriptionRequestsThrottled",
@@ -317,20 +329,25 @@ class _ArmHandler(BaseHTTPRequestHandler):
         except ArmError as error:
             return name, self._send(error.status, error.body())
 
-    def _route(self, name: str, match: re.Match[str], raw: bytes) -> int:
+    def _route(self, name: str, match: re.Match[str], query: dict[str, list[str]], raw: bytes) -> int:
         sim, aks = self.simulator, self.simulator.aks
+        if name == "skus.list":
+            return self._send(200, {"value": [sku for sku in aks.resource_skus() if _matches(query, sku)]})
+        if name == "usages.list":
+            offered = match["location"].lower() == sim.location.lower()
+            return self._send(200, {"value": aks.usages() if offered else []})
         if name == "operations.get":
             operation = aks.operation(match["op"])
             if match["what"].lower() == "operations":
-                body = {"id": match.string, "name": operation.id, "status": operation.status,
-                        "startTime": operation.started}
+                # The shape real AKS answers with: name, status, startTime, endTime once done (no id).
+                body = {"name": operation.id, "status": operation.status, "startTime": operation.started}
                 if operation.ended:
                     body["endTime"] = operation.ended
                 if operation.error:
                     body["error"] = operation.error
                 return self._send(200, body)
             if operation.status == "InProgress":
-                return self._send(202, None, sim.operation_urls(operation))
+                return self._send(202, None, sim.operation_headers(operation, location=True))
             if operation.error:
                 return self._send(400, {"error": operation.error})
             return self._send(200, operation.result) if operation.result else self._send(204, None)
@@ -348,11 +365,13 @@ class _ArmHandler(BaseHTTPRequestHandler):
             except json.JSONDecodeError as error:
                 raise ArmError(400, "InvalidRequestContent", f"The request content was invalid: {error}") from None
             status, pool_body, operation = aks.put_pool(cluster, pool, body)
-            return self._send(status, pool_body, sim.operation_urls(operation) if operation else None)
+            # Real AKS answers a create with Azure-AsyncOperation only, a delete with Location as well.
+            headers = sim.operation_headers(operation, location=False) if operation else None
+            return self._send(status, pool_body, headers)
         operation = aks.delete_pool(cluster, pool)
         if operation is None:
             return self._send(204, None)
-        return self._send(202, None, sim.operation_urls(operation))
+        return self._send(202, None, sim.operation_headers(operation, location=True))
 
     def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> int:
         payload = b"" if body is None else json.dumps(body).encode()
@@ -361,7 +380,7 @@ class _ArmHandler(BaseHTTPRequestHandler):
 
     def _write(self, status: int, headers: dict[str, str], payload: bytes) -> None:
         self.send_response(status)
-        request_id = str(uuid.uuid4())
+        request_id = headers.pop("x-ms-request-id", None) or str(uuid.uuid4())
         self.send_header("x-ms-request-id", request_id)
         self.send_header("x-ms-correlation-request-id", self.headers.get("x-ms-client-request-id") or request_id)
         if payload:
@@ -377,6 +396,12 @@ class _Throttled(Exception):
     def __init__(self, after: int) -> None:
         super().__init__(after)
         self.after = after
+
+
+def _matches(query: dict[str, list[str]], sku: dict[str, Any]) -> bool:
+    """ARM's `$filter=location eq '<region>'` on the Resource SKUs list (the one filter it supports)."""
+    wanted = re.search(r"location eq '([^']+)'", query.get("$filter", [""])[0], re.IGNORECASE)
+    return wanted is None or wanted[1].lower() in {loc.lower() for loc in sku["locations"]}
 
 
 def _openid_configuration(endpoint: str, tenant: str) -> dict[str, Any]:

@@ -14,7 +14,8 @@ from gpu_provisioner.settings import Settings
 from gpu_provisioner.sim import AksSimulator
 from tests.integration.harness import Claims, start_controller_process
 
-FAST = {"pool_refresh_interval_s": 0.5, "orphan_sweep_interval_s": 3600.0, "workers": 4}
+FAST = {"pool_refresh_interval_s": 0.5, "quota_refresh_interval_s": 0.5, "orphan_sweep_interval_s": 3600.0,
+        "workers": 4}
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,9 @@ import time
 import kubernetes
 import pytest
 
-from gpu_provisioner.api.claims import NODECLAIM
+from gpu_provisioner.api.claims import NODECLAIM, Claim
+from gpu_provisioner.cloud.pool_request import MACHINE_TYPE_LABEL
+from gpu_provisioner.lifecycle.nodes import STUB, NodeCache
 from gpu_provisioner.runtime.informer import NODES, Informer, Resource, _Gone
 from tests.integration.harness import Claims, kaito_claim, wait_for
 
@@ -128,3 +130,66 @@ def test_resource_without_crd_becomes_available_when_the_crd_appears(kube_api, u
     finally:
         informer.stop()
         extensions.delete_custom_resource_definition(f"widgets.{group}")
+
+
+def realistic_node(name: str, labels: dict[str, str], provider_id: str) -> dict:
+    """What an AKS node carries besides what the controller reads: tens of images, addresses, node info."""
+    return {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/os": "linux", **labels}},
+        "spec": {"providerID": provider_id},
+        "status": {
+            "images": [{"names": [f"mcr.microsoft.com/image-{i}:v{i}"], "sizeBytes": 1000 * i} for i in range(25)],
+            "addresses": [{"type": "InternalIP", "address": "10.224.0.4"}, {"type": "Hostname", "address": name}],
+            "capacity": {"cpu": "8", "nvidia.com/gpu": "1"}, "allocatable": {"cpu": "7800m", "nvidia.com/gpu": "1"},
+        },
+    }
+
+
+def test_node_cache_keeps_foreign_nodes_as_stubs_and_finds_a_claims_nodes_after_a_relist(kube_api, unique_name):
+    """A CPU node of another pool is kept as a stub; gpu-provisioner's node in full but without its image list; a
+    node of the claim's pool without gpu-provisioner's label (made before an upgrade) is found, read once and
+    kept in full. The indexes find them again after a relist."""
+    core = kubernetes.client.CoreV1Api(kube_api)
+    ours, legacy, foreign = f"{unique_name}-gpu", f"{unique_name}-old", f"{unique_name}-cpu"
+    pool_label = "kubernetes.azure.com/agentpool"
+    for name, labels in ((ours, {pool_label: unique_name, MACHINE_TYPE_LABEL: "gpu"}),
+                         (legacy, {pool_label: f"{unique_name}o"}),
+                         (foreign, {pool_label: "nodepool1"})):
+        manifest = realistic_node(name, labels, f"azure:///subscriptions/s/vm/{name}")
+        core.create_node(manifest)
+        core.patch_node_status(name, {"status": manifest["status"]})
+    nodes = NodeCache(kube_api, lambda event_type, node: None)
+    nodes.informer.start()
+    try:
+        assert nodes.informer.wait_for_sync(10)
+        wait_for("the nodes' status in the cache", lambda: (nodes.informer.get(ours) or {}).get("status", {}).get(
+            "allocatable"))
+        cached_foreign = nodes.informer.get(foreign)
+        assert cached_foreign[STUB] and "status" not in cached_foreign and "managedFields" not in str(cached_foreign)
+        assert cached_foreign["metadata"]["labels"] == {pool_label: "nodepool1"}
+        cached_ours = nodes.informer.get(ours)
+        assert STUB not in cached_ours and "images" not in cached_ours["status"]
+        assert "managedFields" not in cached_ours["metadata"] and cached_ours["status"]["addresses"]
+
+        def claim(name: str, provider_id: str = "") -> Claim:
+            manifest = kaito_claim(NODECLAIM, name)
+            manifest["metadata"]["uid"] = name
+            if provider_id:
+                manifest["status"] = {"providerID": provider_id}
+            return Claim(NODECLAIM, manifest)
+
+        for _ in range(2):  # before and after a relist
+            assert [n["metadata"]["name"] for n in nodes.nodes_for(claim(unique_name))] == [ours]
+            found = nodes.nodes_for(claim("other", provider_id=f"azure:///subscriptions/s/vm/{ours}"))
+            assert [n["metadata"]["name"] for n in found] == [ours]
+            found = nodes.nodes_for(claim(f"{unique_name}o"))
+            assert [n["metadata"]["name"] for n in found] == [legacy] and found[0]["status"]["allocatable"]
+            assert STUB not in nodes.informer.get(legacy)
+            assert nodes.nodes_for(claim("nobody")) == []
+            nodes.informer._relist()
+        assert STUB in nodes.informer.get(foreign)
+    finally:
+        nodes.informer.stop()
+        for name in (ours, legacy, foreign):
+            core.delete_node(name)

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import kubernetes
 import pytest
+from prometheus_client import REGISTRY
 
 from gpu_provisioner.api.claims import (
     GROUP,
@@ -158,13 +159,16 @@ def test_a_pool_of_the_claims_name_made_by_someone_else_is_never_touched(
     assert kept is not None and not kept.spec.unschedulable and kept.metadata.deletion_timestamp is None
 
 
+@pytest.mark.parametrize("preflight", [True, False], ids=["preflight", "aks-judges"])
 @pytest.mark.parametrize("api", APIS, ids=lambda a: a.kind)
 def test_quota_exhausted_fails_fast_with_kaitos_phrase_and_the_claim_is_kept_and_retried_with_backoff(
-    api, claims, start_sim, start_controller, unique_name, monkeypatch
+    api, preflight, claims, start_sim, start_controller, unique_name, monkeypatch
 ):
     monkeypatch.setattr(launch, "CAPACITY_RETRY_S", 0.5)
     sim = start_sim("quota-exhausted")
-    start_controller(sim, launch_timeout_s=2)
+    refused = {"kind": api.kind, "result": "QuotaExceeded"}
+    refused_before = REGISTRY.get_sample_value("gpu_provisioner_launches_total", refused) or 0
+    start_controller(sim, launch_timeout_s=2, preflight=preflight)
     claims.create(api, kaito_claim(api, unique_name))
     launched = claims.wait_condition(api, unique_name, api.launched, "False", reason="QuotaExceeded")
     if api is MACHINE:
@@ -178,11 +182,19 @@ def test_quota_exhausted_fails_fast_with_kaitos_phrase_and_the_claim_is_kept_and
         for e in claims.events(unique_name)))
 
     # Past the launch timeout the claim is kept (Kaito would make the same claim again and again), and it
-    # is asked for again after 0.5, 1, 2, 4 s: not once a reconcile.
+    # is looked at again after 0.5, 1, 2, 4 s: not once a reconcile. The pre-flight refuses each try, so no
+    # PUT is ever sent (tests/integration/test_preflight.py has the rest); without it, AKS refuses each PUT.
     time.sleep(6)
     assert claims.get(api, unique_name) is not None
     assert "LaunchTimeout" not in claims.event_reasons(unique_name)
-    assert 3 <= sim.count_requests("agentpools.create") <= 5
+    if preflight:
+        assert sim.count_requests("agentpools.create") == 0 and 3 <= sim.count_requests("usages.list") <= 8
+    else:
+        assert 3 <= sim.count_requests("agentpools.create") <= 5
+        # Each refused PUT is one launch attempt counted with its reason (not one per condition change).
+        wait_for("a launch counted for each refused PUT", lambda: (
+            REGISTRY.get_sample_value("gpu_provisioner_launches_total", refused) - refused_before
+            == sim.count_requests("agentpools.create")), timeout_s=3)
     assert sum(e.count or 1 for e in claims.events(unique_name) if e.reason == "QuotaExceeded") <= 2
     assert sim.pools() == {}
 
@@ -203,12 +215,17 @@ def test_unavailable_size_falls_back_to_the_next_listed_size(claims, start_sim, 
 
 def test_allocation_failure_of_every_size_deletes_the_failed_pool(claims, start_sim, start_controller, unique_name):
     sim = start_sim("allocation-failure")
+    failed = {"kind": "Machine", "result": "AllocationFailed"}
+    failed_before = REGISTRY.get_sample_value("gpu_provisioner_launches_total", failed) or 0
     start_controller(sim)
     claims.create(MACHINE, kaito_claim(MACHINE, unique_name))
     launched = claims.wait_condition(MACHINE, unique_name, MACHINE.launched, "False", reason="AllocationFailed")
     assert INSUFFICIENT_CAPACITY_PHRASE in launched["message"]
     wait_for("an AllocationFailed event", lambda: "AllocationFailed" in claims.event_reasons(unique_name))
     wait_for("the failed pool to be deleted", lambda: unique_name not in sim.pools())
+    # The PUT was accepted and its pool failed: the attempt counts with the failure's reason.
+    assert REGISTRY.get_sample_value("gpu_provisioner_launches_total", failed) - failed_before == (
+        sim.count_requests("agentpools.create"))
 
 
 def test_request_aks_refuses_is_not_retried_until_the_claim_changes(
@@ -477,6 +494,27 @@ def test_many_claims_share_one_list_per_interval(claims, start_sim, start_contro
         claims.wait_condition(NODECLAIM, name, READY, "True", timeout_s=90)
     assert sim.count_requests("agentpools.get") == 0
     assert sim.count_requests("agentpools.create") == len(names)
+
+
+def test_deleted_claims_are_released_when_arm_says_the_delete_may_be_done_not_an_interval_later(
+    claims, start_sim, start_controller, unique_name
+):
+    """With a one-minute pool LIST, a burst of deletions is over within seconds (the simulator's DELETE asks to be
+    looked at again after a second), and its few LISTs serve every pool at once."""
+    sim = start_sim(delete_delay_s=1.0)
+    start_controller(sim, pool_refresh_interval_s=60.0)
+    names = [f"{unique_name[:9]}{i}" for i in range(4)]
+    for name in names:
+        claims.create(NODECLAIM, kaito_claim(NODECLAIM, name))
+    for name in names:
+        claims.wait_condition(NODECLAIM, name, READY, "True", timeout_s=60)
+    lists_before = sim.count_requests("agentpools.list")
+    for name in names:
+        claims.delete(NODECLAIM, name)
+    for name in names:
+        claims.wait_gone(NODECLAIM, name, timeout_s=20)
+    assert not set(names) & set(sim.pools())
+    assert sim.count_requests("agentpools.list") - lists_before <= 8
 
 
 def test_launched_claim_whose_pool_vanished_is_deleted(claims, start_sim, start_controller, unique_name):

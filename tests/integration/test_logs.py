@@ -4,10 +4,12 @@ a token, whoever logged (azure-identity, the Azure SDK, urllib3, the Kubernetes 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from gpu_provisioner.api.claims import NODECLAIM
-from tests.integration.harness import kaito_claim, wait_for
+from tests.integration.harness import CLEAN_ENV, kaito_claim, wait_for
 
 
 def json_lines(log: Path) -> list[dict]:
@@ -55,3 +57,23 @@ def test_a_lifecycle_at_debug_level_logs_json_lines_without_secret_or_token(
     text = log.read_text()
     assert sim.issued_tokens() and not any(token in text for token in sim.issued_tokens())
     assert sim.client_secret not in text
+
+
+def test_a_start_up_failure_is_one_json_line_naming_it(tmp_path):
+    missing = subprocess.run([sys.executable, "-m", "gpu_provisioner", "run"], capture_output=True, text=True,
+                             timeout=60, env=CLEAN_ENV)
+    assert missing.returncode == 2
+    (line,) = missing.stderr.splitlines()
+    failure = json.loads(line)
+    assert failure["event"].startswith("gpu-provisioner cannot start") and failure["level"] == "error"
+    assert "ARM_SUBSCRIPTION_ID: is not set" in failure["problems"]
+
+    broken = tmp_path / "kubeconfig"
+    broken.write_text("apiVersion: v1\nkind: Config\n")
+    crashed = subprocess.run([sys.executable, "-m", "gpu_provisioner", "run"], capture_output=True, text=True,
+                             timeout=60, env={**CLEAN_ENV, "ARM_SUBSCRIPTION_ID": "s", "ARM_RESOURCE_GROUP": "r",
+                                              "AZURE_CLUSTER_NAME": "c", "LOCATION": "l", "KUBECONFIG": str(broken)})
+    assert crashed.returncode == 1
+    lines = [json.loads(line) for line in crashed.stderr.splitlines()]
+    assert lines[-1]["level"] == "critical"
+    assert lines[-1]["event"].startswith("gpu-provisioner stopped: ConfigException")

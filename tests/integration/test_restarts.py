@@ -6,6 +6,8 @@ from __future__ import annotations
 import signal
 import time
 
+from prometheus_client import REGISTRY
+
 from gpu_provisioner.api.claims import MACHINE, NODECLAIM, READY
 from gpu_provisioner.runtime.informer import NODES, Informer
 from tests.integration.harness import kaito_claim, wait_for
@@ -91,3 +93,40 @@ def test_an_api_server_restart_is_one_warning_and_no_crash_and_work_goes_on(
     assert "reconcile crashed" not in log and "Traceback" not in log
     assert log.count("API server unreachable") == 1 and log.count("API server reachable again") == 1
     assert sim.count_requests("agentpools.create") == 4
+
+
+def test_a_restart_with_ready_claims_writes_nothing(claims, kube_api, start_sim, start_controller, unique_name):
+    """Neither ARM nor the API server sees a write from a controller that restarts over Ready claims: no PUT or
+    DELETE, no claim, Node or Event changed."""
+    sim = start_sim()
+    first = start_controller(sim)
+    names = {MACHINE: f"{unique_name}m", NODECLAIM: f"{unique_name}n"}
+    for api, name in names.items():
+        claims.create(api, kaito_claim(api, name))
+    for api, name in names.items():
+        claims.wait_condition(api, name, READY, "True")
+    first.stop()
+
+    def snapshot() -> dict:
+        state = {}
+        for api, name in names.items():
+            claim = claims.get(api, name)
+            node = claims.node(claim["status"]["nodeName"])
+            state[name] = (claim["metadata"]["resourceVersion"], node.metadata.resource_version,
+                           sorted((e.metadata.name, e.count) for e in claims.events(name)))
+        return state
+
+    before = snapshot()
+    writes = sum(sim.count_requests(op) for op in ("agentpools.create", "agentpools.delete"))
+
+    def reconciles() -> float:
+        return sum(REGISTRY.get_sample_value("gpu_provisioner_reconcile_seconds_count", {"kind": api.kind}) or 0
+                   for api in names)
+
+    reconciled = reconciles()
+    second = start_controller(sim)
+    wait_for("the restarted controller to reconcile both claims", lambda: reconciles() >= reconciled + 2 or None)
+    wait_for("its queue to settle", lambda: (second.synced() and len(second.queue) == 0) or None)
+    time.sleep(1)  # a write, if any, follows its reconcile at once
+    assert snapshot() == before
+    assert sum(sim.count_requests(op) for op in ("agentpools.create", "agentpools.delete")) == writes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
 
-from gpu_provisioner.cloud.agentpools import _short_transient, _short_transient_unsent
+from gpu_provisioner.cloud.agentpools import _short_transient, _short_transient_unsent, arm_operation
 
 
 class _Response:
@@ -34,3 +34,10 @@ def test_reads_and_deletes_are_retried_on_any_short_transient_failure():
     assert _short_transient(ServiceResponseError("connection reset"))
     assert _short_transient(_http(503))
     assert not _short_transient(_http(400))
+
+
+def test_compute_reads_have_their_own_operation_names():
+    base = "https://management.azure.com/subscriptions/s/providers/Microsoft.Compute"
+    assert arm_operation("GET", f"{base}/skus?api-version=2021-07-01&$filter=x") == "skus.list"
+    assert arm_operation("GET", f"{base}/locations/eastus/usages?api-version=2024-07-01") == "usages.list"
+    assert arm_operation("GET", f"{base}/virtualMachines?api-version=1") == "other"

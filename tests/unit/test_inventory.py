@@ -111,3 +111,62 @@ def test_a_release_leaves_a_reservation_of_another_claim_alone():
     inventory.reserve(theirs)
     inventory.release(_pool("ws1", "machines/ws1"))
     assert inventory.get("ws1") == theirs
+
+
+class DeletingPools:
+    """Pools whose DELETE ARM accepts with a Retry-After; `gone` says which have finished going."""
+
+    def __init__(self, retry_after_s: float | None) -> None:
+        self.retry_after_s = retry_after_s
+        self.deleting: set[str] = set()
+
+    def list(self) -> list[PoolState]:
+        return [PoolState(name, "Deleting", "Standard_NC6s_v3", {CLAIM_TAG: f"nodeclaims/{name}"})
+                for name in self.deleting]
+
+    def delete(self, name: str) -> float | None:
+        self.deleting.add(name)
+        return self.retry_after_s
+
+
+def test_while_a_pool_is_being_deleted_the_list_follows_arms_retry_after_then_the_interval():
+    now = [100.0]
+    pools = DeletingPools(retry_after_s=2)
+    inventory = PoolInventory(pools, 10.0, lambda before, after: None, clock=lambda: now[0])
+    inventory.refresh()
+    assert inventory._next_list_at == 110.0
+    inventory.delete(PoolState("gpu1", "Succeeded", "Standard_NC6s_v3", {CLAIM_TAG: "nodeclaims/gpu1"}))
+    assert inventory.get("gpu1").provisioning_state == "Deleting" and inventory._next_list_at == 102.0
+    now[0] = 102.0
+    inventory.refresh()  # still being deleted: look again when ARM said
+    assert inventory._next_list_at == 104.0
+    pools.deleting.clear()
+    now[0] = 104.0
+    inventory.refresh()  # gone: back to the interval
+    assert inventory.get("gpu1") is None and inventory._next_list_at == 114.0
+
+
+def test_a_delete_without_retry_after_is_looked_at_every_two_seconds_never_more_often_than_a_second():
+    for retry_after_s, expected_s in ((None, 2.0), (0, 2.0), (0.1, 1.0), (60, 10.0)):
+        inventory = PoolInventory(DeletingPools(retry_after_s), 10.0, lambda before, after: None, clock=lambda: 0.0)
+        inventory.refresh()
+        inventory.delete(PoolState("gpu1", "Succeeded", "Standard_NC6s_v3", {CLAIM_TAG: "nodeclaims/gpu1"}))
+        assert inventory._next_list_at == expected_s, retry_after_s
+
+
+def test_a_followed_create_is_listed_at_once_then_every_few_seconds_until_it_ends():
+    now = [0.0]
+    pools = DeletingPools(retry_after_s=None)
+    creating = PoolState("gpu1", "Creating", "Standard_NC6s_v3", {CLAIM_TAG: "nodeclaims/gpu1"})
+    pools.list = lambda: [creating]
+    inventory = PoolInventory(pools, 10.0, lambda before, after: None, clock=lambda: now[0])
+    inventory.refresh()
+    inventory.follow("gpu1")
+    assert inventory._next_list_at == 0.0
+    inventory.follow("gpu1")  # asked again by the next reconcile: no LIST sooner than the pace
+    inventory.refresh()
+    assert inventory._next_list_at == 2.0
+    pools.list = lambda: [PoolState("gpu1", "Succeeded", "Standard_NC6s_v3", {CLAIM_TAG: "nodeclaims/gpu1"})]
+    now[0] = 2.0
+    inventory.refresh()
+    assert inventory._next_list_at == 12.0

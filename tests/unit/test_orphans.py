@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 from gpu_provisioner.cloud.agentpools import PoolState
 from gpu_provisioner.cloud.errors import PoolBusyError
+from gpu_provisioner.cloud.inventory import PoolInventory
 from gpu_provisioner.lifecycle.base import utc_now
 from gpu_provisioner.lifecycle.orphans import OrphanSweep
 
@@ -18,8 +19,11 @@ def ours(name: str, state: str = "Succeeded", created: str = OLD) -> PoolState:
 
 
 class Pools:
-    def __init__(self, refusing: set[str]) -> None:
-        self.refusing, self.deleted = refusing, []
+    def __init__(self, states: list[PoolState], refusing: set[str]) -> None:
+        self.states, self.refusing, self.deleted = states, refusing, []
+
+    def list(self) -> list[PoolState]:
+        return self.states
 
     def delete(self, name: str) -> None:
         if name in self.refusing:
@@ -28,14 +32,12 @@ class Pools:
 
 
 def sweep(states: list[PoolState], refusing: set[str] = frozenset(), live_claims: set[str] = frozenset()):
-    recorded = []
-    pools = Pools(set(refusing))
-    deps = SimpleNamespace(
-        inventory=SimpleNamespace(all=lambda: states, record=recorded.append),
-        pools=pools, settings=SimpleNamespace(orphan_grace_s=600), clock=utc_now,
-    )
+    pools = Pools(states, set(refusing))
+    inventory = PoolInventory(pools, 10.0, lambda before, after: None)
+    inventory.refresh()
+    deps = SimpleNamespace(inventory=inventory, settings=SimpleNamespace(orphan_grace_s=600), clock=utc_now)
     deleted = OrphanSweep(deps, lambda key: key.split("/", 1)[1] in live_claims).sweep()
-    return deleted, pools.deleted, {state.name: state.provisioning_state for state in recorded}
+    return deleted, pools.deleted, {name: inventory.get(name).provisioning_state for name in pools.deleted}
 
 
 def test_old_orphans_are_deleted_and_everything_else_is_left_alone():

@@ -1,0 +1,114 @@
+"""The live catalogue and the pre-flight: caching, fallback, restrictions and quota with pools in flight."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import REGISTRY
+
+from gpu_provisioner.cloud.catalogue import SizeCatalogue
+from gpu_provisioner.cloud.errors import AccessDeniedError
+from gpu_provisioner.cloud.skus import lookup
+
+NC6 = lookup("Standard_NC6s_v3")
+
+
+class FakeCompute:
+    def __init__(self) -> None:
+        self.quota = {"standardNCSv3Family": (0, 12), "cores": (0, 100)}
+        self.restrictions: list[dict[str, Any]] = []
+        self.denied = False
+        self.reads = {"skus": 0, "usages": 0}
+
+    def vm_sizes(self, location: str) -> list[dict[str, Any]]:
+        self.reads["skus"] += 1
+        if self.denied:
+            raise AccessDeniedError("no Microsoft.Compute/skus/read", "AuthorizationFailed", 403)
+        return [{"resourceType": "virtualMachines", "name": "Standard_NC6s_v3", "family": "standardNCSv3Family",
+                 "locations": [location], "locationInfo": [{"location": location, "zones": ["1", "2"]}],
+                 "capabilities": [{"name": "vCPUs", "value": "6"}, {"name": "GPUs", "value": "1"},
+                                  {"name": "MemoryGB", "value": "112"}],
+                 "restrictions": self.restrictions},
+                {"resourceType": "virtualMachines", "name": "Standard_ND999_v9", "family": "standardNDv9Family",
+                 "locations": [location], "capabilities": [{"name": "vCPUs", "value": "999"}]}]
+
+    def usages(self, location: str) -> list[dict[str, Any]]:
+        self.reads["usages"] += 1
+        return [{"name": {"value": name}, "currentValue": current, "limit": limit}
+                for name, (current, limit) in self.quota.items()]
+
+
+def catalogue(compute: FakeCompute, now: list[float]) -> SizeCatalogue:
+    return SizeCatalogue(compute, "eastus", sku_interval_s=100, quota_interval_s=10, clock=lambda: now[0])
+
+
+def test_quota_counts_the_pools_in_flight_and_reads_usage_once_per_interval():
+    compute, now = FakeCompute(), [0.0]
+    sizes = catalogue(compute, now)
+    assert sizes.reserve(NC6) is None and sizes.reserve(NC6) is None  # 12 of 12 vCPUs, both in flight
+    refusal = sizes.reserve(NC6)
+    assert refusal is not None and refusal.reason == "QuotaExceeded"
+    assert "standardNCSv3Family" in refusal.message and "limit 12" in refusal.message
+    assert "usage 0" in refusal.message and "in flight from gpu-provisioner 12" in refusal.message
+    assert "need 6" in refusal.message
+    sizes.release(NC6)  # a PUT that was refused: its vCPUs are free again
+    assert sizes.reserve(NC6) is None
+    assert compute.reads["usages"] == 1
+    # The next interval's usage read counts the pools itself: what was in flight before it is dropped.
+    now[0] = 11
+    compute.quota["standardNCSv3Family"] = (6, 12)
+    assert sizes.reserve(NC6) is None and sizes.reserve(NC6) is not None
+    assert compute.reads["usages"] == 2
+
+
+def test_the_regional_total_limits_every_family():
+    compute, now = FakeCompute(), [0.0]
+    compute.quota["cores"] = (96, 100)
+    refusal = catalogue(compute, now).reserve(NC6)
+    assert refusal is not None and "regional vCPU quota" in refusal.message
+
+
+def test_restrictions_refuse_a_size_and_one_zone_left_does_not():
+    compute, now = FakeCompute(), [0.0]
+    compute.restrictions = [{"type": "Zone", "values": ["eastus"], "restrictionInfo": {"zones": ["1"]},
+                             "reasonCode": "NotAvailableForSubscription"}]
+    assert catalogue(compute, now).reserve(NC6) is None
+    compute.restrictions[0]["restrictionInfo"]["zones"] = ["1", "2"]
+    refusal = catalogue(compute, now).reserve(NC6)
+    assert refusal is not None and refusal.reason == "SKUNotAvailable" and "every zone" in refusal.message
+    compute.restrictions = [{"type": "Location", "values": ["eastus"], "reasonCode": "NotAvailableForSubscription"}]
+    refusal = catalogue(compute, now).reserve(NC6)
+    assert refusal is not None and "NotAvailableForSubscription" in refusal.message
+    not_offered = catalogue(compute, now).reserve(lookup("Standard_NC24ads_A100_v4"))
+    assert not_offered is not None and "not offered in eastus" in not_offered.message
+
+
+def test_live_sizes_are_used_and_a_refused_read_falls_back_to_the_table_and_says_so():
+    compute, now = FakeCompute(), [0.0]
+    sizes = catalogue(compute, now)
+    live = sizes.size("standard_nd999_v9")
+    assert live is not None and live.vcpus == 999 and live.family == "standardNDv9Family"
+    assert sizes.size("Standard_NC6s_v3").gpu_model == "V100"  # what the API does not say comes from the table
+    assert REGISTRY.get_sample_value("gpu_provisioner_azure_catalogue_live",
+                                     {"region": "eastus", "api": "resource_skus"}) == 1
+
+    compute.denied, now[0] = True, 101
+    assert sizes.size("Standard_ND999_v9") is None  # the built-in table does not know it
+    assert sizes.size("Standard_NC24ads_A100_v4") == lookup("Standard_NC24ads_A100_v4")
+    assert sizes.reserve(lookup("Standard_NC24ads_A100_v4")) is None  # no restriction check without the list
+    assert REGISTRY.get_sample_value("gpu_provisioner_azure_catalogue_live",
+                                     {"region": "eastus", "api": "resource_skus"}) == 0
+    assert compute.reads["skus"] == 2
+
+
+def test_without_compute_access_the_table_is_used_and_nothing_is_refused():
+    sizes = SizeCatalogue()
+    assert sizes.size("Standard_NC6s_v3") == NC6 and sizes.reserve(NC6) is None
+
+
+def test_warm_up_reads_both_once_so_the_start_up_log_says_what_is_in_use():
+    compute, now = FakeCompute(), [0.0]
+    sizes = catalogue(compute, now)
+    sizes.warm_up()
+    assert compute.reads == {"skus": 1, "usages": 1}
+    assert sizes.reserve(NC6) is None and compute.reads == {"skus": 1, "usages": 1}  # within the intervals
