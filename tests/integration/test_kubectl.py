@@ -58,8 +58,8 @@ def test_a_capacity_failure_is_one_warning_event(api, claims, start_sim, start_c
     # Two sizes, both out of quota: each is tried, and the failure is told once, with both causes.
     claims.create(api, kaito_claim(api, unique_name, ["Standard_NC6s_v3", "Standard_NC12s_v3"]))
     claims.wait_condition(api, unique_name, api.launched, "False", reason="QuotaExceeded")
-    # Tried again (after 0.5 s, then 1 s), refused the same way each time.
-    wait_for("three refused creates", lambda: sim.count_requests("agentpools.create") >= 3, timeout_s=30)
+    # Tried again (after 0.5 s, then 1 s), refused the same way each time (by the quota pre-flight: no PUT).
+    wait_for("three quota reads", lambda: sim.count_requests("usages.list") >= 3, timeout_s=30)
     warnings = [(e.reason, e.message, e.count) for e in claims.events(unique_name) if e.type == "Warning"]
     assert len(warnings) == 1 and warnings[0][2] == 1, warnings
     assert "Standard_NC6s_v3" in warnings[0][1] and "Standard_NC12s_v3" in warnings[0][1]
