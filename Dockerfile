@@ -13,12 +13,18 @@ RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --requirement requirements.txt
 COPY README.md ./
 COPY gpu_provisioner ./gpu_provisioner
-# pip compiles every module as it installs (a read-only root cannot cache bytecode at run time). The
-# kubernetes client's asyncio half (kubernetes.aio) and aiohttp, which only it uses, are never imported.
+# pip compiles every module as it installs (a read-only root cannot cache bytecode at run time). The asyncio
+# halves of the kubernetes client and of the Azure SDK clients, and aiohttp, which only they use, are never imported.
+# The kubernetes client's generated API and model modules (33 MB of source) ship as bytecode only: a traceback
+# through them still names file and line.
+ARG SITE=/opt/venv/lib/python3.11/site-packages
 RUN /opt/venv/bin/pip install --no-deps . \
- && rm -rf /opt/venv/lib/python3.11/site-packages/kubernetes/aio \
+ && rm -rf "$SITE/kubernetes/aio" "$SITE"/azure/mgmt/*/aio \
  && /opt/venv/bin/pip uninstall --yes --quiet aiohttp aiohttp-retry aiohappyeyeballs aiosignal attrs frozenlist \
       multidict propcache yarl \
+ && /opt/venv/bin/python -m compileall -q -b -j 0 "$SITE/kubernetes/client/api" "$SITE/kubernetes/client/models" \
+ && find "$SITE/kubernetes/client/api" "$SITE/kubernetes/client/models" \( -name '*.py' -o -name __pycache__ \) \
+      -prune -exec rm -rf {} + \
  && /opt/venv/bin/pip uninstall --yes --quiet pip setuptools
 
 FROM python:3.11.11-slim-bookworm AS runtime-root

@@ -96,3 +96,12 @@ PREFLIGHT_REFUSALS = Counter(
     "Agent pool PUTs not sent because the pre-flight found the size restricted or its vCPU quota used up",
     ["reason"],
 )
+
+NODE_REPAIRS = Counter(
+    "gpu_provisioner_node_repairs_total",
+    "Ready claims deleted because their Node stayed unhealthy (NodeNotReady, GPUUnavailable)", ["kind", "reason"],
+)
+NODE_REPAIRS_BLOCKED = Counter(
+    "gpu_provisioner_node_repairs_blocked_total",
+    "Repairs held back by a safety rule (TooManyUnhealthy, APIServerDown, ARMDown, AgentPoolBusy)", ["reason"],
+)

@@ -15,6 +15,8 @@ GROUP = "karpenter.sh"
 TERMINATION_FINALIZER = "karpenter.sh/termination"
 REGISTERED_LABEL = "karpenter.sh/registered"
 INITIALIZED_LABEL = "karpenter.sh/initialized"
+# Karpenter v1's deadline for a claim's drain; node repair sets it to the moment it deletes the claim.
+TERMINATION_TIMESTAMP_ANNOTATION = "karpenter.sh/nodeclaim-termination-timestamp"
 INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 CAPACITY_TYPE_LABEL = "karpenter.sh/capacity-type"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -19,6 +19,10 @@ from gpu_provisioner.settings import Settings
 class NodeLookup(Protocol):
     def nodes_for(self, claim: Claim) -> list[dict[str, Any]]:
         """The Nodes of the claim's agent pool (by providerID, else by agent-pool label)."""
+        ...
+
+    def nodes_of_pools(self, pools: Iterable[str]) -> list[dict[str, Any]]:
+        """The Nodes of these agent pools."""
         ...
 
 

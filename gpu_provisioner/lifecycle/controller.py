@@ -11,6 +11,7 @@ from gpu_provisioner.lifecycle.initialization import Initialization
 from gpu_provisioner.lifecycle.launch import Launch
 from gpu_provisioner.lifecycle.liveness import Liveness
 from gpu_provisioner.lifecycle.registration import Registration
+from gpu_provisioner.lifecycle.repair import NodeRepair
 from gpu_provisioner.lifecycle.termination import Termination
 
 log = structlog.get_logger(__name__)
@@ -21,13 +22,15 @@ class ClaimLifecycle:
         self.deps = deps
         self.launch = Launch(deps)
         self.phases = (self.launch, Registration(deps), Initialization(deps))
-        self.liveness = Liveness(deps, self.launch)
+        self.repair = NodeRepair(deps)
+        self.liveness = Liveness(deps, self.launch, self.repair)
         self.termination = Termination(deps)
 
     def claim_deleted(self, claim: Claim) -> None:
         """The watch saw the claim go: drop what the phases remember of it, and have `reap` make sure that
         no pool outlives it."""
         self.launch.forget(claim.uid)
+        self.repair.forget(claim.uid)
         self.termination.claim_deleted(claim)
 
     def reap(self, key: str) -> float | None:

@@ -10,7 +10,7 @@ then on. Look-ups by providerID and by agent-pool name go through indexes, never
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import kubernetes
@@ -78,6 +78,13 @@ class NodeCache:
         nodes = self.informer.by_index(BY_PROVIDER_ID, claim.provider_id) if claim.provider_id else []
         if not nodes:
             nodes = self.informer.by_index(BY_POOL, claim.name)
+        return self._all_in_full(nodes)
+
+    def nodes_of_pools(self, pools: Iterable[str]) -> list[dict[str, Any]]:
+        """The Nodes of these agent pools (node repair's count of the managed fleet)."""
+        return self._all_in_full([node for pool in pools for node in self.informer.by_index(BY_POOL, pool)])
+
+    def _all_in_full(self, nodes: list[Object]) -> list[dict[str, Any]]:
         return [full for node in nodes if (full := self._in_full(node)) is not None]
 
     def _in_full(self, node: Object) -> Object | None:

@@ -13,7 +13,13 @@ import structlog
 from kubernetes.client import ApiException
 
 from gpu_provisioner import metrics
-from gpu_provisioner.api.claims import CLAIM_APIS, TERMINATION_FINALIZER, Claim
+from gpu_provisioner.api.claims import (
+    CLAIM_APIS,
+    TERMINATION_FINALIZER,
+    TERMINATION_TIMESTAMP_ANNOTATION,
+    Claim,
+    parse_time,
+)
 from gpu_provisioner.cloud.agentpools import IN_PROGRESS, PoolState
 from gpu_provisioner.cloud.errors import AccessDeniedError, RequestFailedError
 from gpu_provisioner.lifecycle.base import (
@@ -47,11 +53,19 @@ def _still_leaving(pod: Any, now: datetime) -> bool:
         "Succeeded", "Failed")
 
 
-def _drain_time_is_up(claim: Claim, now: datetime) -> bool:
+def _drain_time_up(claim: Claim, now: datetime) -> str:
+    """Why the drain may not go on (a NodeClaim's terminationGracePeriod has passed, or node repair set no time
+    for it, as Karpenter's does), or "" while it may."""
     grace_s, deleted_at = claim.termination_grace_s, claim.deleted_at
-    if grace_s is None or deleted_at is None:
-        return False
-    return now >= deleted_at + timedelta(seconds=grace_s)
+    if grace_s is not None and deleted_at is not None and now >= deleted_at + timedelta(seconds=grace_s):
+        return f"terminationGracePeriod {claim.spec.get('terminationGracePeriod')} has passed"
+    try:
+        deadline = parse_time(claim.annotations.get(TERMINATION_TIMESTAMP_ANNOTATION))
+    except ValueError:  # not a time: no deadline
+        deadline = None
+    if deadline is not None and now >= deadline:
+        return f"the drain's deadline {claim.annotations[TERMINATION_TIMESTAMP_ANNOTATION]} has passed (node repair)"
+    return ""
 
 
 def _belongs_to(claim: Claim, node: dict[str, Any]) -> bool:
@@ -201,11 +215,10 @@ class Termination:
         drainable = [pod for pod in kube.pods_on_node(name) if _drainable(pod)]
         pods = [pod for pod in drainable if pod.metadata.deletion_timestamp is None]
         leaving = [pod for pod in drainable if _still_leaving(pod, now)]
-        if (pods or leaving) and _drain_time_is_up(claim, now):
+        if (pods or leaving) and (time_up := _drain_time_up(claim, now)):
             # The NodeClaim's terminationGracePeriod bounds the drain: the Node goes with its pods on it
             # (the pod garbage collector removes them), so a blocked eviction cannot keep a GPU VM forever.
-            self.deps.events.warning(claim.obj, "TerminationGracePeriodExpired", f"terminationGracePeriod "
-                                     f"{claim.spec.get('terminationGracePeriod')} has passed: deleting node {name} "
+            self.deps.events.warning(claim.obj, "TerminationGracePeriodExpired", f"{time_up}: deleting node {name} "
                                      f"with {len(pods) + len(leaving)} pod(s) still on it")
             pods, leaving = [], []
         blocked = []

@@ -36,6 +36,15 @@ def _taint(spec: str) -> dict[str, str]:
     return {"key": key, "value": value, "effect": effect}
 
 
+def _unless_gone(action: Callable[[], None]) -> None:
+    """Act on a Node unless it was deleted meanwhile (with its pool): a kubelet would be gone too."""
+    try:
+        action()
+    except ApiException as error:
+        if error.status != 404:
+            raise
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -77,15 +86,52 @@ class NodeMaterialiser:
             return
         ready_at = s.node_join_delay_s + s.node_ready_delay_s
         self._after(ready_at, lambda: self._set_status(node_name, size, ready=True, gpus=False))
+        serving_at = ready_at
         if not s.no_gpu and size.is_gpu:
-            gpus_at = ready_at + s.gpu_publish_delay_s
+            serving_at = gpus_at = ready_at + s.gpu_publish_delay_s
             self._after(gpus_at, lambda: self._set_status(node_name, size, ready=True, gpus=True))
+        # Failures of a node in service, after it came up whole.
+        if s.gpus_lost_after_s is not None and size.is_gpu:
+            self._after(serving_at + s.gpus_lost_after_s, lambda: _unless_gone(lambda: self.lose_gpus(node_name)))
+        if s.node_lost_after_s is not None:
+            self._after(serving_at + s.node_lost_after_s, lambda: _unless_gone(lambda: self.lose_node(node_name)))
 
     def pool_deleted(self, cluster: str, pool: str) -> None:
         with self._lock:
             node_name = self._nodes.pop((cluster, pool), None)
         if node_name is not None:
             self._after(0, lambda: self._delete(node_name))
+
+    # failures of a node in service, as the kubelet and the node lifecycle controller report them ---------
+
+    def lose_gpus(self, node_name: str) -> None:
+        """The device plugin reports every GPU unhealthy (an Xid error, a driver crash): allocatable drops to
+        0, capacity stays."""
+        size = lookup(self._core.read_node(node_name).metadata.labels["node.kubernetes.io/instance-type"])
+        if size is not None and size.is_gpu:
+            self._patch_status(node_name, {"allocatable": {size.gpu_resource: "0"}})
+
+    def lose_node(self, node_name: str, status: str = "Unknown", since: str | None = None) -> None:
+        """The Node's Ready turns `status`: Unknown is what the node lifecycle controller writes when the kubelet
+        stopped posting, False what a kubelet that runs but is unhealthy writes. `since`: its lastTransitionTime."""
+        reason, message = ("NodeStatusUnknown", "Kubelet stopped posting node status.") if status == "Unknown" else (
+            "KubeletNotReady", "container runtime is down")
+        node = self._core.read_node(node_name)
+        conditions = [{"type": c.type, "status": c.status, "reason": c.reason, "message": c.message,
+                       "lastHeartbeatTime": c.last_heartbeat_time, "lastTransitionTime": c.last_transition_time}
+                      for c in node.status.conditions or [] if c.type != "Ready"]
+        conditions.append({"type": "Ready", "status": status, "reason": reason, "message": message,
+                           "lastHeartbeatTime": since or _now(), "lastTransitionTime": since or _now()})
+        self._patch_status(node_name, {"conditions": conditions})
+
+    def restore_node(self, node_name: str) -> None:
+        """The kubelet and the device plugin are healthy again: Ready, with every GPU allocatable."""
+        size = lookup(self._core.read_node(node_name).metadata.labels["node.kubernetes.io/instance-type"])
+        assert size is not None
+        self._set_status(node_name, size, ready=True, gpus=True)
+
+    def _patch_status(self, name: str, status: dict[str, Any]) -> None:
+        self._core.patch_node_status(name, {"status": status}, _content_type="application/merge-patch+json")
 
     # node objects -----------------------------------------------------------------------------
 
@@ -138,13 +184,13 @@ class NodeMaterialiser:
         try:
             if ready:
                 self._lift_not_ready_taint(name)
-            self._core.patch_node_status(name, {"status": {
+            self._patch_status(name, {
                 "capacity": resources, "allocatable": resources, "conditions": conditions,
                 "nodeInfo": {"kubeletVersion": "v1.33.5", "osImage": "Ubuntu 22.04.5 LTS", "architecture": "amd64",
                              "operatingSystem": "linux", "containerRuntimeVersion": "containerd://1.7.27",
                              "kernelVersion": "5.15.0-1089-azure", "kubeProxyVersion": "", "machineID": "",
                              "systemUUID": "", "bootID": ""},
-            }}, _content_type="application/merge-patch+json")
+            })
         except ApiException as error:
             if error.status != 404:  # deleted meanwhile: a kubelet would be gone too
                 raise
@@ -160,11 +206,7 @@ class NodeMaterialiser:
                                          "spec": {"taints": kept}}, _content_type="application/merge-patch+json")
 
     def _delete(self, name: str) -> None:
-        try:
-            self._core.delete_node(name)
-        except ApiException as error:
-            if error.status != 404:
-                raise
+        _unless_gone(lambda: self._core.delete_node(name))
 
     # timing -----------------------------------------------------------------------------------
 

@@ -29,6 +29,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "Microsoft.ContainerService/managedClusters/agentPools/write",
         "Microsoft.ContainerService/managedClusters/agentPools/delete",
     ]},
+    "gpu-lost": {"gpus_lost_after_s": 5.0},
+    "node-lost": {"node_lost_after_s": 5.0},
 }
 
 
@@ -70,6 +72,10 @@ class Scenario(BaseSettings):
     # Azure RBAC actions the controller's identity lacks, e.g. "Microsoft.ContainerService/managedClusters/
     # agentPools/write": requests needing them get 403 AuthorizationFailed.
     denied_actions: list[str] = Field(default_factory=list)
+    # A node in service fails this long after it came up whole (None: never): its GPUs vanish (allocatable 0),
+    # or it is lost (Ready Unknown, as when the kubelet stops posting).
+    gpus_lost_after_s: float | None = None
+    node_lost_after_s: float | None = None
 
     @classmethod
     def named(cls, name: str, **overrides: Any) -> Scenario:

@@ -155,6 +155,13 @@ class AksSimulator:
         for name, value in changes.items():
             setattr(self.scenario, name, value)
 
+    @property
+    def kubelet(self) -> NodeMaterialiser:
+        """The kubelet stand-in, to make a node in service fail (lose_gpus, lose_node) or recover."""
+        if self._nodes is None:
+            raise RuntimeError("this simulator materialises no nodes (started without kube_api)")
+        return self._nodes
+
     def set_cluster_power(self, cluster: str, power: str) -> None:
         self.aks.set_cluster_power(cluster, power)
 

@@ -16,6 +16,7 @@ import yaml
 from gpu_provisioner.api.claims import NODECLAIM
 from gpu_provisioner.devenv.image import base_images
 from gpu_provisioner.devenv.tools import KUBE_SCORE, ensure_checkov, ensure_tools
+from gpu_provisioner.settings import Settings
 from tests.integration.harness import kaito_claim, wait_for
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "gpu-provisioner"
@@ -359,3 +360,16 @@ def test_every_value_changes_the_rendered_chart(control_plane):
         if changed == baseline:
             dead.append(path)
     assert dead == []
+
+
+def test_repair_and_initialization_values_reach_the_controllers_settings(control_plane, monkeypatch):
+    documents = render(control_plane, "--set", "settings.nodeRepair.enabled=false",
+                       "--set", "settings.initializationTimeoutSeconds=1200")
+    deployment = next(d for d in documents if d["kind"] == "Deployment")
+    for variable in deployment["spec"]["template"]["spec"]["containers"][0]["env"]:
+        if "value" in variable:
+            monkeypatch.setenv(variable["name"], variable["value"])
+    settings = Settings.load(ARM_SUBSCRIPTION_ID="sub", ARM_RESOURCE_GROUP="rg", LOCATION="eastus",
+                             AZURE_CLUSTER_NAME="kaito")
+    assert (settings.node_repair_enabled, settings.initialization_timeout_s) == (False, 1200)
+    assert (settings.node_repair_toleration_s, settings.node_repair_max_unhealthy_percent) == (600, 20)

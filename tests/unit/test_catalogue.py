@@ -6,9 +6,13 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
+from gpu_provisioner.api.claims import INSTANCE_TYPE_LABEL, NODECLAIM
 from gpu_provisioner.cloud.catalogue import SizeCatalogue
 from gpu_provisioner.cloud.errors import AccessDeniedError
-from gpu_provisioner.cloud.skus import lookup
+from gpu_provisioner.cloud.skus import GPU_RESOURCE, lookup
+from gpu_provisioner.lifecycle.initialization import awaited
+from gpu_provisioner.lifecycle.repair import unavailable_gpus
+from tests.unit.test_phases import kaito
 
 NC6 = lookup("Standard_NC6s_v3")
 
@@ -112,3 +116,21 @@ def test_warm_up_reads_both_once_so_the_start_up_log_says_what_is_in_use():
     sizes.warm_up()
     assert compute.reads == {"skus": 1, "usages": 1}
     assert sizes.reserve(NC6) is None and compute.reads == {"skus": 1, "usages": 1}  # within the intervals
+
+
+def test_a_gpu_size_only_the_live_catalogue_knows_is_initialized_only_with_its_gpus_and_repaired_without_them():
+    """Initialization and node repair ask the live catalogue what a size's GPUs are, not only the built-in table."""
+    compute = FakeCompute()
+    compute.vm_sizes = lambda location: [{
+        "resourceType": "virtualMachines", "name": "Standard_ND999_v9", "family": "standardNDv9Family",
+        "locations": [location], "capabilities": [{"name": "vCPUs", "value": "96"}, {"name": "GPUs", "value": "8"}],
+    }]
+    sizes = catalogue(compute, [0.0])
+    assert lookup("Standard_ND999_v9") is None
+    claim = kaito(NODECLAIM)
+    node = {"metadata": {"name": "n1", "labels": {INSTANCE_TYPE_LABEL: "Standard_ND999_v9"}},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}], "allocatable": {"cpu": "95"}}}
+    assert awaited(claim, node, sizes.size).reason == "ResourceNotRegistered"
+    assert unavailable_gpus(node, sizes.size) == GPU_RESOURCE
+    node["status"]["allocatable"][GPU_RESOURCE] = "8"
+    assert awaited(claim, node, sizes.size) is None and unavailable_gpus(node, sizes.size) == ""

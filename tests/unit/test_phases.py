@@ -16,6 +16,7 @@ from gpu_provisioner.cloud.inventory import PoolInventory
 from gpu_provisioner.lifecycle.base import Deps, Reconciliation
 from gpu_provisioner.lifecycle.controller import ClaimLifecycle
 from gpu_provisioner.sandbox import EXAMPLES
+from gpu_provisioner.settings import Settings
 
 START = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -91,17 +92,19 @@ class Events:
 
 
 class Harness:
-    def __init__(self, launch_timeout_s: float = 300.0) -> None:
+    """The lifecycle with fakes; `kube` and `nodes` replace the fakes that know no Nodes, `settings` the defaults."""
+
+    def __init__(self, launch_timeout_s: float = 300.0, kube: Any = None, nodes: Any = None, **settings: Any) -> None:
         self.clock = Clock()
         self.pools = Pools()
-        self.kube = Kube()
+        self.kube = kube or Kube()
         self.events = Events()
         self.list_clock = [0.0]
         self.inventory = PoolInventory(self.pools, 10.0, lambda before, after: None, clock=lambda: self.list_clock[0])
         self.list()
-        settings = SimpleNamespace(launch_timeout_s=launch_timeout_s, registration_timeout_s=900.0,
-                                   cluster_name="kaito")
-        self.deps = Deps(settings, self.kube, self.pools, self.inventory, SimpleNamespace(nodes_for=lambda c: []),
+        self.settings = Settings.model_construct(launch_timeout_s=launch_timeout_s, cluster_name="kaito", **settings)
+        self.deps = Deps(self.settings, self.kube, self.pools, self.inventory,
+                         nodes or SimpleNamespace(nodes_for=lambda c: []),
                          SimpleNamespace(claim_exists=lambda c: True), self.events, clock=self.clock)
         self.lifecycle = ClaimLifecycle(self.deps)
 

@@ -95,6 +95,10 @@ annotations:
 {{- $env = append $env (dict "name" "REGISTRATION_TIMEOUT_SECONDS" "value" (toString $settings.registrationTimeoutSeconds)) -}}
 {{- $env = append $env (dict "name" "POOL_REFRESH_INTERVAL_SECONDS" "value" (toString $settings.poolRefreshIntervalSeconds)) -}}
 {{- $env = append $env (dict "name" "ORPHAN_GRACE_SECONDS" "value" (toString $settings.orphanGraceSeconds)) -}}
+{{- $env = append $env (dict "name" "INITIALIZATION_TIMEOUT_SECONDS" "value" (toString $settings.initializationTimeoutSeconds)) -}}
+{{- $env = append $env (dict "name" "NODE_REPAIR_ENABLED" "value" (toString $settings.nodeRepair.enabled)) -}}
+{{- $env = append $env (dict "name" "NODE_REPAIR_TOLERATION_SECONDS" "value" (toString $settings.nodeRepair.tolerationSeconds)) -}}
+{{- $env = append $env (dict "name" "NODE_REPAIR_MAX_UNHEALTHY_PERCENT" "value" (toString $settings.nodeRepair.maxUnhealthyPercent)) -}}
 {{- $env = append $env (dict "name" "LEADER_ELECT" "value" (toString .Values.leaderElection.enabled)) -}}
 {{- $env = append $env (dict "name" "METRICS_PORT" "value" (toString .Values.controller.metrics.port)) -}}
 {{- $env = append $env (dict "name" "HEALTH_PROBE_PORT" "value" (toString .Values.controller.healthProbe.port)) -}}
