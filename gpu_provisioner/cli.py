@@ -17,6 +17,7 @@ from rich.console import Console
 
 from gpu_provisioner.devenv.controlplane import ControlPlane
 from gpu_provisioner.devenv.tools import ALL_TOOLS, ensure_tools
+from gpu_provisioner.logs import configure_logging, crash_logged
 from gpu_provisioner.signals import wait_for_interrupt
 from gpu_provisioner.sim.cli import simulate_aks
 
@@ -29,10 +30,10 @@ console = Console(stderr=True)
 
 
 @app.command("run")
+@crash_logged
 def run() -> None:
     """Run the controller: settings come from the environment (ARM_SUBSCRIPTION_ID, ... see the README)."""
     from gpu_provisioner import metrics
-    from gpu_provisioner.logs import configure_logging
     from gpu_provisioner.manager import Manager
     from gpu_provisioner.runtime.leader import LeaderElector
     from gpu_provisioner.runtime.probes import ProbeServer, start_metrics_server
@@ -41,7 +42,8 @@ def run() -> None:
     try:
         settings = Settings.load()
     except SettingsError as error:
-        console.print(f"[red]{error}[/red]")
+        structlog.get_logger(__name__).error("gpu-provisioner cannot start: settings missing or wrong",
+                                             problems=error.problems)
         raise typer.Exit(2) from None
     configure_logging(settings.log_level)
     version = importlib.metadata.version("gpu-provisioner")
@@ -55,9 +57,8 @@ def run() -> None:
     )
     api_client = _kubernetes_api_client(settings.kubeconfig)
     manager = Manager(settings, api_client)
-    stop_metrics = start_metrics_server(settings.metrics_port)
-    # A standby is ready (to take over); the leader once its caches are synced.
-    probes = ProbeServer(settings.health_probe_port, lambda: not manager.started or manager.synced())
+    stop_metrics = start_metrics_server(settings.metrics_port, settings.bind_address)
+    probes = ProbeServer(settings.health_probe_port, manager.not_ready_reason, settings.bind_address)
     probes.start()
     stop = threading.Event()
     try:

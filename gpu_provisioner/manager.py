@@ -123,6 +123,18 @@ class Manager:
     def synced(self) -> bool:
         return self._caches_synced() and self.inventory.synced
 
+    def not_ready_reason(self) -> str | None:
+        """What keeps this replica from doing its job, for /readyz (None: nothing). A standby that has not
+        started is ready: to take over."""
+        if not self.started:
+            return None
+        if not self._caches_synced():
+            return "caches not synced"
+        if not self.inventory.synced:
+            error = self.inventory.list_error
+            return f"agent pool list failing: {error.describe()}" if error else "waiting for the first agent pool list"
+        return None
+
     def _caches_synced(self) -> bool:
         informers = [i for i in self.claim_informers.values() if i.available]
         return self.nodes.informer.has_synced and all(i.has_synced for i in informers)

@@ -106,9 +106,11 @@ class Sandbox:
         with self._environment() as (kubeconfig_path, metrics_port, controller):
             api_client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig_path))
             custom = kubernetes.client.CustomObjectsApi(api_client)
-            self.console.print(f"kubectl: {self.kubectl} --kubeconfig {kubeconfig_path} get {self.api.plural}")
-            self.console.print(f"metrics: http://127.0.0.1:{metrics_port}/metrics")
-            self.console.print(f"controller log: {self.workdir / 'controller.log'}")
+            kubectl = f"{self.kubectl} --kubeconfig {kubeconfig_path}"
+            self._print_unwrapped(f"kubectl: {kubectl} get {self.api.plural}")
+            self._print_unwrapped(f"events:  {kubectl} get events --field-selector type=Warning")
+            self._print_unwrapped(f"metrics: http://127.0.0.1:{metrics_port}/metrics")
+            self._print_unwrapped(f"controller log: {self.workdir / 'controller.log'}")
             outcome: str | None = "interrupted"
             try:
                 started = time.monotonic()
@@ -120,12 +122,15 @@ class Sandbox:
                 outcome = self._watch(custom, started, controller)
                 if outcome is None:
                     self._summary(kubernetes.client.CoreV1Api(api_client), custom, started)
-                    if not exit_when_ready:
-                        self.console.print("all claims Ready. Ctrl-C deletes them and tears everything down.")
-                        self.console.file.flush()  # so an interrupt never lands in the middle of a write
-                        threading.Event().wait()
+                    headline = "all claims Ready."
                 else:
                     self.console.print(f"[red]not ready: {outcome}[/red]")
+                    headline = "the kubectl commands above show why."
+                if not exit_when_ready:
+                    # Up until Ctrl-C either way: a failed claim is left as it is for kubectl to show.
+                    self.console.print(f"{headline} Ctrl-C deletes the claims and tears everything down.")
+                    self.console.file.flush()  # so an interrupt never lands in the middle of a write
+                    threading.Event().wait()
             except KeyboardInterrupt:
                 self.console.print("interrupted")
             finally:
@@ -140,6 +145,10 @@ class Sandbox:
         else:
             self.console.print(f"controller log kept in {self.workdir / 'controller.log'}")
         return 0 if outcome is None else 1
+
+    def _print_unwrapped(self, line: str) -> None:
+        """A line to copy and paste (a command, a path): never wrapped, however narrow the terminal."""
+        self.console.print(line, soft_wrap=True, markup=False, highlight=False)
 
     @contextlib.contextmanager
     def _environment(self) -> Iterator[tuple[Path, int, subprocess.Popen[bytes]]]:

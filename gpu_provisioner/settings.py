@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -15,6 +15,10 @@ from gpu_provisioner.api.claims import CLAIM_APIS
 
 class SettingsError(RuntimeError):
     """Start-up settings are missing or wrong; the message names each variable to set."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("gpu-provisioner cannot start:\n" + "\n".join(f"  {problem}" for problem in problems))
+        self.problems = problems
 
 
 class Settings(BaseSettings):
@@ -53,7 +57,8 @@ class Settings(BaseSettings):
     orphan_grace_s: float = Field(600.0, ge=0, validation_alias="ORPHAN_GRACE_SECONDS")
     metrics_port: int = Field(8080, validation_alias="METRICS_PORT")
     health_probe_port: int = Field(8081, validation_alias="HEALTH_PROBE_PORT")
-    log_level: str = Field("info", validation_alias="LOG_LEVEL")
+    bind_address: str = Field("0.0.0.0", validation_alias="BIND_ADDRESS")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", validation_alias="LOG_LEVEL")
     # Leader election on a Lease in the pod's namespace; the pod name identifies the candidate.
     leader_elect: bool = Field(False, validation_alias="LEADER_ELECT")
     pod_namespace: str = Field("default", validation_alias="POD_NAMESPACE")
@@ -74,6 +79,11 @@ class Settings(BaseSettings):
         20, ge=0, le=100, validation_alias="NODE_REPAIR_MAX_UNHEALTHY_PERCENT"
     )
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
     @field_validator("claim_apis", mode="before")
     @classmethod
     def _split_apis(cls, value: object) -> object:
@@ -91,10 +101,10 @@ class Settings(BaseSettings):
         try:
             return cls(**overrides)
         except ValidationError as error:
-            lines = []
+            problems = []
             for problem in error.errors():
                 # The location is the environment variable's name (the field's alias).
                 name = ".".join(str(part) for part in problem["loc"])
                 what = "is not set" if problem["type"] == "missing" else problem["msg"]
-                lines.append(f"  {name}: {what}")
-            raise SettingsError("gpu-provisioner cannot start:\n" + "\n".join(lines)) from None
+                problems.append(f"{name}: {what}")
+            raise SettingsError(problems) from None

@@ -18,6 +18,10 @@ INITIALIZED_LABEL = "karpenter.sh/initialized"
 # Karpenter v1's deadline for a claim's drain; node repair sets it to the moment it deletes the claim.
 TERMINATION_TIMESTAMP_ANNOTATION = "karpenter.sh/nodeclaim-termination-timestamp"
 INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+CAPACITY_TYPE_LABEL = "karpenter.sh/capacity-type"
+# Every pool this controller makes is of regular (not Spot) VMs.
+ON_DEMAND = "on-demand"
 AZURE_SKU_LABEL = "karpenter.azure.com/sku-name"
 NODE_IMAGE_FAMILY_ANNOTATION = "kaito.sh/node-image-family"
 STORAGE = "storage"
@@ -50,6 +54,8 @@ class ClaimApi:
     # Kaito v0.3 fails fast only when the MachineLaunched message equals its capacity phrase; later Kaito
     # looks for the phrase inside the message, so it can carry the detail.
     exact_capacity_message: bool
+    # Whether the status has `imageID` (Karpenter v1's NodeClaim; v1alpha5's Machine has none).
+    has_image_id: bool
 
     @property
     def api_version(self) -> str:
@@ -65,14 +71,14 @@ MACHINE = ClaimApi(
     "MachineLaunched", "MachineRegistered", "MachineInitialized",
     ("karpenter.sh/provisioner-name", "default"), metav1_conditions=False,
     pending_status="False", not_launched=("MachineNotLaunched", "Machine is not launched"),
-    exact_capacity_message=True,
+    exact_capacity_message=True, has_image_id=False,
 )
 NODECLAIM = ClaimApi(
     "nodeclaim", "NodeClaim", "v1", "nodeclaims",
     "Launched", "Registered", "Initialized",
     ("karpenter.sh/nodepool", "kaito"), metav1_conditions=True,
     pending_status="Unknown", not_launched=(AWAITING_RECONCILIATION, "object is awaiting reconciliation"),
-    exact_capacity_message=False,
+    exact_capacity_message=False, has_image_id=True,
 )
 CLAIM_APIS: dict[str, ClaimApi] = {api.name: api for api in (MACHINE, NODECLAIM)}
 

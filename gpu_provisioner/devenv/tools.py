@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,12 +54,16 @@ class GoTool:
     # (binary name, Go main package) pairs
     builds: tuple[tuple[str, str], ...]
     ldflags: tuple[str, ...] = ()
+    # What else shapes the binaries besides the version (such as the Kubernetes version helm assumes): part
+    # of the cache key, so a build made without it is never taken for one made with it.
+    variant: str = ""
     # Computes extra go.mod lines (replace directives) from the upstream go.mod text.
     go_mod_extras: Callable[[str], str] | None = field(default=None, compare=False)
 
     @property
     def directory(self) -> Path:
-        return cache_root() / f"{self.name}-{self.version}"
+        suffix = f"-{self.variant}" if self.variant else ""
+        return cache_root() / f"{self.name}-{self.version}{suffix}"
 
     @property
     def bin_dir(self) -> Path:
@@ -84,8 +89,13 @@ def _kubernetes_replaces(upstream_go_mod: str) -> str:
     return f"replace (\n{lines}\n)\n"
 
 
-def _kubernetes_ldflags() -> tuple[str, ...]:
+def _kubernetes_major_minor() -> tuple[str, str]:
     major, minor, _ = KUBERNETES_VERSION.removeprefix("v").split(".")
+    return major, minor
+
+
+def _kubernetes_ldflags() -> tuple[str, ...]:
+    major, minor = _kubernetes_major_minor()
     flags = []
     for package in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
         flags += [
@@ -121,12 +131,23 @@ ETCD = GoTool(
     # etcd 3.5's server module root is the etcd main package.
     builds=(("etcd", "go.etcd.io/etcd/server/v3"),),
 )
+def _helm_ldflags() -> tuple[str, ...]:
+    """Helm's release build sets the Kubernetes version it assumes without a cluster (`helm template`, `lint`);
+    left out, helm assumes v1.20 and refuses charts that need a newer one. Ours is the control plane's."""
+    major, minor = _kubernetes_major_minor()
+    flags = [f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}"]
+    for package in ("helm.sh/helm/v3/pkg/chartutil", "helm.sh/helm/v3/pkg/lint/rules"):
+        flags += [f"-X {package}.k8sVersionMajor={major}", f"-X {package}.k8sVersionMinor={minor}"]
+    return tuple(flags)
+
+
 HELM = GoTool(
     name="helm",
     module="helm.sh/helm/v3",
     version=HELM_VERSION,
     builds=(("helm", "helm.sh/helm/v3/cmd/helm"),),
-    ldflags=(f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",),
+    ldflags=_helm_ldflags(),
+    variant=f"kube-{KUBERNETES_VERSION}",
 )
 PROMETHEUS = GoTool(
     name="prometheus",
@@ -138,6 +159,13 @@ PROMETHEUS = GoTool(
 # What a control plane (tests, the sandbox, `devenv up`) needs; `devenv tools` (make tools) builds Prometheus too.
 CONTROL_PLANE_TOOLS = (KUBERNETES, ETCD, HELM)
 ALL_TOOLS = (*CONTROL_PLANE_TOOLS, PROMETHEUS)
+# Only the tests use it (they score the rendered chart); built on first use.
+KUBE_SCORE = GoTool(
+    name="kube-score",
+    module="github.com/zegl/kube-score",
+    version="v1.20.0",
+    builds=(("kube-score", "github.com/zegl/kube-score/cmd/kube-score"),),
+)
 
 
 @dataclass(frozen=True)
@@ -256,3 +284,27 @@ def ensure_tools(console: Console | None = None, tools: tuple[GoTool, ...] = CON
                 f"  [green]built[/green] {tool.name} in {time.monotonic() - started:.1f}s: {tool.bin_dir}"
             )
     return toolset()
+
+
+CHECKOV_VERSION = "3.3.30"
+
+
+def ensure_checkov(console: Console | None = None) -> Path:
+    """checkov (the tests run it on the rendered chart) in a virtualenv of its own in the cache: it pins
+    `packaging<24`, which the project's own test tools cannot share."""
+    console = console or Console(stderr=True)
+    directory = cache_root() / f"checkov-{CHECKOV_VERSION}"
+    binary = directory / "venv" / "bin" / "checkov"
+    with cache_lock():
+        if (directory / "complete").exists() and binary.exists():
+            return binary
+        shutil.rmtree(directory, ignore_errors=True)
+        with timed_step(console, f"install checkov {CHECKOV_VERSION} from PyPI"):
+            for command in ([sys.executable, "-m", "venv", str(directory / "venv")],
+                            [str(directory / "venv" / "bin" / "pip"), "install", "--quiet",
+                             f"checkov=={CHECKOV_VERSION}"]):
+                proc = subprocess.run(command, capture_output=True, text=True, check=False)
+                if proc.returncode != 0:
+                    raise ToolBuildError(f"`{' '.join(command)}` failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        (directory / "complete").write_text(f"{CHECKOV_VERSION}\n")
+    return binary

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 import structlog
 
 from gpu_provisioner import metrics
-from gpu_provisioner.api.claims import INSTANCE_TYPE_LABEL, Claim, rfc3339
+from gpu_provisioner.api.claims import CAPACITY_TYPE_LABEL, INSTANCE_TYPE_LABEL, ON_DEMAND, Claim, rfc3339
 from gpu_provisioner.cloud.agentpools import IN_PROGRESS, PoolState
 from gpu_provisioner.cloud.errors import (
     INSUFFICIENT_CAPACITY_PHRASE,
@@ -230,9 +230,10 @@ class Launch:
             capacity = size.capacity()
             r.status.status.setdefault("capacity", capacity)
             r.status.status.setdefault("allocatable", capacity)
-        if claim.labels.get(INSTANCE_TYPE_LABEL) != pool.vm_size:
-            # The Type printer column and Karpenter's consumers read the launched size from this label.
-            labels = {INSTANCE_TYPE_LABEL: pool.vm_size}
+        # The Type and Capacity printer columns and Karpenter's consumers read these labels, as Karpenter writes
+        # them at launch.
+        labels = {INSTANCE_TYPE_LABEL: pool.vm_size, CAPACITY_TYPE_LABEL: ON_DEMAND}
+        if any(claim.labels.get(key) != value for key, value in labels.items()):
             self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": {"labels": labels}})
         r.status.set(claim.api.launched, "True", "Launched", f"agent pool {pool.name} ({pool.vm_size}) created")
         metrics.LAUNCHES.labels(kind=claim.api.kind, result="Launched").inc()
@@ -257,11 +258,18 @@ class Launch:
     def _size_unavailable(self, r: Reconciliation, request: PoolRequest, size: VmSize, error: CloudError) -> Outcome:
         with self._lock:
             self._unavailable.setdefault(r.claim.uid, {})[size.name] = error
-        if self._next_size(r.claim.uid, request) is None:
+        next_size = self._next_size(r.claim.uid, request)
+        if next_size is None:
             # Said once for all sizes, and once per change rather than per retry.
             return self._all_unavailable(r)
-        self.deps.events.warning(r.claim.obj, error.reason, f"{size.name} unavailable: {error.describe()}")
-        r.status.wait(r.claim.api.launched, error.reason, f"{size.name} unavailable, trying the next size")
+        previous = r.status.get(r.claim.api.launched) or {}
+        if not (previous.get("status") == "False" and previous.get("reason") in CAPACITY_FAILURES):
+            # Not a Warning: the claim may still launch; if no size can be had, one Warning says so for all.
+            # A retry after every size failed says nothing until its outcome differs.
+            message = f"{size.name} unavailable ({error.reason}: {error.describe()}); trying {next_size.name}"
+            self.deps.events.normal(r.claim.obj, "TryingNextInstanceType", message)
+            r.status.wait(r.claim.api.launched, "Launching", f"{size.name} unavailable ({error.reason}), "
+                          f"trying {next_size.name}")
         r.requeue(0)
         return WAITING
 

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpu_provisioner.api.claims import REGISTERED_LABEL, TERMINATION_FINALIZER, Claim
+from gpu_provisioner.api.claims import REGISTERED_LABEL, TERMINATION_FINALIZER, ZONE_LABEL, Claim
 from gpu_provisioner.cloud.pool_request import is_reserved_label
 from gpu_provisioner.lifecycle.base import DONE, WAITING, Deps, Outcome, Reconciliation
+
+# AKS labels each node with the node image it runs.
+NODE_IMAGE_VERSION_LABEL = "kubernetes.azure.com/node-image-version"
 
 
 def claim_owner_reference(claim: Claim) -> dict[str, Any]:
@@ -52,6 +55,14 @@ class Registration:
             self.deps.kube.patch_node(node["metadata"]["name"], patch)
         r.status.status["providerID"] = (node.get("spec") or {}).get("providerID", "")
         r.status.status["nodeName"] = node["metadata"]["name"]
+        node_labels = node["metadata"].get("labels") or {}
+        if claim.api.has_image_id and node_labels.get(NODE_IMAGE_VERSION_LABEL):
+            # What the VM was made from, as Karpenter's Azure provider writes it (here AKS's node image version).
+            r.status.status["imageID"] = node_labels[NODE_IMAGE_VERSION_LABEL]
+        zone = node_labels.get(ZONE_LABEL)
+        if zone and claim.labels.get(ZONE_LABEL) != zone:
+            # Known once the node is there (the pool names no zone): the Zone printer column reads it.
+            self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": {"labels": {ZONE_LABEL: zone}}})
         if first_registration:
             self.deps.events.normal(claim.obj, "Registered", f"node {node['metadata']['name']} joined")
         r.status.set(condition, "True", "Registered", "")

@@ -11,16 +11,17 @@ import prometheus_client
 
 
 class ProbeServer:
-    """/healthz: the process serves. /readyz: `ready()` says the controller can do its job."""
+    """/healthz: the process serves. /readyz: 200, or 503 with what `not_ready()` says keeps the controller from
+    doing its job (None when nothing does)."""
 
-    def __init__(self, port: int, ready: Callable[[], bool], host: str = "0.0.0.0") -> None:
+    def __init__(self, port: int, not_ready: Callable[[], str | None], host: str = "0.0.0.0") -> None:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if self.path == "/healthz":
                     self._reply(200, b"ok")
                 elif self.path == "/readyz":
-                    is_ready = ready()
-                    self._reply(200 if is_ready else 503, b"ok" if is_ready else b"caches not synced")
+                    reason = not_ready()
+                    self._reply(200 if reason is None else 503, b"ok" if reason is None else reason.encode())
                 else:
                     self._reply(404, b"not found")
 

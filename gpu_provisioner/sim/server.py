@@ -209,6 +209,10 @@ class AksSimulator:
             self._tokens.add(token)
         return token
 
+    def issued_tokens(self) -> set[str]:
+        with self._lock:
+            return set(self._tokens)
+
     def token_valid(self, header: str | None) -> bool:
         if not header or not header.startswith("Bearer "):
             return False

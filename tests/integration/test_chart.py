@@ -3,6 +3,7 @@ exactly enough for a full claim lifecycle."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -14,13 +15,17 @@ import yaml
 
 from gpu_provisioner.api.claims import NODECLAIM
 from gpu_provisioner.devenv.image import base_images
+from gpu_provisioner.devenv.tools import KUBE_SCORE, ensure_checkov, ensure_tools
 from gpu_provisioner.settings import Settings
 from tests.integration.harness import kaito_claim, wait_for
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "gpu-provisioner"
 REPO = CHART.parents[1]
+GO_CHART_VALUES = Path(__file__).with_name("data") / "go-chart-values.yaml"
 EVERY_OPTION = [
     "--set", "serviceMonitor.enabled=true", "--set", "serviceMonitor.additionalLabels.release=prom",
+    "--set", "networkPolicy.enabled=true", "--set", "bindAddress=0.0.0.0",
+    "--set", "grafanaDashboard.enabled=true", "--set", "prometheusRule.enabled=true",
     "--set", "serviceMonitor.endpointConfig.interval=30s",
     "--set", "podDisruptionBudget.enabled=true", "--set", "workloadIdentity.clientId=11111111-2222",
     "--set", "workloadIdentity.tenantId=33333333-4444", "--set", "settings.azure.clusterName=kaito",
@@ -42,13 +47,13 @@ def helm(control_plane, *args: str) -> str:
 
 
 def render(control_plane, *args: str) -> list[dict]:
-    out = helm(control_plane, "template", "gpu-provisioner", str(CHART), "--namespace", "gpu-provisioner",
-               "--kube-version", "1.33.0", *args)
+    # No --kube-version: the project's helm is built knowing the Kubernetes version it works with.
+    out = helm(control_plane, "template", "gpu-provisioner", str(CHART), "--namespace", "gpu-provisioner", *args)
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
 def test_chart_lints(control_plane):
-    assert "0 chart(s) failed" in helm(control_plane, "lint", str(CHART), "--kube-version", "1.33.0")
+    assert "0 chart(s) failed" in helm(control_plane, "lint", str(CHART))
 
 
 def test_chart_crds_are_the_repositorys():
@@ -56,25 +61,136 @@ def test_chart_crds_are_the_repositorys():
         assert (CHART / "crds" / crd.name).read_text() == crd.read_text()
 
 
+def server_dry_run(control_plane, documents: list[dict], tmp_path: Path) -> None:
+    """`kubectl apply --dry-run=server` of the rendered objects: valid, and not one warning (such as an env
+    variable rendered twice, "hides previous definition")."""
+    # The ServiceMonitor and PrometheusRule CRDs belong to the Prometheus operator, which this cluster does not run.
+    manifest = tmp_path / "rendered.yaml"
+    served = [d for d in documents if d["kind"] not in ("ServiceMonitor", "PrometheusRule")]
+    manifest.write_text(yaml.safe_dump_all(served))
+    kubectl = [str(control_plane.tools.kubectl), "--kubeconfig", str(control_plane.kubeconfig)]
+    subprocess.run([*kubectl, "create", "namespace", "gpu-provisioner"], capture_output=True)
+    result = subprocess.run([*kubectl, "apply", "--dry-run=server", "--validate=strict", "-f", str(manifest)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr.lower(), result.stderr
+
+
 @pytest.mark.parametrize("options", [[], EVERY_OPTION], ids=["defaults", "every-option"])
 def test_rendered_manifests_pass_server_side_validation(control_plane, options, tmp_path):
     documents = render(control_plane, *options)
     kinds = {doc["kind"] for doc in documents}
-    expected = {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service"}
+    expected = {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service",
+                "PodDisruptionBudget"}
     assert expected <= kinds
     if options:
-        assert {"ServiceMonitor", "PodDisruptionBudget"} <= kinds
-    # The ServiceMonitor CRD belongs to the Prometheus operator, which this cluster does not run.
-    manifest = tmp_path / "rendered.yaml"
-    manifest.write_text(yaml.safe_dump_all([d for d in documents if d["kind"] != "ServiceMonitor"]))
-    kubectl = str(control_plane.tools.kubectl)
-    subprocess.run([kubectl, "--kubeconfig", str(control_plane.kubeconfig), "create", "namespace", "gpu-provisioner"],
-                   capture_output=True)
-    result = subprocess.run(
-        [kubectl, "--kubeconfig", str(control_plane.kubeconfig), "apply", "--dry-run=server", "--validate=strict",
-         "-f", str(manifest)], capture_output=True, text=True, timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
+        assert {"ServiceMonitor", "NetworkPolicy", "ConfigMap", "PrometheusRule"} <= kinds
+    server_dry_run(control_plane, documents, tmp_path)
+
+
+def by_kind(documents: list[dict]) -> dict[str, dict]:
+    return {doc["kind"]: doc for doc in documents}
+
+
+def test_a_go_chart_values_file_renders_each_value_where_the_go_chart_puts_it(control_plane, tmp_path):
+    """Every key of the Go gpu-provisioner chart's values.yaml, set in one file; the README lists the few that
+    mean nothing here (log encoding and output paths, deployment mode)."""
+    documents = render(control_plane, "--values", str(GO_CHART_VALUES))
+    server_dry_run(control_plane, documents, tmp_path)
+    objects = by_kind(documents)
+    deployment, service, account = objects["Deployment"], objects["Service"], objects["ServiceAccount"]
+    pod = deployment["spec"]["template"]
+    spec, container = pod["spec"], pod["spec"]["containers"][0]
+    selector = {"app.kubernetes.io/name": "gpuprov", "app.kubernetes.io/instance": "gpu-provisioner"}
+    assert deployment["metadata"]["name"] == "kaito-gpu-provisioner"  # fullnameOverride
+    assert deployment["spec"]["selector"]["matchLabels"] == selector  # nameOverride
+    for doc in documents:
+        assert doc["metadata"]["labels"]["team"] == "ml-platform", doc["kind"]
+        assert doc["metadata"]["annotations"]["owner"] == "ml-platform@example.com", doc["kind"]
+    assert container["imagePullPolicy"] == "Always"
+    assert spec["imagePullSecrets"] == [{"name": "registry-credentials"}]
+    assert service["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert service["spec"]["ports"][0]["port"] == 9090
+    # The Go chart's account name, the workload identity federation subject.
+    assert account["metadata"]["name"] == spec["serviceAccountName"] == "gpu-provisioner"
+    annotations = account["metadata"]["annotations"]
+    assert annotations["purpose"] == "gpu-nodes"
+    assert annotations["azure.workload.identity/client-id"] == "55555555-6666-7777-8888-999999999999"
+    assert annotations["azure.workload.identity/tenant-id"] == "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+    assert {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]} in objects["ClusterRole"]["rules"]
+    monitor = objects["ServiceMonitor"]
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["endpoints"][0]["interval"] == "15s"
+    assert monitor["spec"]["selector"]["matchLabels"] == selector
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["revisionHistoryLimit"] == 3
+    assert deployment["spec"]["strategy"] == {"rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    assert pod["metadata"]["labels"]["cost-center"] == "gpu"
+    assert pod["metadata"]["annotations"] == {"checksum/config": "abc123"}
+    assert spec["securityContext"]["fsGroup"] == 2000 and spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["priorityClassName"] == "system-cluster-critical"
+    assert spec["terminationGracePeriodSeconds"] == 45 and spec["hostNetwork"] is True
+    assert spec["dnsPolicy"] == "ClusterFirstWithHostNet" and spec["dnsConfig"]["options"][0]["value"] == "2"
+    assert spec["nodeSelector"] == {"kubernetes.io/os": "linux", "agentpool": "system"}
+    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms[0]["matchExpressions"][1]["key"] == "karpenter.sh/provisioner-name"
+    anti = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert anti == {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": selector}}
+    spread = spec["topologySpreadConstraints"]
+    assert spread == [{"maxSkew": 2, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule",
+                       "labelSelector": {"matchLabels": selector}}]
+    assert spec["tolerations"] == [{"key": "CriticalAddonsOnly", "operator": "Exists"}]
+    assert {"name": "azure-json", "hostPath": {"path": "/etc/kubernetes/azure.json", "type": "File"}} in spec["volumes"]
+    assert container["image"] == ("registry.example.com/kaito/gpu-provisioner:0.4.3-py@sha256:" + "b" * 64)
+    assert container["securityContext"]["runAsUser"] == 1001 and container["securityContext"]["readOnlyRootFilesystem"]
+    assert container["envFrom"] == [{"configMapRef": {"name": "gpu-provisioner-extra"}}]
+    # Helm merges maps: the chart's memory and ephemeral-storage stay beside the file's CPU.
+    assert container["resources"]["requests"]["cpu"] == "250m" and container["resources"]["limits"]["cpu"] == "750m"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http-metrics": 9090, "http": 9091}
+    names = [e["name"] for e in container["env"]]
+    assert len(names) == len(set(names)), names
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    # controller.env wins over what the chart would set; controller.logLevel over logLevel.
+    assert env["LEADER_ELECT"] == "false" and env["AZURE_CLUSTER_NAME"] == "kaito-cluster"
+    assert env["METRICS_PORT"] == "9090" and env["HEALTH_PROBE_PORT"] == "9091" and env["LOG_LEVEL"] == "warning"
+    assert env["ARM_SUBSCRIPTION_ID"] == "00000000-1111-2222-3333-444444444444" and env["E2E_TEST_MODE"] == "false"
+    assert env["AZURE_CLIENT_ID"] == "55555555-6666-7777-8888-999999999999"
+    assert "Role" not in objects  # LEADER_ELECT=false: no Lease to grant
+
+    # Two replicas with leader election: the budget under its Go name; the chart's leader election is used.
+    documents = render(control_plane, "--values", str(GO_CHART_VALUES), "--set", "replicas=2",
+                       "--set-string", "controller.env[4].name=LEADER_ELECT,controller.env[4].value=true")
+    assert by_kind(documents)["PodDisruptionBudget"]["metadata"]["name"] == "gpu-provisioner-budget"
+    assert "Role" in by_kind(documents)
+
+
+def helm_fails(control_plane, *args: str) -> str:
+    result = subprocess.run([str(control_plane.tools.helm), "template", "gpu-provisioner", str(CHART), *args],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0, result.stdout
+    return result.stderr
+
+
+def test_chart_refuses_values_it_cannot_honour(control_plane):
+    assert "/replicas" in helm_fails(control_plane, "--set", "replicas=two")
+    assert "/controller/metrics/port" in helm_fails(control_plane, "--set", "controller.metrics.port=http")
+    # Two replicas without leader election would both reconcile every claim.
+    for off in (["--set", "leaderElection.enabled=false"],
+                ["--set-string", "controller.env[0].name=LEADER_ELECT,controller.env[0].value=false"]):
+        assert "leader election is off" in helm_fails(control_plane, "--set", "replicas=2", *off)
+
+
+def test_defaults_spread_replicas_and_budget_them(control_plane):
+    objects = by_kind(render(control_plane))
+    spec = objects["Deployment"]["spec"]["template"]["spec"]
+    selector = {"matchLabels": {"app.kubernetes.io/name": "gpu-provisioner",
+                                "app.kubernetes.io/instance": "gpu-provisioner"}}
+    assert objects["Deployment"]["spec"]["replicas"] == 2
+    preferred = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+    assert preferred["podAffinityTerm"] == {"topologyKey": "kubernetes.io/hostname", "labelSelector": selector}
+    assert spec["topologySpreadConstraints"][0]["labelSelector"] == selector
+    assert objects["PodDisruptionBudget"]["spec"]["selector"] == selector
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}} in spec["volumes"]
+    assert "PodDisruptionBudget" not in by_kind(render(control_plane, "--set", "replicas=1"))
 
 
 def test_deployment_is_hardened_and_consistent_with_the_image(control_plane):
@@ -96,6 +212,38 @@ def test_deployment_is_hardened_and_consistent_with_the_image(control_plane):
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["AZURE_CLUSTER_NAME"] == "kaito" and env["AZURE_CLIENT_ID"] == "11111111-2222"
     assert env["LOG_LEVEL"] == "debug" and env["ARM_SUBSCRIPTION_ID"] == "sub"
+
+
+def readme_exceptions(tool: str) -> set[str]:
+    """The checks the README's chart section lists as knowingly failed, each with its reason."""
+    section = (REPO / "README.md").read_text().split("### Chart checks")[1].split("\n## ")[0]
+    rows = [line.split("|") for line in section.splitlines() if line.startswith(f"| {tool} |")]
+    assert all(row[3].strip() for row in rows), "every exception needs a reason"
+    return {row[2].strip().strip("`") for row in rows}
+
+
+def test_kube_score_and_checkov_find_only_the_readmes_exceptions(control_plane, tmp_path):
+    ensure_tools(tools=(KUBE_SCORE,))
+    kube_score = KUBE_SCORE.path("kube-score")
+    checkov = ensure_checkov()
+    renders = {"defaults": render(control_plane),
+               "every-option": render(control_plane, *EVERY_OPTION)}
+    failed: dict[str, set[str]] = {"kube-score": set(), "checkov": set()}
+    for name, documents in renders.items():
+        manifest = tmp_path / f"{name}.yaml"
+        manifest.write_text(yaml.safe_dump_all(documents))
+        scored = subprocess.run([str(kube_score), "score", "--output-format", "json", str(manifest)],
+                                capture_output=True, text=True, timeout=120)
+        for obj in json.loads(scored.stdout):
+            failed["kube-score"] |= {check["check"]["id"] for check in obj["checks"] if check["grade"] < 10
+                                     and not check["skipped"]}
+        checked = subprocess.run([str(checkov), "--file", str(manifest), "--framework", "kubernetes",
+                                  "--skip-download", "--quiet", "--output", "json"],
+                                 capture_output=True, text=True, timeout=300)
+        report = json.loads(checked.stdout)
+        failed["checkov"] |= {check["check_id"] for check in report["results"]["failed_checks"]}
+    assert failed["kube-score"] == readme_exceptions("kube-score")
+    assert failed["checkov"] == readme_exceptions("checkov")
 
 
 def test_rbac_has_no_wildcards(control_plane):
@@ -157,7 +305,7 @@ def test_dockerfile_passes_hadolint_and_pins_one_base():
 def leaf_values(values: dict, prefix: str = "") -> list[tuple[str, object]]:
     leaves = []
     for key, value in values.items():
-        path = f"{prefix}{key}"
+        path = prefix + key.replace(".", "\\.")  # --set reads an unescaped dot as nesting
         if isinstance(value, dict) and value:
             leaves += leaf_values(value, f"{path}.")
         else:
@@ -165,7 +313,17 @@ def leaf_values(values: dict, prefix: str = "") -> list[tuple[str, object]]:
     return leaves
 
 
-def changed_value(value: object) -> str:
+# Values with a fixed set of choices (the schema refuses anything else): another valid one.
+OTHER_CHOICE = {"imagePullPolicy": "Always", "logLevel": "debug", "controller.logLevel": "debug",
+                "dnsPolicy": "Default", "settings.claimAPIs": "{machine}",
+                "controller.image.digest": "sha256:" + "c" * 64}
+
+
+def changed_value(path: str, value: object) -> str:
+    if path in OTHER_CHOICE:
+        return OTHER_CHOICE[path]
+    if value is None:
+        return "30"
     if isinstance(value, bool):
         return str(not value).lower()
     if isinstance(value, int):
@@ -178,7 +336,7 @@ def changed_value(value: object) -> str:
 def test_every_value_changes_the_rendered_chart(control_plane):
     """No dead keys: each value, changed, changes what the chart renders."""
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    toggles = ("serviceMonitor.enabled", "podDisruptionBudget.enabled", "grafanaDashboard.enabled",
+    toggles = ("serviceMonitor.enabled", "networkPolicy.enabled", "grafanaDashboard.enabled",
                "prometheusRule.enabled")
     optional_on = [arg for toggle in toggles for arg in ("--set", f"{toggle}=true")]
     baseline = render(control_plane, *optional_on)
@@ -189,12 +347,15 @@ def test_every_value_changes_the_rendered_chart(control_plane):
         if isinstance(value, dict):
             flag = ["--set-json", f'{path}={{"probe":"x"}}']
         elif isinstance(value, list) and not value:
-            item = '{"operator":"Exists"}' if path == "tolerations" else '{"name":"PROBE"}'
+            item = {"tolerations": '{"operator":"Exists"}', "networkPolicy.metricsFrom": '{"podSelector":{}}',
+                    "imagePullSecrets": '{"name":"x"}'}.get(path, '{"name":"PROBE"}')
             flag = ["--set-json", f"{path}=[{item}]"]
         else:
-            flag = ["--set", f"{path}={changed_value(value)}"]
+            flag = ["--set", f"{path}={changed_value(path, value)}"]
         if path == "serviceAccount.create":  # an existing account must then be named
             flag += ["--set", "serviceAccount.name=existing"]
+        if path == "leaderElection.enabled":  # one replica may run without it
+            flag += ["--set", "replicas=1"]
         changed = render(control_plane, *optional_on, *flag)
         if changed == baseline:
             dead.append(path)

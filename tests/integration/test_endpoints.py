@@ -49,14 +49,21 @@ def test_probes_metrics_and_log_tell_what_happened(claims, start_sim, controller
     assert all({"level", "timestamp"} <= line.keys() for line in lines)
 
 
-def test_readyz_waits_for_the_first_agent_pool_list(claims, start_sim, controller_process):
+def test_readyz_says_the_agent_pool_list_fails_and_binds_where_told(claims, start_sim, controller_process):
     sim = start_sim(denied_actions=["Microsoft.ContainerService/managedClusters/agentPools/read"])
-    health_port = free_port()
-    controller_process(sim, HEALTH_PROBE_PORT=str(health_port))
-    base = f"http://127.0.0.1:{health_port}"
+    health_port, metrics_port = free_port(), free_port()
+    controller_process(sim, HEALTH_PROBE_PORT=str(health_port), METRICS_PORT=str(metrics_port),
+                       BIND_ADDRESS="127.0.0.2")
+    base = f"http://127.0.0.2:{health_port}"
     wait_for("/healthz", lambda: http_get(f"{base}/healthz")[0] == 200, timeout_s=30)
     wait_for("a refused LIST", lambda: sim.count_requests("agentpools.list", 403) > 0, timeout_s=30)
-    assert http_get(f"{base}/readyz") == (503, "caches not synced")
+    status, reason = wait_for("/readyz naming the failing LIST", lambda: (
+        (answer := http_get(f"{base}/readyz"))[1].startswith("agent pool list failing: ") and answer), timeout_s=30)
+    assert status == 503 and "AuthorizationFailed" in reason, reason
+    # Both servers listen on the address set, and only there.
+    assert http_get(f"http://127.0.0.2:{metrics_port}/metrics")[0] == 200
+    assert http_get(f"http://127.0.0.1:{health_port}/healthz")[0] == 0
+    assert http_get(f"http://127.0.0.1:{metrics_port}/metrics")[0] == 0
 
     sim.update_scenario(denied_actions=[])
     wait_for("/readyz once a LIST succeeded", lambda: http_get(f"{base}/readyz")[0] == 200, timeout_s=30)

@@ -157,8 +157,8 @@ def test_in_cluster_with_the_charts_service_account_and_nothing_writable(
     namespace, pod_name = f"gp-{unique_name}", f"gpu-provisioner-{unique_name}"
     metrics_port, health_port = free_port(), free_port()
     values = {
-        "controller": {"env": [{"name": k, "value": v} for k, v in simulator_env(sim).items()]},
-        "metrics": {"port": metrics_port}, "healthProbe": {"port": health_port},
+        "controller": {"env": [{"name": k, "value": v} for k, v in simulator_env(sim).items()],
+                       "metrics": {"port": metrics_port}, "healthProbe": {"port": health_port}},
     }
     values_file = tmp_path / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))

@@ -209,7 +209,8 @@ def test_unavailable_size_falls_back_to_the_next_listed_size(claims, start_sim, 
     claims.create(NODECLAIM, kaito_claim(NODECLAIM, unique_name, ["Standard_NC6s_v3", "Standard_NC24ads_A100_v4"]))
     claims.wait_condition(NODECLAIM, unique_name, READY, "True")
     assert sim.pools()[unique_name]["properties"]["vmSize"] == "Standard_NC24ads_A100_v4"
-    assert "SKUNotAvailable" in claims.event_reasons(unique_name)
+    assert any("Standard_NC6s_v3 unavailable (SKUNotAvailable" in message
+               for message in claims.event_messages(unique_name, "TryingNextInstanceType"))
 
 
 def test_allocation_failure_of_every_size_deletes_the_failed_pool(claims, start_sim, start_controller, unique_name):

@@ -51,7 +51,8 @@ def test_make_sandbox_runs(tmp_path):
 def test_readme_helm_install_works_against_a_real_api_server(control_plane, unique_name):
     command = next(c for c in readme_commands() if c.startswith("helm install"))
     namespace = f"readme-{unique_name}"
-    placeholders = {"<cluster>": "kaito", "<identity client id>": "1111", "<tenant id>": "2222",
+    placeholders = {"<cluster>": "kaito", "<identity client id>": "11111111-2222-3333-4444-555555555555",
+                    "<tenant id>": "66666666-7777-8888-9999-000000000000",
                     "<subscription id>": "sub", "<cluster resource group>": "rg", "<region>": "eastus"}
     for placeholder, value in placeholders.items():
         command = command.replace(placeholder, value)

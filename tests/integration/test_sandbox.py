@@ -63,7 +63,7 @@ def test_ctrl_c_deletes_the_claims_then_tears_everything_down():
     try:
         for line in process.stdout:
             output.append(line)
-            if "Ctrl-C deletes them" in line and len([o for o in output if "Ctrl-C deletes them" in o]) == 1:
+            if "Ctrl-C deletes the claims" in line and len([o for o in output if "Ctrl-C deletes the" in o]) == 1:
                 # As a terminal does: the whole foreground process group gets it.
                 os.killpg(process.pid, signal.SIGINT)
                 # An impatient user presses it twice: teardown must still finish.
@@ -96,7 +96,7 @@ def start_sandbox_until_ready(*args: str) -> tuple[subprocess.Popen[str], list[s
     lines = []
     for line in process.stdout:
         lines.append(line)
-        if "Ctrl-C deletes them" in line:
+        if "Ctrl-C deletes the claims" in line:
             return process, lines
     process.wait()
     raise AssertionError("".join(lines))
@@ -145,3 +145,36 @@ def test_a_killed_sandbox_leaves_no_process_behind():
                  timeout_s=30)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_a_failed_claim_stays_for_kubectl_until_ctrl_c_and_the_printed_commands_are_whole_lines():
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpu_provisioner", "sandbox", "--api", "nodeclaim", "--scenario", "quota-exhausted"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        # A narrow terminal: the commands are longer than a line of it.
+        env={**CLEAN_ENV, "COLUMNS": "40"},
+    )
+    output = []
+    try:
+        for line in process.stdout:
+            output.append(line)
+            if "Ctrl-C deletes the claims" in line:
+                break
+        text = "".join(output)
+        assert "not ready" in text and "QuotaExceeded" in text, text
+        get_claims = next(line for line in output if line.startswith("kubectl: ")).removeprefix("kubectl: ").split()
+        get_events = next(line for line in output if line.startswith("events: ")).removeprefix("events: ").split()
+        assert get_claims[-2:] == ["get", "nodeclaims"] and Path(get_claims[0]).is_file(), text
+        # Still there, failed, as the printed commands show.
+        claims = subprocess.run(get_claims, capture_output=True, text=True, timeout=30).stdout
+        assert "False" in claims, claims
+        events = subprocess.run(get_events, capture_output=True, text=True, timeout=30).stdout
+        assert [line.split()[2] for line in events.splitlines()[1:]] == ["QuotaExceeded"], events
+        os.killpg(process.pid, signal.SIGINT)
+        rest, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 1, rest
+    assert "claims, nodes and agent pools deleted" in rest
