@@ -1,5 +1,6 @@
 # The two set-up commands of the README: `make sandbox` and `make test`.
-# Both create .venv, install the project into it, and build (or reuse) the local Kubernetes tools.
+# Both create .venv and install the project into it. Each command builds (or reuses) the Go tools it needs on
+# first use; `make test` builds them all first (Prometheus included, for the monitoring tests).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,7 +16,7 @@ $(BIN)/gpu-provisioner: pyproject.toml
 tools: $(BIN)/gpu-provisioner
 	$(BIN)/gpu-provisioner devenv tools
 
-sandbox: tools
+sandbox: $(BIN)/gpu-provisioner
 	$(BIN)/gpu-provisioner sandbox $(ARGS)
 
 lint: $(BIN)/gpu-provisioner
@@ -26,13 +27,13 @@ test: tools lint
 
 # Kaito's own workspace controller against gpu-provisioner (tests/interop). `make test` runs the tier too,
 # but skips it without a Kaito in KAITO_INTEROP_DIR; here a missing Kaito is an error.
-interop: tools
+interop: $(BIN)/gpu-provisioner
 	KAITO_INTEROP_REQUIRED=1 $(BIN)/pytest -m interop tests/interop $(PYTEST_ARGS)
 
-bench: tools
+bench: $(BIN)/gpu-provisioner
 	$(BIN)/python benchmarks/suite.py $(or $(ARGS),all)
 
-chaos: tools
+chaos: $(BIN)/gpu-provisioner
 	$(BIN)/python -m tests.integration.chaos $(ARGS)
 
 # The Dockerfile, built with a Docker engine when one runs, else with podman (installed from Debian when
@@ -40,5 +41,5 @@ chaos: tools
 image: $(BIN)/gpu-provisioner
 	$(BIN)/gpu-provisioner devenv image $(ARGS)
 
-bench-image: tools
+bench-image: $(BIN)/gpu-provisioner
 	$(BIN)/python benchmarks/image.py $(ARGS)
