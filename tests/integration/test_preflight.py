@@ -68,7 +68,8 @@ def test_the_next_size_is_tried_when_quota_runs_out_counting_pools_in_flight(
     assert sim.count_requests("agentpools.create", 400) == 0 and sim.count_requests("agentpools.create") == 3
     assert sim.count_requests("usages.list") == 1  # one read shared by all three claims
     fell_back = next(name for name in names if sim.pools()[name]["properties"]["vmSize"] == A100)
-    assert any("no request was sent" in m for m in claims.event_messages(fell_back, "QuotaExceeded"))
+    assert any("QuotaExceeded" in m and "no request was sent" in m
+               for m in claims.event_messages(fell_back, "TryingNextInstanceType"))
 
 
 def test_a_restricted_size_is_refused_before_any_put_and_one_zone_left_is_enough(
@@ -85,7 +86,7 @@ def test_a_restricted_size_is_refused_before_any_put_and_one_zone_left_is_enough
     claims.wait_condition(NODECLAIM, unique_name + "n", READY, "True")
     assert sim.pools()[unique_name + "n"]["properties"]["vmSize"] == A100  # zone 3 is left: a regional pool goes
     assert [r.status for r in sim.requests if r.operation == "agentpools.create"] == [201]
-    assert "SKUNotAvailable" in claims.event_reasons(unique_name + "n")
+    assert any("SKUNotAvailable" in m for m in claims.event_messages(unique_name + "n", "TryingNextInstanceType"))
 
 
 def test_without_read_access_to_the_compute_apis_the_table_is_used_said_and_aks_judges(
