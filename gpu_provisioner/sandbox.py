@@ -108,7 +108,9 @@ class Sandbox:
             custom = kubernetes.client.CustomObjectsApi(api_client)
             kubectl = f"{self.kubectl} --kubeconfig {kubeconfig_path}"
             self._print_unwrapped(f"kubectl: {kubectl} get {self.api.plural}")
-            self._print_unwrapped(f"events:  {kubectl} get events --field-selector type=Warning")
+            # The claims' Warnings only: a fresh API server has Warnings of its own (ClusterIPNotAllocated).
+            self._print_unwrapped(f"events:  {kubectl} get events "
+                                  f"--field-selector type=Warning,involvedObject.kind={self.api.kind}")
             self._print_unwrapped(f"metrics: http://127.0.0.1:{metrics_port}/metrics")
             self._print_unwrapped(f"controller log: {self.workdir / 'controller.log'}")
             outcome: str | None = "interrupted"
