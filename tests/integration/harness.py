@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,9 +28,22 @@ from gpu_provisioner.sandbox import EXAMPLES, kaito_claim
 from gpu_provisioner.sim import AksSimulator
 
 __all__ = [
-    "CLEAN_ENV", "EXAMPLES", "UNREACHABLE", "Claims", "cpu_load", "create_and_delete", "http_get", "interrupt",
-    "kaito_claim", "karpenter_machine", "karpenter_nodeclaim", "lease_holder", "metric_samples",
-    "start_controller_process", "wait_for",
+    "CLEAN_ENV",
+    "EXAMPLES",
+    "UNREACHABLE",
+    "Claims",
+    "cpu_load",
+    "create_and_delete",
+    "http_get",
+    "interrupt",
+    "kaito_claim",
+    "karpenter_machine",
+    "karpenter_nodeclaim",
+    "lease_holder",
+    "metric_samples",
+    "refused_by_the_api_server",
+    "start_controller_process",
+    "wait_for",
 ]
 
 T = TypeVar("T")
@@ -133,6 +147,11 @@ def karpenter_machine(name: str) -> dict[str, Any]:
     manifest = kaito_claim(MACHINE, name)
     manifest["metadata"]["labels"] = {"karpenter.sh/provisioner-name": "default"}
     return manifest
+
+
+def refused_by_the_api_server(log: str) -> bool:
+    """Whether a controller log shows a 403 or Forbidden (not the digits 403 inside a timestamp)."""
+    return "Forbidden" in log or re.search(r"(?<![\d.])403(?!\d)", log) is not None
 
 
 def http_get(url: str) -> tuple[int, str]:

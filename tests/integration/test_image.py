@@ -25,7 +25,14 @@ from gpu_provisioner.devenv.image import (
     rendered_deployment,
 )
 from gpu_provisioner.sim import AksSimulator
-from tests.integration.harness import Claims, http_get, kaito_claim, lease_holder, wait_for
+from tests.integration.harness import (
+    Claims,
+    http_get,
+    kaito_claim,
+    lease_holder,
+    refused_by_the_api_server,
+    wait_for,
+)
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 SIM_CA_IN_CONTAINER = "/etc/gpu-provisioner-test/simulator-ca.crt"
@@ -166,31 +173,35 @@ def test_in_cluster_with_the_charts_service_account_and_nothing_writable(
     subprocess.run([str(helm), "install", "gpu-provisioner", str(CHART), "--kubeconfig", str(control_plane.kubeconfig),
                     "--namespace", namespace, "--create-namespace", "--skip-crds", "--values", str(values_file)],
                    check=True, capture_output=True, timeout=120)
-    deployment = kubernetes.client.AppsV1Api(kube_api).list_namespaced_deployment(namespace).items[0]
-    deployment = kube_api.sanitize_for_serialization(deployment)
-    container = ChartContainer(engine, tag, deployment)
-    service_account = container.pod_spec["serviceAccountName"]
-    token = kubernetes.client.CoreV1Api(kube_api).create_namespaced_service_account_token(
-        service_account, namespace, {"spec": {"audiences": ["https://kubernetes.default.svc.cluster.local"]}}
-    ).status.token
-    account = tmp_path / "serviceaccount"
-    account.mkdir(mode=0o755)
-    for file, content in (("token", token), ("namespace", namespace), ("ca.crt", control_plane.ca.cert_pem.decode())):
-        (account / file).write_text(content)
-        (account / file).chmod(0o644)
-    ca = readable_copy(sim.ca_bundle, tmp_path / "mounts" / "simulator-ca.crt")
-    host, port = control_plane.server_url.removeprefix("https://").rsplit(":", 1)
-    env = {**container.chart_env(pod_name, namespace), "KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
-    assert env["LEADER_ELECT"] == "true" and "KUBECONFIG" not in env
-    log = tmp_path / "controller.log"
-    process = start(containers, container, env, {account: SERVICE_ACCOUNT_DIR, ca: SIM_CA_IN_CONTAINER}, log,
-                    volumes=False)
-    wait_ready(process, health_port, log)
-    wait_for("the container to hold the Lease", lambda: lease_holder(kube_api, namespace) == pod_name or None)
-    lifecycle_of_both_claim_apis(claims, sim, unique_name)
-    assert process.poll() is None
-    text = log.read_text()
-    assert "403" not in text and "Forbidden" not in text, text[-3000:]
-    json_lines(log)
-    subprocess.run([str(helm), "uninstall", "gpu-provisioner", "--kubeconfig", str(control_plane.kubeconfig),
-                    "--namespace", namespace], check=True, capture_output=True, timeout=120)
+    try:
+        deployment = kubernetes.client.AppsV1Api(kube_api).list_namespaced_deployment(namespace).items[0]
+        deployment = kube_api.sanitize_for_serialization(deployment)
+        container = ChartContainer(engine, tag, deployment)
+        service_account = container.pod_spec["serviceAccountName"]
+        token = kubernetes.client.CoreV1Api(kube_api).create_namespaced_service_account_token(
+            service_account, namespace, {"spec": {"audiences": ["https://kubernetes.default.svc.cluster.local"]}}
+        ).status.token
+        account = tmp_path / "serviceaccount"
+        account.mkdir(mode=0o755)
+        files = {"token": token, "namespace": namespace, "ca.crt": control_plane.ca.cert_pem.decode()}
+        for file, content in files.items():
+            (account / file).write_text(content)
+            (account / file).chmod(0o644)
+        ca = readable_copy(sim.ca_bundle, tmp_path / "mounts" / "simulator-ca.crt")
+        host, port = control_plane.server_url.removeprefix("https://").rsplit(":", 1)
+        env = {**container.chart_env(pod_name, namespace),
+               "KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
+        assert env["LEADER_ELECT"] == "true" and "KUBECONFIG" not in env
+        log = tmp_path / "controller.log"
+        process = start(containers, container, env, {account: SERVICE_ACCOUNT_DIR, ca: SIM_CA_IN_CONTAINER}, log,
+                        volumes=False)
+        wait_ready(process, health_port, log)
+        wait_for("the container to hold the Lease", lambda: lease_holder(kube_api, namespace) == pod_name or None)
+        lifecycle_of_both_claim_apis(claims, sim, unique_name)
+        assert process.poll() is None
+        text = log.read_text()
+        assert not refused_by_the_api_server(text), text[-3000:]
+        json_lines(log)
+    finally:  # the chart's cluster-scoped RBAC would block the next install
+        subprocess.run([str(helm), "uninstall", "gpu-provisioner", "--kubeconfig", str(control_plane.kubeconfig),
+                        "--namespace", namespace], check=True, capture_output=True, timeout=120)
