@@ -20,7 +20,7 @@ from typing import Annotated
 import typer
 
 from gpu_provisioner.devenv.controlplane import ControlPlane, free_port
-from gpu_provisioner.devenv.image import ChartContainer, build_image, rendered_deployment
+from gpu_provisioner.devenv.image import ChartContainer, build_image, readable_copy, rendered_deployment
 from gpu_provisioner.devenv.tools import ensure_tools
 from gpu_provisioner.sim import AksSimulator, Scenario
 
@@ -35,13 +35,6 @@ def _ready(port: int) -> bool:
         return False
 
 
-def _readable_copy(source: Path, directory: Path) -> Path:
-    target = directory / source.name
-    shutil.copyfile(source, target)
-    target.chmod(0o644)
-    return target
-
-
 def main(runs: Annotated[int, typer.Option(help="How many starts to time.")] = 5) -> None:
     engine, tag = build_image()
     size_mb = engine.image_size_bytes(tag) / 1e6
@@ -49,7 +42,8 @@ def main(runs: Annotated[int, typer.Option(help="How many starts to time.")] = 5
             AksSimulator(Scenario(), kube_api=client) as sim:
         mounts_dir = Path(tempfile.mkdtemp(prefix="gpu-provisioner-bench-"))
         mounts_dir.chmod(0o755)
-        kubeconfig, ca = _readable_copy(plane.kubeconfig, mounts_dir), _readable_copy(sim.ca_bundle, mounts_dir)
+        kubeconfig = readable_copy(plane.kubeconfig, mounts_dir / plane.kubeconfig.name)
+        ca = readable_copy(sim.ca_bundle, mounts_dir / sim.ca_bundle.name)
         deployment = rendered_deployment(plane.tools.helm)
         runtime_s, ready_s, loads = [], [], []
         for _ in range(runs):

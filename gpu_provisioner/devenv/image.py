@@ -196,6 +196,15 @@ def build_image(console: Console | None = None, tag: str | None = None) -> tuple
     return engine, tag
 
 
+def readable_copy(source: Path, target: Path) -> Path:
+    """A copy the container's uid can read (the originals are root's, mode 0600), to mount into it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.chmod(0o755)
+    shutil.copyfile(source, target)
+    target.chmod(0o644)
+    return target
+
+
 def rendered_deployment(helm: Path, *helm_args: str) -> dict[str, Any]:
     """The chart's Deployment, rendered by helm with these extra arguments."""
     out = subprocess.run(

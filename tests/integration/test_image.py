@@ -5,7 +5,6 @@ AKS simulator. Skipped, with the reason, only where no Docker engine runs and po
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from gpu_provisioner.devenv.image import (
     ContainerEngine,
     ImageToolsUnavailable,
     build_image,
+    readable_copy,
     rendered_deployment,
 )
 from gpu_provisioner.sim import AksSimulator
@@ -53,15 +53,6 @@ def containers() -> Iterator[list[tuple[ChartContainer, subprocess.Popen[bytes]]
     for container, process in started:
         container.remove()
         process.wait(timeout=60)
-
-
-def readable_copy(source: Path, target: Path) -> Path:
-    """A copy the container's uid can read (the originals are root's, mode 0600)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.parent.chmod(0o755)
-    shutil.copyfile(source, target)
-    target.chmod(0o644)
-    return target
 
 
 def simulator_env(sim: AksSimulator) -> dict[str, str]:
