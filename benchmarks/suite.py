@@ -40,7 +40,7 @@ import kubernetes
 import typer
 
 from gpu_provisioner.api.claims import CLAIM_APIS, GROUP, READY
-from gpu_provisioner.devenv.controlplane import ControlPlane, die_with_parent, free_port
+from gpu_provisioner.devenv.controlplane import ControlPlane, die_with_parent, free_port, process_cpu_s
 from gpu_provisioner.devenv.tools import ensure_tools
 from gpu_provisioner.sandbox import kaito_claim
 from gpu_provisioner.sim import AksSimulator, Scenario, timeline
@@ -72,15 +72,17 @@ def shown(figure: dict[str, float] | None) -> str:
 
 
 class LoadSampler:
-    """The machine's 1-minute load average, every second while a scenario runs."""
+    """The machine's 1-minute load average, every second while a scenario runs, and the CPU its parts used."""
 
-    def __init__(self) -> None:
+    def __init__(self, plane: ControlPlane) -> None:
         self.samples: list[float] = []
+        self._plane = plane
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> LoadSampler:
         self._cpu_at_start = _own_cpu_s()
+        self._plane_cpu_at_start = self._plane.cpu_s()
         self._thread.start()
         return self
 
@@ -95,7 +97,9 @@ class LoadSampler:
                 return
 
     def figures(self) -> dict[str, Any]:
-        return {"cpus": os.cpu_count(), "simulator_process_cpu_s": round(_own_cpu_s() - self._cpu_at_start, 2),
+        plane = {f"{name}_cpu_s": round(used - self._plane_cpu_at_start.get(name, 0.0), 2)
+                 for name, used in self._plane.cpu_s().items()}
+        return {"cpus": os.cpu_count(), "simulator_process_cpu_s": round(_own_cpu_s() - self._cpu_at_start, 2), **plane,
                 "load_1m_mean": round(statistics.fmean(self.samples), 2),
                 "load_1m_max": round(max(self.samples), 2), "load_at_end": [round(x, 2) for x in os.getloadavg()]}
 
@@ -122,8 +126,9 @@ class Controller:
         self.log_path = workdir / f"{name}.log"
         self.started = time.monotonic()
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "gpu_provisioner", "run"], env=env, stdout=log,
-                                            stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+            prefix = os.environ.get("BENCH_PROFILE_PREFIX", "").replace("NAME", name).split()
+            self.process = subprocess.Popen([*prefix, sys.executable, "-m", "gpu_provisioner", "run"], env=env,
+                                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
 
     def check_alive(self) -> None:
         if self.process.poll() is not None:
@@ -145,11 +150,15 @@ class Controller:
         """Peak resident MiB and CPU seconds so far, from /proc."""
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         peak_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return {"peak_rss_mib": round(peak_kib / 1024, 1), "cpu_s": round(cpu_s, 2)}
+        return {"peak_rss_mib": round(peak_kib / 1024, 1), "cpu_s": round(process_cpu_s(self.process.pid), 2)}
 
     def stop(self) -> None:
+        if os.environ.get("BENCH_PROFILE_PREFIX"):
+            import signal
+            self.process.send_signal(signal.SIGINT)
+            self.process.wait(timeout=30)
+            subprocess.run(["pkill", "-f", "gpu_provisioner run"])
+            return
         self.process.terminate()
         self.process.wait(timeout=30)
 
@@ -387,9 +396,13 @@ def running(scenario: str, foreign_nodes: int = 0) -> Iterator[tuple[Run, LoadSa
         run.figures.update(scenario=scenario, date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
                            foreign_nodes=foreign_nodes, foreign_nodes_setup_s=round(setup_s, 1))
         try:
-            with LoadSampler() as load:
+            with LoadSampler(plane) as load:
                 yield run, load
         finally:
+            if os.environ.get("BENCH_APISERVER_METRICS"):
+                data = run.client.rest_client.pool_manager.request("GET", run.client.configuration.host + "/metrics")
+                data = data.data
+                Path(os.environ["BENCH_APISERVER_METRICS"]).write_bytes(data)
             run.watcher.stop()
             print(f"controller logs in {workdir}", file=sys.stderr)
 

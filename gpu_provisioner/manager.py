@@ -37,6 +37,7 @@ from gpu_provisioner.settings import Settings
 log = structlog.get_logger(__name__)
 SYNC_POLL_S = 0.1
 CLAIM_METRICS_INTERVAL_S = 5.0
+EVENTS_FLUSH_S = 5.0  # at shutdown, for the Events still going out (a Terminated one says a pool was deleted)
 CLAIM_PHASES = ("Pending", "Launched", "Registered", "Initialized", "Ready", "Failed", "Terminating")
 
 
@@ -83,9 +84,9 @@ class Manager:
         self.inventory = PoolInventory(self.pools, settings.pool_refresh_interval_s, self._on_pool_change)
         api_server_outage = Outage("API server")
         kube = Kube(api_client, lambda api, obj: self.claim_informers[api.name].remember_write(obj), api_server_outage)
-        deps = Deps(settings, kube, self.pools, self.inventory, self.nodes,
-                    ClaimIndex(self.claim_informers), EventRecorder(api_client, api_server_outage),
-                    catalogue=self.catalogue)
+        self.events = EventRecorder(api_client, api_server_outage)
+        deps = Deps(settings, kube, self.pools, self.inventory, self.nodes, ClaimIndex(self.claim_informers),
+                    self.events, catalogue=self.catalogue)
         self.lifecycle = ClaimLifecycle(deps)
         self.orphans = OrphanSweep(deps, self._claim_exists)
         self._stop = threading.Event()
@@ -117,6 +118,7 @@ class Manager:
             informer.stop()
         for thread in self._threads:
             thread.join(timeout=10)
+        self.events.flush(EVENTS_FLUSH_S)
         self.pools.close()
         self.compute.close()
 

@@ -73,6 +73,12 @@ def free_port() -> int:
     raise ControlPlaneError(f"no free loopback port in {low}-{ephemeral_low - 1}")
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a running process has used so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -131,6 +137,10 @@ class ControlPlane:
             shutil.copytree(self.log_dir, keep_logs_in, dirs_exist_ok=True)
         if remove_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds used so far by each of the control plane's processes (etcd, kube-apiserver)."""
+        return {name: round(process_cpu_s(proc.pid), 2) for name, proc in self._processes}
 
     # processes -------------------------------------------------------------------------------
 

@@ -44,11 +44,13 @@ class ClaimLifecycle:
             self.termination.reconcile(r)
             return r.next_look()
         if TERMINATION_FINALIZER not in claim.finalizers:
-            # Before any cloud call, so a deletion can never skip cleaning up.
-            claim = Claim(claim.api, self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": {
-                "finalizers": [*claim.finalizers, TERMINATION_FINALIZER],
-                "resourceVersion": claim.metadata["resourceVersion"],
-            }}))
+            # Before any cloud call, so a deletion can never skip cleaning up; with the size labels when they
+            # are already settled (one write less).
+            metadata = {"finalizers": [*claim.finalizers, TERMINATION_FINALIZER],
+                        "resourceVersion": claim.metadata["resourceVersion"]}
+            if labels := self.launch.labels_before_launch(claim, self.deps.clock()):
+                metadata["labels"] = labels
+            claim = Claim(claim.api, self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": metadata}))
             # Taken on: what Karpenter counts when its provisioner creates a nodeclaim.
             metrics.KARPENTER_NODECLAIMS_CREATED.labels(reason="provisioned", **karpenter_claim_labels(claim)).inc()
         r = Reconciliation(claim, self.deps.clock())

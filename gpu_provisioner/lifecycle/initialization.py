@@ -99,7 +99,6 @@ class Initialization:
             return WAITING
         if (node["metadata"].get("labels") or {}).get(INITIALIZED_LABEL) != "true":
             self.deps.kube.patch_node(name, {"metadata": {"labels": {INITIALIZED_LABEL: "true"}}})
-            self.deps.events.normal(claim.obj, "Initialized", f"node {name} is ready with its GPUs")
         node_status = node.get("status") or {}
         r.status.status["capacity"] = node_status.get("capacity") or {}
         r.status.status["allocatable"] = node_status.get("allocatable") or {}

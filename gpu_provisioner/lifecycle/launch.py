@@ -82,6 +82,19 @@ class Launch:
         with self._lock:
             return self._refusal_ended.get(r.claim.uid) or r.claim.created or r.now
 
+    def labels_before_launch(self, claim: Claim, now: datetime) -> dict[str, str]:
+        """The size labels a claim for exactly one valid size can carry before its launch (Karpenter's NodeClaims
+        carry the labels of single-valued requirements from creation), so that they go out with the finalizer
+        and the launch has no labels left to write; {} if the size is not settled or nothing is missing."""
+        try:
+            request = build_pool_request(claim, created_at=rfc3339(claim.created or now),
+                                         size_of=self.deps.catalogue.size)
+        except InvalidClaim:
+            return {}
+        if len(request.vm_sizes) != 1:
+            return {}
+        return _missing(claim, _size_labels(request.vm_sizes[0].name))
+
     def reconcile(self, r: Reconciliation) -> Outcome:
         claim, condition = r.claim, r.claim.api.launched
         if r.status.is_true(condition):
@@ -231,13 +244,11 @@ class Launch:
             r.status.status.setdefault("capacity", capacity)
             r.status.status.setdefault("allocatable", capacity)
         # The Type and Capacity printer columns and Karpenter's consumers read these labels, as Karpenter writes
-        # them at launch.
-        labels = {INSTANCE_TYPE_LABEL: pool.vm_size, CAPACITY_TYPE_LABEL: ON_DEMAND}
-        if any(claim.labels.get(key) != value for key, value in labels.items()):
+        # them at launch (here usually already with the finalizer).
+        if labels := _missing(claim, _size_labels(pool.vm_size)):
             self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": {"labels": labels}})
         r.status.set(claim.api.launched, "True", "Launched", f"agent pool {pool.name} ({pool.vm_size}) created")
         metrics.LAUNCHES.labels(kind=claim.api.kind, result="Launched").inc()
-        self.deps.events.normal(claim.obj, "Launched", f"agent pool {pool.name} ({pool.vm_size}) created")
         return DONE
 
     def _failed_pool(self, r: Reconciliation, request: PoolRequest, pool: PoolState) -> Outcome:
@@ -296,3 +307,12 @@ class Launch:
 
     def _fail(self, r: Reconciliation, reason: str, message: str, event_message: str = "") -> None:
         r.report(self.deps.events, r.claim.api.launched, reason, message, failed=True, event_message=event_message)
+
+
+def _size_labels(vm_size: str) -> dict[str, str]:
+    return {INSTANCE_TYPE_LABEL: vm_size, CAPACITY_TYPE_LABEL: ON_DEMAND}
+
+
+def _missing(claim: Claim, labels: dict[str, str]) -> dict[str, str]:
+    """Those of `labels` the claim does not carry with the same value."""
+    return {key: value for key, value in labels.items() if claim.labels.get(key) != value}

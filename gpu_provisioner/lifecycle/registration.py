@@ -49,7 +49,6 @@ class Registration:
             r.report(self.deps.events, condition, "MultipleNodesFound", message, failed=True)
             return WAITING
         node = nodes[0]
-        first_registration = not r.status.is_true(condition)
         patch = self._node_patch(claim, node)
         if patch:
             self.deps.kube.patch_node(node["metadata"]["name"], patch)
@@ -63,8 +62,6 @@ class Registration:
         if zone and claim.labels.get(ZONE_LABEL) != zone:
             # Known once the node is there (the pool names no zone): the Zone printer column reads it.
             self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": {"labels": {ZONE_LABEL: zone}}})
-        if first_registration:
-            self.deps.events.normal(claim.obj, "Registered", f"node {node['metadata']['name']} joined")
         r.status.set(condition, "True", "Registered", "")
         return DONE
 

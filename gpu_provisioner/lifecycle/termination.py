@@ -37,20 +37,19 @@ log = structlog.get_logger(__name__)
 DRAIN_RETRY_S = 2.0
 
 
-def _drainable(pod: Any) -> bool:
+def _drainable(pod: dict[str, Any]) -> bool:
     """Whether a drain moves the pod off its node: all but static pods (the kubelet owns them) and DaemonSet pods."""
-    metadata = pod.metadata
-    if (metadata.annotations or {}).get("kubernetes.io/config.mirror"):
+    metadata = pod["metadata"]
+    if (metadata.get("annotations") or {}).get("kubernetes.io/config.mirror"):
         return False
-    return not any(owner.kind == "DaemonSet" for owner in metadata.owner_references or [])
+    return not any(owner.get("kind") == "DaemonSet" for owner in metadata.get("ownerReferences") or [])
 
 
-def _still_leaving(pod: Any, now: datetime) -> bool:
+def _still_leaving(pod: dict[str, Any], now: datetime) -> bool:
     """An evicted pod inside its grace period (the API server sets deletionTimestamp to its end): its
     in-flight work finishes before the VM goes."""
-    going = pod.metadata.deletion_timestamp
-    return going is not None and now < going and (pod.status.phase if pod.status else None) not in (
-        "Succeeded", "Failed")
+    going = parse_time(pod["metadata"].get("deletionTimestamp"))
+    return going is not None and now < going and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
 
 
 def _drain_time_up(claim: Claim, now: datetime) -> str:
@@ -213,7 +212,7 @@ class Termination:
         if not (node.get("spec") or {}).get("unschedulable"):
             node = kube.patch_node(name, {"spec": {"unschedulable": True}})
         drainable = [pod for pod in kube.pods_on_node(name) if _drainable(pod)]
-        pods = [pod for pod in drainable if pod.metadata.deletion_timestamp is None]
+        pods = [pod for pod in drainable if not pod["metadata"].get("deletionTimestamp")]
         leaving = [pod for pod in drainable if _still_leaving(pod, now)]
         if (pods or leaving) and (time_up := _drain_time_up(claim, now)):
             # The NodeClaim's terminationGracePeriod bounds the drain: the Node goes with its pods on it
@@ -228,7 +227,7 @@ class Termination:
             except ApiException as error:
                 if error.status != 429:  # 429: a PodDisruptionBudget says not yet
                     raise
-                blocked.append(f"{pod.metadata.namespace}/{pod.metadata.name}")
+                blocked.append(f"{pod['metadata']['namespace']}/{pod['metadata']['name']}")
         if blocked:
             # Said, because the node and its pool (and their cost) stay until the budget allows it.
             self.deps.events.warning(claim.obj, "DrainBlocked", f"node {name} keeps running: a PodDisruptionBudget "

@@ -22,6 +22,8 @@ from typing import Any
 import kubernetes
 import structlog
 
+from gpu_provisioner.runtime import rest
+
 log = structlog.get_logger(__name__)
 ABSENT_RECHECK_S = 30.0
 MAX_BACKOFF_S = 30.0
@@ -189,11 +191,7 @@ class Informer:
     def _request(self, query: list[tuple[str, Any]], read_timeout_s: float, name: str = "",
                  missing_ok: bool = False) -> Any:
         path = f"{self.resource.path}/{name}" if name else self.resource.path
-        params = self._api.param_serialize(
-            "GET", path, query_params=query, header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"],
-        )
-        response = self._api.call_api(*params, _request_timeout=(10, read_timeout_s))
+        response = rest.send(self._api, "GET", path, query=query, timeout=(10, read_timeout_s))
         if 200 <= response.status < 300:
             return response
         body = response.read()  # drained, so the pooled connection stays usable

@@ -67,7 +67,10 @@ def test_kaito_claim_gets_a_ready_gpu_node_and_deletion_removes_the_pool(
     assert TERMINATION_FINALIZER in node.metadata.finalizers
     owner = node.metadata.owner_references[0]
     assert (owner.kind, owner.name, owner.uid) == (api.kind, unique_name, claim["metadata"]["uid"])
-    assert {"Launched", "Registered", "Initialized"} <= claims.event_reasons(unique_name)
+    # One Normal Event for the launch, with the pool and its size; the phases after it are said by conditions.
+    wait_for("the LaunchingAgentPool event", lambda: claims.event_messages(unique_name, "LaunchingAgentPool") == [
+        f"creating agent pool {unique_name} with {size}"])
+    assert claims.event_reasons(unique_name) == {"LaunchingAgentPool"}
 
     claims.delete(api, unique_name)
     claims.wait_gone(api, unique_name, timeout_s=60)
