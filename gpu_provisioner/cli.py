@@ -15,8 +15,6 @@ import structlog
 import typer
 from rich.console import Console
 
-from gpu_provisioner.devenv.controlplane import ControlPlane
-from gpu_provisioner.devenv.tools import ALL_TOOLS, ensure_tools
 from gpu_provisioner.logs import configure_logging, crash_logged
 from gpu_provisioner.signals import wait_for_interrupt
 from gpu_provisioner.sim.cli import simulate_aks
@@ -140,6 +138,8 @@ def sandbox(
 @devenv_app.command("tools")
 def devenv_tools() -> None:
     """Build the pinned kube-apiserver, kubectl, etcd, helm, Prometheus and promtool once; print their paths."""
+    from gpu_provisioner.devenv.tools import ALL_TOOLS, ensure_tools
+
     started = time.monotonic()
     tools = ensure_tools(console, ALL_TOOLS)
     for name, path in vars(tools).items():
@@ -171,6 +171,9 @@ def devenv_up(
     ] = None,
 ) -> None:
     """Start etcd + kube-apiserver on loopback with the CRDs installed; stop with Ctrl-C."""
+    from gpu_provisioner.devenv.controlplane import ControlPlane
+    from gpu_provisioner.devenv.tools import ensure_tools
+
     tools = ensure_tools(console)
     started = time.monotonic()
     plane = ControlPlane(tools)

@@ -28,7 +28,7 @@ from gpu_provisioner.lifecycle.launch import LAUNCH_FAILURES
 from gpu_provisioner.lifecycle.nodes import NodeCache, pool_of_node
 from gpu_provisioner.lifecycle.orphans import OrphanSweep
 from gpu_provisioner.runtime.events import EventRecorder
-from gpu_provisioner.runtime.informer import Informer, Resource
+from gpu_provisioner.runtime.informer import Informer, Resource, without_managed_fields
 from gpu_provisioner.runtime.kube import Kube
 from gpu_provisioner.runtime.outage import Outage
 from gpu_provisioner.runtime.workqueue import WorkQueue
@@ -72,14 +72,14 @@ class Manager:
         self.settings = settings
         self.queue = WorkQueue("claims")
         self.claim_informers: dict[str, Informer] = {
-            name: Informer(api_client, Resource(GROUP, api.version, api.plural, api.kind), self._on_claim_event)
+            name: Informer(api_client, Resource(GROUP, api.version, api.plural, api.kind), self._on_claim_event,
+                           transform=without_managed_fields)
             for name, api in CLAIM_APIS.items() if name in settings.claim_apis
         }
         self.nodes = NodeCache(api_client, self._on_node_event)
         credential = credential or default_credential(settings)
         self.pools = AgentPools(settings, credential)
-        self.compute = ComputeReads(settings, credential)
-        self.catalogue = SizeCatalogue(self.compute if settings.preflight else None, settings.location,
+        self.catalogue = SizeCatalogue(ComputeReads(self.pools) if settings.preflight else None, settings.location,
                                        settings.sku_catalogue_refresh_s, settings.quota_refresh_interval_s)
         self.inventory = PoolInventory(self.pools, settings.pool_refresh_interval_s, self._on_pool_change)
         api_server_outage = Outage("API server")
@@ -120,7 +120,6 @@ class Manager:
             thread.join(timeout=10)
         self.events.flush(EVENTS_FLUSH_S)
         self.pools.close()
-        self.compute.close()
 
     def synced(self) -> bool:
         return self._caches_synced() and self.inventory.synced

@@ -17,7 +17,7 @@ import kubernetes
 
 from gpu_provisioner.api.claims import Claim
 from gpu_provisioner.cloud.pool_request import MACHINE_TYPE_LABEL
-from gpu_provisioner.runtime.informer import NODES, Informer, Object
+from gpu_provisioner.runtime.informer import NODES, Informer, Object, without_managed_fields
 
 AGENTPOOL_LABELS = ("kubernetes.azure.com/agentpool", "agentpool")
 BY_PROVIDER_ID = "providerID"
@@ -43,9 +43,8 @@ def made_by_gpu_provisioner(node: Object) -> bool:
 
 
 def kept_in_full(node: Object) -> Object:
-    metadata = {k: v for k, v in node["metadata"].items() if k != "managedFields"}
     status = {k: v for k, v in (node.get("status") or {}).items() if k not in _UNREAD_STATUS}
-    return {**node, "metadata": metadata, "status": status}
+    return {**without_managed_fields(node), "status": status}
 
 
 def stub(node: Object) -> Object:
