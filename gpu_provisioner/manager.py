@@ -97,7 +97,7 @@ class Manager:
 
     def start(self) -> None:
         self.started = True
-        for informer in [*self.claim_informers.values(), self.nodes.informer]:
+        for informer in [*self.claim_informers.values(), *self.nodes.informers]:
             informer.start()
         self._spawn("pool-inventory", self.inventory.run, self._stop)
         self._spawn("catalogue-warm-up", self.catalogue.warm_up)
@@ -114,7 +114,7 @@ class Manager:
         self._stop.set()
         self.queue.shutdown()
         self.inventory.request_refresh()
-        for informer in [*self.claim_informers.values(), self.nodes.informer]:
+        for informer in [*self.claim_informers.values(), *self.nodes.informers]:
             informer.stop()
         for thread in self._threads:
             thread.join(timeout=10)
@@ -138,7 +138,7 @@ class Manager:
 
     def _caches_synced(self) -> bool:
         informers = [i for i in self.claim_informers.values() if i.available]
-        return self.nodes.informer.has_synced and all(i.has_synced for i in informers)
+        return all(i.has_synced for i in [*informers, *self.nodes.informers])
 
     def _spawn(self, name: str, target: Any, *args: Any) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)

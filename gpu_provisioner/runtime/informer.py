@@ -6,8 +6,9 @@ events for what changed during the gap, so a handler never misses a deletion. Re
 large cluster's list is never one response held whole. A resource that is not served (its CRD absent) is
 re-checked periodically, so installing the CRD later just works.
 
-As client-go's informers: an optional transform keeps only what the controller reads of each object, and
-indexers answer look-ups by a derived key without scanning the cache.
+As client-go's informers: a label selector narrows what is watched, metadata-only mode has the API server send
+only each object's metadata (PartialObjectMetadata), an optional transform keeps only what the controller reads
+of each object, and indexers answer look-ups by a derived key without scanning the cache.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from gpu_provisioner.runtime import rest
 
 log = structlog.get_logger(__name__)
 ABSENT_RECHECK_S = 30.0
+# What the API server sends instead of whole objects when only their metadata is wanted (client-go's metadata
+# informers ask the same way); JSON as the fallback for a server that cannot.
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1, application/json"
+METADATA_WATCH = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1, application/json"
 MAX_BACKOFF_S = 30.0
 LIST_PAGE_SIZE = 500
 
@@ -80,11 +85,15 @@ class Informer:
         *,
         transform: Callable[[Object], Object] | None = None,
         indexers: Indexers | None = None,
+        label_selector: str = "",
+        metadata_only: bool = False,
         watch_timeout_s: int = 300,
         absent_recheck_s: float = ABSENT_RECHECK_S,
     ) -> None:
         self._api = api_client
         self.resource = resource
+        self._selection = [("labelSelector", label_selector)] if label_selector else []
+        self._metadata_only = metadata_only
         self._on_event = on_event
         self._transform = transform or (lambda obj: obj)
         self._indexers = indexers or {}
@@ -103,12 +112,13 @@ class Informer:
         self._available = True
         self._response: Any = None
         self._thread: threading.Thread | None = None
-        self._log = log.bind(resource=resource.plural)
+        self._name = " ".join(filter(None, (resource.plural, "(metadata)" * metadata_only, label_selector)))
+        self._log = log.bind(resource=self._name)
 
     # public -----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"informer-{self.resource.plural}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"informer-{self._name}", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -148,20 +158,6 @@ class Informer:
         with self._lock:
             return [self._cache[name] for name in sorted(self._indices[index].get(key, ()))]
 
-    def fetch(self, name: str) -> Object | None:
-        """GET the object now (transformed) and cache it unless the watch has brought a newer version; None if it
-        does not exist. For an object whose cached form is too thin for the caller."""
-        response = self._request([], 30, name=name, missing_ok=True)
-        if response is None:
-            return None
-        obj = self._transform(_with_kind(json.loads(response.read()), self.resource))
-        with self._lock:
-            cached = self._cache.get(name)
-            if cached is not None and _version(cached) > _version(obj):
-                return cached
-            self._store(name, obj)
-        return obj
-
     def remember_write(self, obj: Object) -> None:
         """Serve `obj` (the server's answer to our write) until the watch brings that version."""
         name = obj["metadata"]["name"]
@@ -197,16 +193,14 @@ class Informer:
                 self._log.warning("list/watch failed; relisting", error=str(error)[:300], retry_in_s=round(delay, 2))
                 self._stop.wait(delay)
 
-    def _request(self, query: list[tuple[str, Any]], read_timeout_s: float, name: str = "",
-                 missing_ok: bool = False) -> Any:
-        path = f"{self.resource.path}/{name}" if name else self.resource.path
-        response = rest.send(self._api, "GET", path, query=query, timeout=(10, read_timeout_s))
+    def _request(self, query: list[tuple[str, Any]], read_timeout_s: float, accept: str) -> Any:
+        path = self.resource.path
+        response = rest.send(self._api, "GET", path, query=[*self._selection, *query], timeout=(10, read_timeout_s),
+                             accept=accept if self._metadata_only else rest.JSON)
         if 200 <= response.status < 300:
             return response
         body = response.read()  # drained, so the pooled connection stays usable
         if response.status == 404:
-            if missing_ok:
-                return None
             raise _NotServed()
         if response.status == 410:
             raise _Gone()
@@ -216,7 +210,7 @@ class Informer:
         fresh: dict[str, Object] = {}
         query: list[tuple[str, Any]] = [("limit", LIST_PAGE_SIZE)]
         while True:
-            page = json.loads(self._request(query, 60).read())
+            page = json.loads(self._request(query, 60, METADATA_LIST).read())
             for item in page.get("items") or []:
                 fresh[item["metadata"]["name"]] = self._transform(_with_kind(item, self.resource))
             token = page["metadata"].get("continue")
@@ -246,7 +240,7 @@ class Informer:
         """Follow one watch request to its end; returns the resourceVersion to resume from."""
         query = [("watch", "true"), ("resourceVersion", resource_version), ("allowWatchBookmarks", "true"),
                  ("timeoutSeconds", self._watch_timeout_s)]
-        response = self._request(query, self._watch_timeout_s + 30)
+        response = self._request(query, self._watch_timeout_s + 30, METADATA_WATCH)
         self._response = response.response
         try:
             for line in self._response:

@@ -21,9 +21,9 @@ Timeout = float | tuple[float, float] | None
 
 
 def send(api_client: kubernetes.client.ApiClient, method: str, path: str, *, query: list[tuple[str, Any]] | None = None,
-         body: Any = None, content_type: str = JSON, timeout: Timeout = None) -> RESTResponse:
+         body: Any = None, content_type: str = JSON, timeout: Timeout = None, accept: str = JSON) -> RESTResponse:
     """The response, unread (a watch is read as a stream), whatever its status."""
-    headers = {"Accept": JSON}
+    headers = {"Accept": accept}
     if body is not None:
         headers["Content-Type"] = content_type
     params = api_client.param_serialize(method, path, query_params=query or [], header_params=headers, body=body,

@@ -11,7 +11,7 @@ import pytest
 
 from gpu_provisioner.api.claims import NODECLAIM, Claim
 from gpu_provisioner.cloud.pool_request import MACHINE_TYPE_LABEL
-from gpu_provisioner.lifecycle.nodes import STUB, NodeCache
+from gpu_provisioner.lifecycle.nodes import NodeCache
 from gpu_provisioner.runtime.informer import NODES, Informer, Resource, _Gone
 from tests.integration.harness import Claims, kaito_claim, wait_for
 
@@ -147,9 +147,9 @@ def realistic_node(name: str, labels: dict[str, str], provider_id: str) -> dict:
 
 
 def test_node_cache_keeps_foreign_nodes_as_stubs_and_finds_a_claims_nodes_after_a_relist(kube_api, unique_name):
-    """A CPU node of another pool is kept as a stub; gpu-provisioner's node in full but without its image list; a
-    node of the claim's pool without gpu-provisioner's label (made before an upgrade) is found, read once and
-    kept in full. The indexes find them again after a relist."""
+    """A CPU node of another pool is watched as metadata and kept as a stub; gpu-provisioner's node whole but without
+    its image list; a node of the claim's pool without gpu-provisioner's label (made before an upgrade) is found and
+    read whole when looked up. The indexes find them again after a relist."""
     core = kubernetes.client.CoreV1Api(kube_api)
     ours, legacy, foreign = f"{unique_name}-gpu", f"{unique_name}-old", f"{unique_name}-cpu"
     pool_label = "kubernetes.azure.com/agentpool"
@@ -160,16 +160,18 @@ def test_node_cache_keeps_foreign_nodes_as_stubs_and_finds_a_claims_nodes_after_
         core.create_node(manifest)
         core.patch_node_status(name, {"status": manifest["status"]})
     nodes = NodeCache(kube_api, lambda event_type, node: None)
-    nodes.informer.start()
+    for informer in nodes.informers:
+        informer.start()
     try:
-        assert nodes.informer.wait_for_sync(10)
-        wait_for("the nodes' status in the cache", lambda: (nodes.informer.get(ours) or {}).get("status", {}).get(
+        assert all(informer.wait_for_sync(10) for informer in nodes.informers)
+        wait_for("the nodes' status in the cache", lambda: (nodes.ours.get(ours) or {}).get("status", {}).get(
             "allocatable"))
-        cached_foreign = nodes.informer.get(foreign)
-        assert cached_foreign[STUB] and "status" not in cached_foreign and "managedFields" not in str(cached_foreign)
+        cached_foreign = nodes.others.get(foreign)
+        assert set(cached_foreign) == {"apiVersion", "kind", "metadata"} and nodes.ours.get(foreign) is None
         assert cached_foreign["metadata"]["labels"] == {pool_label: "nodepool1"}
-        cached_ours = nodes.informer.get(ours)
-        assert STUB not in cached_ours and "images" not in cached_ours["status"]
+        assert "managedFields" not in str(cached_foreign)
+        cached_ours = nodes.ours.get(ours)
+        assert nodes.others.get(ours) is None and "images" not in cached_ours["status"]
         assert "managedFields" not in cached_ours["metadata"] and cached_ours["status"]["addresses"]
 
         def claim(name: str, provider_id: str = "") -> Claim:
@@ -185,11 +187,13 @@ def test_node_cache_keeps_foreign_nodes_as_stubs_and_finds_a_claims_nodes_after_
             assert [n["metadata"]["name"] for n in found] == [ours]
             found = nodes.nodes_for(claim(f"{unique_name}o"))
             assert [n["metadata"]["name"] for n in found] == [legacy] and found[0]["status"]["allocatable"]
-            assert STUB not in nodes.informer.get(legacy)
+            assert "images" not in found[0]["status"] and "status" not in nodes.others.get(legacy)
             assert nodes.nodes_for(claim("nobody")) == []
-            nodes.informer._relist()
-        assert STUB in nodes.informer.get(foreign)
+            for informer in nodes.informers:
+                informer._relist()
+        assert set(nodes.others.get(foreign)) == {"apiVersion", "kind", "metadata"}
     finally:
-        nodes.informer.stop()
+        for informer in nodes.informers:
+            informer.stop()
         for name in (ours, legacy, foreign):
             core.delete_node(name)
