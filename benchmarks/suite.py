@@ -364,16 +364,28 @@ class Run:
         names = list(self.created_at)
         requests_before = len(self.sim.requests)
         started = time.monotonic()
-        in_parallel(lambda name: self._custom.delete_cluster_custom_object(
-            GROUP, CLAIM_API.version, CLAIM_API.plural, name), names)
+        deleted_at: dict[str, float] = {}
+
+        def delete(name: str) -> None:
+            deleted_at[name] = time.monotonic()
+            self._custom.delete_cluster_custom_object(GROUP, CLAIM_API.version, CLAIM_API.plural, name)
+
+        in_parallel(delete, names)
         gone = self.watcher.gone_at
         self.watcher.wait("every claim gone", lambda: all(n in gone for n in names), 120 + len(names), controller)
         steps = self.sim.timeline()
         return {
             "all_deleted_s": round(max(gone[n] for n in names) - started, 2),
             "delete_delay_nominal_s": self.sim.scenario.delete_delay_s,
-            "node_deleted_to_claim_gone_s": distribution(
-                gone[n] - steps[n][timeline.NODE_DELETED].at for n in names if timeline.NODE_DELETED in steps[n]),
+            # Whose time is whose: the controller's until the DELETE reaches ARM, the simulator's until the pool
+            # is gone (scheduled: the delete delay), the controller's again until the claim is released.
+            "claim_deleted_to_pool_delete_s": distribution(
+                steps[n][timeline.DELETE].at - deleted_at[n] for n in names if timeline.DELETE in steps[n]),
+            "pool_delete_to_gone_s": distribution(
+                steps[n][timeline.DELETED].at - steps[n][timeline.DELETE].at for n in names
+                if timeline.DELETED in steps[n]),
+            "pool_gone_to_claim_gone_s": distribution(
+                gone[n] - steps[n][timeline.DELETED].at for n in names if timeline.DELETED in steps[n]),
             "arm_requests_deleting": self.arm_requests(requests_before),
         }
 

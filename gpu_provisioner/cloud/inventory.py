@@ -5,9 +5,10 @@ Claims read pool state from here; the refresher lists, compares, and reports eac
 changed so that only the claims concerned are reconciled. Writes of our own (a PUT or DELETE just
 accepted) are recorded at once, so a claim never acts on a LIST older than its own write.
 
-A pool a claim waits on (being deleted, or still creating under a claim being deleted) is followed: LISTed
-every few seconds, or as often as ARM's Retry-After for the DELETE says, rather than a whole interval later,
-until its operation is over. One LIST still serves every pool, so a burst costs no more requests than one.
+A pool a claim waits on (being deleted, or still creating under a claim being deleted) is followed: looked at
+when ARM's Retry-After for its DELETE says (every few seconds without one), and again as often, rather than a
+whole interval later, until its operation is over. One LIST serves every pool due by then, and LISTs are spaced
+by at least a quarter of that pace, so a burst of deletions costs a few LISTs, not one a pool.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
@@ -25,6 +27,14 @@ log = structlog.get_logger(__name__)
 # How often a followed pool is LISTed when ARM gives no Retry-After, and the least it may ask for.
 FOLLOW_S = 2.0
 MIN_FOLLOW_S = 1.0
+# LISTs for followed pools come at least this share of their pace apart: pools due at different moments share one.
+FOLLOW_SPACING_SHARE = 0.25
+
+
+@dataclass
+class _Followed:
+    every_s: float  # how often to look
+    due: float  # when to look next (clock)
 
 
 class PoolInventory:
@@ -46,8 +56,8 @@ class PoolInventory:
         self._listed_at = float("-inf")
         self._cluster: ClusterState | None = None
         self._cluster_read_at = float("-inf")
-        # Pools a claim waits on -> how often to LIST while their operation lasts.
-        self._followed: dict[str, float] = {}
+        # Pools a claim waits on, while their operation lasts.
+        self._followed: dict[str, _Followed] = {}
         # When the refresher lists next; moved earlier by request_refresh and by deletions in flight.
         self._plan = threading.Condition()
         self._next_list_at = float("-inf")
@@ -125,10 +135,21 @@ class PoolInventory:
     def follow(self, name: str, every_s: float = FOLLOW_S, at_once: bool = True) -> None:
         """LIST every `every_s` (at once first, unless not `at_once`) until pool `name`'s create or delete is over."""
         every_s = min(max(every_s, MIN_FOLLOW_S), self.interval_s)
+        now = self._clock()
         with self._lock:
-            new = name not in self._followed
-            self._followed[name] = every_s
-        self.request_refresh(within_s=0.0 if new and at_once else every_s)
+            if name not in self._followed:  # asked again while followed: the look already planned stands
+                self._followed[name] = _Followed(every_s, now if at_once else now + every_s)
+        self._plan_follow_list()
+
+    def _plan_follow_list(self) -> None:
+        """Have the next LIST come when the first followed pool is due, but not sooner after the last one than
+        the spacing allows."""
+        with self._lock:
+            if not self._followed:
+                return
+            spacing = FOLLOW_SPACING_SHARE * min(f.every_s for f in self._followed.values())
+            at = max(min(f.due for f in self._followed.values()), self._listed_at + spacing)
+        self.request_refresh(within_s=max(at - self._clock(), 0.0))
 
     def request_refresh(self, within_s: float = 0.0) -> None:
         """Ask for a LIST within `within_s` rather than at the end of the interval."""
@@ -152,13 +173,14 @@ class PoolInventory:
                     listed[name] = state
             previous, self._states = self._states, listed
             self._listed_at = started
-            for name in [n for n in self._followed if n not in listed or not listed[n].operation_running]:
-                del self._followed[name]
-            follow_s = min(self._followed.values(), default=None)
+            for name, followed in list(self._followed.items()):
+                if name not in listed or not listed[name].operation_running:
+                    del self._followed[name]
+                elif followed.due <= started:  # looked at by this LIST: next time at its pace
+                    followed.due = started + followed.every_s
         with self._plan:
             self._next_list_at = self._clock() + self.interval_s
-        if follow_s is not None:
-            self.request_refresh(within_s=follow_s)
+        self._plan_follow_list()
         for name in previous.keys() | listed.keys():
             before, after = previous.get(name), listed.get(name)
             if before != after:

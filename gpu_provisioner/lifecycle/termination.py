@@ -151,14 +151,27 @@ class Termination:
         inventory = self.deps.inventory
         pool = inventory.get(claim.name)
         pool_is_ours = pool is not None and pool.managed and pool.claim_key in ("", claim.key)
+        # A pool of the claim's name made by someone else (AgentPoolNameTaken) keeps its nodes.
+        drained = []
         for node in self.deps.nodes.nodes_for(claim):
-            # A pool of the claim's name made by someone else (AgentPoolNameTaken) keeps its nodes.
-            if not (pool_is_ours or _belongs_to(claim, node)):
-                continue
-            wait = self._retire_node(r, node)
-            if wait is not None:
-                r.requeue(wait)
-                return WAITING
+            if pool_is_ours or _belongs_to(claim, node):
+                wait, node = self._drain(r, node)
+                if wait is not None:
+                    r.requeue(wait)
+                    return WAITING
+                drained.append(node)
+        try:
+            pool_gone = self._delete_pool(r, pool, pool_is_ours)
+        finally:
+            # After the pool's DELETE went out (as Karpenter deletes the instance before it lets the Node go), so
+            # that the VM's removal does not wait for these writes; before the claim is released.
+            for node in drained:
+                self._remove_node(claim, node)
+        return self._release_claim(r, pool) if pool_gone else WAITING
+
+    def _delete_pool(self, r: Reconciliation, pool: PoolState | None, pool_is_ours: bool) -> bool:
+        """Delete the claim's pool if it is ours; True once a LIST shows that no pool of the claim is left."""
+        claim, inventory = r.claim, self.deps.inventory
         with self._lock:
             # No pool in sight yet may still mean a PUT whose answer was lost: only a LIST that began after
             # termination did can say there is none.
@@ -170,7 +183,7 @@ class Termination:
                 # often has: the node joined while the create was still recorded as running).
                 inventory.follow(pool.name)
                 r.requeue(inventory.interval_s)
-                return WAITING
+                return False
             if pool.provisioning_state != "Deleting":
                 try:
                     inventory.delete(pool)
@@ -178,22 +191,30 @@ class Termination:
                     self.deps.events.warning(claim.obj, error.reason, f"may not delete agent pool {pool.name}, so "
                                              f"the claim is kept until it can: {error.describe()}")
                     r.requeue(REFUSED_RETRY_S)
-                    return WAITING
+                    return False
                 progress.gone_after = inventory.now()
                 self.deps.events.normal(claim.obj, "DeletingAgentPool", f"deleting agent pool {pool.name}")
                 log.info("agent pool delete started", claim=claim.key, pool=pool.name)
             r.requeue(inventory.interval_s * 3)
-            return WAITING
+            return False
         if not inventory.synced or not inventory.listed_since(progress.gone_after):
             inventory.request_refresh()
             r.requeue(min(inventory.interval_s, 1.0))
-            return WAITING
+            return False
+        return True
+
+    def _release_claim(self, r: Reconciliation, pool: PoolState | None) -> Outcome:
+        """Remove the finalizer: nothing of the claim's is left in AKS."""
+        claim = r.claim
+        with self._lock:
+            progress = self._progress.get(claim.uid)
         self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": {
             "finalizers": [f for f in claim.finalizers if f != TERMINATION_FINALIZER],
             "resourceVersion": claim.metadata["resourceVersion"],
         }})
         self.forget(claim.uid)
-        self.deps.events.normal(claim.obj, "Terminated", progress.pool_fate or self._no_pool_of_ours(claim, pool))
+        fate = progress.pool_fate if progress else ""
+        self.deps.events.normal(claim.obj, "Terminated", fate or self._no_pool_of_ours(claim, pool))
         metrics.TERMINATIONS.labels(kind=claim.api.kind, result="Terminated").inc()
         metrics.KARPENTER_NODECLAIMS_TERMINATED.labels(**karpenter_claim_labels(claim)).inc()
         log.info("claim terminated", claim=claim.key)
@@ -205,8 +226,8 @@ class Termination:
             return f"agent pool {pool.name} was not made by gpu-provisioner for this claim and is left alone"
         return "AKS has no agent pool for this claim (none was created, or it was already gone)"
 
-    def _retire_node(self, r: Reconciliation, node: dict[str, Any]) -> float | None:
-        """Cordon, drain and delete one Node; returns a wait while pods are still leaving."""
+    def _drain(self, r: Reconciliation, node: dict[str, Any]) -> tuple[float | None, dict[str, Any]]:
+        """Cordon and drain one Node; returns a wait while pods are still leaving, and the Node as last written."""
         claim, now = r.claim, r.now
         kube, name = self.deps.kube, node["metadata"]["name"]
         if not (node.get("spec") or {}).get("unschedulable"):
@@ -234,8 +255,11 @@ class Termination:
                                      f"does not allow evicting {', '.join(sorted(blocked))} yet")
         if pods:
             self.deps.events.normal(claim.obj, "Draining", f"evicting {len(pods)} pod(s) from node {name}")
-        if pods or leaving:
-            return DRAIN_RETRY_S
+        return (DRAIN_RETRY_S if pods or leaving else None), node
+
+    def _remove_node(self, claim: Claim, node: dict[str, Any]) -> None:
+        """Release a drained Node from gpu-provisioner's finalizer and delete it."""
+        kube, name = self.deps.kube, node["metadata"]["name"]
         finalizers = node["metadata"].get("finalizers") or []
         released = TERMINATION_FINALIZER in finalizers
         if released:
@@ -249,4 +273,3 @@ class Termination:
         if released or deleted:
             # Counted once: a Node already deleted and released is only waited for.
             metrics.KARPENTER_NODES_TERMINATED.labels(nodepool=karpenter_nodepool(claim)).inc()
-        return None

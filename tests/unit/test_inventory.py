@@ -154,7 +154,7 @@ def test_a_delete_without_retry_after_is_looked_at_every_two_seconds_never_more_
         assert inventory._next_list_at == expected_s, retry_after_s
 
 
-def test_a_followed_create_is_listed_at_once_then_every_few_seconds_until_it_ends():
+def test_a_followed_create_is_listed_soon_then_every_few_seconds_until_it_ends():
     now = [0.0]
     pools = DeletingPools(retry_after_s=None)
     creating = PoolState("gpu1", "Creating", "Standard_NC6s_v3", {CLAIM_TAG: "nodeclaims/gpu1"})
@@ -162,7 +162,7 @@ def test_a_followed_create_is_listed_at_once_then_every_few_seconds_until_it_end
     inventory = PoolInventory(pools, 10.0, lambda before, after: None, clock=lambda: now[0])
     inventory.refresh()
     inventory.follow("gpu1")
-    assert inventory._next_list_at == 0.0
+    assert inventory._next_list_at == 0.5  # at once, but a quarter of its pace after the last LIST
     inventory.follow("gpu1")  # asked again by the next reconcile: no LIST sooner than the pace
     inventory.refresh()
     assert inventory._next_list_at == 2.0
@@ -170,3 +170,27 @@ def test_a_followed_create_is_listed_at_once_then_every_few_seconds_until_it_end
     now[0] = 2.0
     inventory.refresh()
     assert inventory._next_list_at == 12.0
+
+
+def test_deletions_in_a_burst_are_each_looked_at_when_due_by_a_few_shared_lists():
+    """Each pool is LISTed for at its DELETE's Retry-After (not up to a whole pace later, as when the next LIST
+    was planned from the last one), and pools due close together share one LIST."""
+    now = [0.0]
+    pools = DeletingPools(retry_after_s=1)
+    inventory = PoolInventory(pools, 10.0, lambda before, after: None, clock=lambda: now[0])
+    inventory.refresh()
+    lists = 0
+    looked_at: dict[str, float] = {}
+    for index in range(8):  # a DELETE every 0.1 s
+        now[0] = 0.1 * index
+        inventory.delete(PoolState(f"gpu{index}", "Succeeded", "Standard_NC6s_v3",
+                                   {CLAIM_TAG: f"nodeclaims/gpu{index}"}))
+    while pools.deleting:
+        now[0] = inventory._next_list_at
+        due = [name for name, followed in inventory._followed.items() if followed.due <= now[0]]
+        looked_at.update((name, now[0]) for name in due if name not in looked_at)
+        pools.deleting -= set(due)  # each is gone by its first look
+        inventory.refresh()
+        lists += 1
+    assert all(looked_at[f"gpu{i}"] - (0.1 * i + 1) <= 0.25 + 1e-9 for i in range(8)), looked_at
+    assert lists <= 4, lists  # 8 pools due over 0.7 s, LISTs at least 0.25 s apart
