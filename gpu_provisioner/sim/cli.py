@@ -11,7 +11,6 @@ from rich.console import Console
 
 from gpu_provisioner.signals import wait_for_interrupt
 from gpu_provisioner.sim.scenario import PRESETS, Scenario
-from gpu_provisioner.sim.server import AksSimulator
 
 
 def simulate_aks(
@@ -22,6 +21,7 @@ def simulate_aks(
     env_file: Annotated[Path | None, typer.Option(help="Also write the controller's environment here.")] = None,
 ) -> None:
     """Serve the ARM agent-pool API of a simulated AKS cluster until Ctrl-C."""
+    from gpu_provisioner.sim.server import AksSimulator  # not for the other commands: see sim/__init__.py
 
     console = Console()
     if scenario not in PRESETS:
