@@ -8,7 +8,7 @@ accepted) are recorded at once, so a claim never acts on a LIST older than its o
 A pool a claim waits on (being deleted, or still creating under a claim being deleted) is followed: looked at
 when ARM's Retry-After for its DELETE says (every few seconds without one), and again as often, rather than a
 whole interval later, until its operation is over. One LIST serves every pool due by then, and LISTs are spaced
-by at least a quarter of that pace, so a burst of deletions costs a few LISTs, not one a pool.
+by at least half that pace, so a burst of deletions costs a few LISTs, not one a pool.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ log = structlog.get_logger(__name__)
 FOLLOW_S = 2.0
 MIN_FOLLOW_S = 1.0
 # LISTs for followed pools come at least this share of their pace apart: pools due at different moments share one.
-FOLLOW_SPACING_SHARE = 0.25
+FOLLOW_SPACING_SHARE = 0.5
 
 
 @dataclass
