@@ -126,9 +126,8 @@ class Controller:
         self.log_path = workdir / f"{name}.log"
         self.started = time.monotonic()
         with open(self.log_path, "wb") as log:
-            prefix = os.environ.get("BENCH_PROFILE_PREFIX", "").replace("NAME", name).split()
-            self.process = subprocess.Popen([*prefix, sys.executable, "-m", "gpu_provisioner", "run"], env=env,
-                                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+            self.process = subprocess.Popen([sys.executable, "-m", "gpu_provisioner", "run"], env=env, stdout=log,
+                                            stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
 
     def check_alive(self) -> None:
         if self.process.poll() is not None:
@@ -153,12 +152,6 @@ class Controller:
         return {"peak_rss_mib": round(peak_kib / 1024, 1), "cpu_s": round(process_cpu_s(self.process.pid), 2)}
 
     def stop(self) -> None:
-        if os.environ.get("BENCH_PROFILE_PREFIX"):
-            import signal
-            self.process.send_signal(signal.SIGINT)
-            self.process.wait(timeout=30)
-            subprocess.run(["pkill", "-f", "gpu_provisioner run"])
-            return
         self.process.terminate()
         self.process.wait(timeout=30)
 
@@ -411,10 +404,6 @@ def running(scenario: str, foreign_nodes: int = 0) -> Iterator[tuple[Run, LoadSa
             with LoadSampler(plane) as load:
                 yield run, load
         finally:
-            if os.environ.get("BENCH_APISERVER_METRICS"):
-                data = run.client.rest_client.pool_manager.request("GET", run.client.configuration.host + "/metrics")
-                data = data.data
-                Path(os.environ["BENCH_APISERVER_METRICS"]).write_bytes(data)
             run.watcher.stop()
             print(f"controller logs in {workdir}", file=sys.stderr)
 
