@@ -155,7 +155,12 @@ class Termination:
         drained = []
         for node in self.deps.nodes.nodes_for(claim):
             if pool_is_ours or _belongs_to(claim, node):
-                wait, node = self._drain(r, node)
+                try:
+                    wait, node = self._drain(r, node)
+                except ApiException as error:
+                    if error.status == 404:  # deleted since the cache saw it (by this controller, a moment ago)
+                        continue
+                    raise
                 if wait is not None:
                     r.requeue(wait)
                     return WAITING
@@ -262,14 +267,19 @@ class Termination:
         kube, name = self.deps.kube, node["metadata"]["name"]
         finalizers = node["metadata"].get("finalizers") or []
         released = TERMINATION_FINALIZER in finalizers
-        if released:
-            kube.patch_node(name, {"metadata": {
-                "finalizers": [f for f in finalizers if f != TERMINATION_FINALIZER],
-                "resourceVersion": node["metadata"]["resourceVersion"],
-            }})
-        deleted = not node["metadata"].get("deletionTimestamp")
-        if deleted:
-            kube.delete_node(name)
+        try:
+            if released:
+                kube.patch_node(name, {"metadata": {
+                    "finalizers": [f for f in finalizers if f != TERMINATION_FINALIZER],
+                    "resourceVersion": node["metadata"]["resourceVersion"],
+                }})
+            # The cache may still show a Node this controller deleted a moment ago: only a DELETE that found it
+            # counts.
+            deleted = not node["metadata"].get("deletionTimestamp") and kube.delete_node(name)
+        except ApiException as error:
+            if error.status == 404:  # gone since the cache saw it
+                return
+            raise
         if released or deleted:
             # Counted once: a Node already deleted and released is only waited for.
             metrics.KARPENTER_NODES_TERMINATED.labels(nodepool=karpenter_nodepool(claim)).inc()

@@ -66,8 +66,9 @@ class Kube:
     def patch_node(self, name: str, patch: Object) -> Object:
         return self._call("PATCH", f"/api/v1/nodes/{name}", body=patch, content_type=MERGE_PATCH)
 
-    def delete_node(self, name: str) -> None:
-        self._call("DELETE", f"/api/v1/nodes/{name}", missing_ok=True)
+    def delete_node(self, name: str) -> bool:
+        """True if this call deleted the Node, False if it was gone already."""
+        return bool(self._call("DELETE", f"/api/v1/nodes/{name}", missing_ok=True))
 
     # pods (drain) -----------------------------------------------------------------------------
 

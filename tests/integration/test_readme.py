@@ -76,7 +76,7 @@ def test_make_bench_prints_its_figures_and_the_readme_table(tmp_path):
     figures = json.loads((tmp_path / "burst-2.json").read_text())
     assert figures["launch"]["gpu_ready_to_claim_ready_s"]["n"] == 2
     assert figures["arm_requests"]["agentpools.create"] == 2 and figures["controller"]["cpu_s"] > 0
-    assert "simulator_lag_by_step_s" in figures["launch"] and "node_deleted_to_claim_gone_s" in figures["deletion"]
+    assert "simulator_lag_by_step_s" in figures["launch"] and "pool_gone_to_claim_gone_s" in figures["deletion"]
     assert "ARM requests:" in result.stdout and "lag of gpus-published" in result.stdout
     table = subprocess.run(["make", "bench", "ARGS=table"], cwd=REPO, capture_output=True, text=True, timeout=120,
                            env=env)
