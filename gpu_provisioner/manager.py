@@ -37,7 +37,7 @@ from gpu_provisioner.settings import Settings
 log = structlog.get_logger(__name__)
 SYNC_POLL_S = 0.1
 CLAIM_METRICS_INTERVAL_S = 5.0
-EVENTS_FLUSH_S = 5.0  # at shutdown, for the Events still going out (a Terminated one says a pool was deleted)
+STOP_S = 10.0  # the most a shutdown waits for work in hand
 CLAIM_PHASES = ("Pending", "Launched", "Registered", "Initialized", "Ready", "Failed", "Terminating")
 
 
@@ -109,16 +109,22 @@ class Manager:
                  workers=self.settings.workers)
 
     def stop(self) -> None:
+        """Stop and wait for the work in hand, all of it within STOP_S: a request to an API server or ARM that
+        no longer answers must not keep the process (and its pod) from ending; what is left runs in daemon
+        threads, which end with it."""
         if self._stop.is_set():
             return
+        deadline = time.monotonic() + STOP_S
+        remaining = lambda: max(deadline - time.monotonic(), 0.0)  # noqa: E731
         self._stop.set()
         self.queue.shutdown()
         self.inventory.request_refresh()
         for informer in [*self.claim_informers.values(), *self.nodes.informers]:
-            informer.stop()
+            informer.stop(wait_s=remaining())
         for thread in self._threads:
-            thread.join(timeout=10)
-        self.events.flush(EVENTS_FLUSH_S)
+            thread.join(timeout=remaining())
+        # Last, for the Events the stopped work recorded (a Terminated one says a pool was deleted).
+        self.events.flush(remaining())
         self.pools.close()
 
     def synced(self) -> bool:

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import signal
-import threading
+import socket
 
 
 def wait_for_interrupt() -> None:
-    """Block until SIGINT or SIGTERM."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    """Block until SIGINT or SIGTERM.
+
+    The handlers do nothing; the signal itself wakes this wait, through the interpreter's wakeup fd. A handler
+    that took a lock (such as Event.set) deadlocked against itself when a second signal came while the first
+    one's handler held that lock: a controller whose parent died (PR_SET_PDEATHSIG) then never ended."""
+    woken, waker = socket.socketpair()
+    waker.setblocking(False)
+    previous_fd = signal.set_wakeup_fd(waker.fileno())
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
+        woken.recv(1)
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        woken.close()
+        waker.close()

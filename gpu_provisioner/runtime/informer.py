@@ -121,13 +121,14 @@ class Informer:
         self._thread = threading.Thread(target=self._run, name=f"informer-{self._name}", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 5.0) -> None:
+        """Stop watching; wait up to `wait_s` for the informer's thread to end."""
         self._stop.set()
         response = self._response
         if response is not None:
             response.shutdown()  # unblocks the watch read in the informer thread
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=wait_s)
 
     def wait_for_sync(self, timeout_s: float) -> bool:
         return self._synced.wait(timeout_s)

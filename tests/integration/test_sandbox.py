@@ -151,8 +151,8 @@ def test_a_killed_sandbox_leaves_no_process_behind():
     process.kill()
     process.wait()
     try:
-        # Each dies with the sandbox (PR_SET_PDEATHSIG) and shuts down on its own; once in four full runs that took
-        # longer than 30 s, so the bound is a minute, and a failure names what was left.
+        # Each dies with the sandbox (PR_SET_PDEATHSIG) and shuts down on its own. A controller once never did: its
+        # SIGTERM handler deadlocked on a second signal (tests/unit/test_signals.py); a failure names what was left.
         deadline = time.monotonic() + 60
         while (left := processes_mentioning(workdir)) and time.monotonic() < deadline:
             time.sleep(0.2)
