@@ -49,7 +49,7 @@ def kept_in_full(node: Object) -> Object:
 
 
 def stub(node: Object) -> Object:
-    """A Node's metadata cut to what finds it (and says it is a stub)."""
+    """A Node's metadata cut to what finds it and tells its changes: name, uid, resourceVersion, agent-pool label."""
     metadata, labels = node["metadata"], node["metadata"].get("labels") or {}
     return {
         "apiVersion": "v1", "kind": "Node",
