@@ -133,7 +133,8 @@ class PoolInventory:
         self.follow(pool.name, check_after_s or FOLLOW_S, at_once=False)
 
     def follow(self, name: str, every_s: float = FOLLOW_S, at_once: bool = True) -> None:
-        """LIST every `every_s` (at once first, unless not `at_once`) until pool `name`'s create or delete is over."""
+        """LIST for pool `name` every `every_s` (the first look at once, or `every_s` from now unless `at_once`)
+        until its create or delete is over; LISTs keep the spacing `_plan_follow_list` says."""
         every_s = min(max(every_s, MIN_FOLLOW_S), self.interval_s)
         now = self._clock()
         with self._lock:

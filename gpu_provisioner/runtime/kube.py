@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import kubernetes
 import urllib3
@@ -14,7 +14,6 @@ from gpu_provisioner.runtime import rest
 from gpu_provisioner.runtime.outage import Outage
 from gpu_provisioner.runtime.rest import MERGE_PATCH
 
-T = TypeVar("T")
 Object = dict[str, Any]
 
 
