@@ -25,6 +25,9 @@ app.add_typer(devenv_app, name="devenv")
 app.command("simulate-aks")(simulate_aks)
 
 console = Console(stderr=True)
+# Kubernetes requests that may run beside the workers' (one each): the watches (claims of two APIs, Nodes in two
+# parts), the Event sender, leader election, and a spare.
+CONNECTIONS_BESIDE_WORKERS = 8
 
 
 @app.command("run")
@@ -53,7 +56,7 @@ def run() -> None:
         tenant_id=settings.tenant_id or "(from the environment)", claim_apis=settings.claim_apis,
         leader_elect=settings.leader_elect,
     )
-    api_client = _kubernetes_api_client(settings.kubeconfig)
+    api_client = _kubernetes_api_client(settings.kubeconfig, settings.workers + CONNECTIONS_BESIDE_WORKERS)
     manager = Manager(settings, api_client)
     stop_metrics = start_metrics_server(settings.metrics_port, settings.bind_address)
     probes = ProbeServer(settings.health_probe_port, manager.not_ready_reason, settings.bind_address)
@@ -84,14 +87,19 @@ def run() -> None:
         stop_metrics()
 
 
-def _kubernetes_api_client(kubeconfig: Path | None) -> kubernetes.client.ApiClient:
-    """In-cluster credentials, or the kubeconfig's. The client writes a kubeconfig's inline certificates to
-    temporary files, which a read-only root without a writable /tmp cannot hold: say so, not a traceback."""
+def _kubernetes_api_client(kubeconfig: Path | None, connections: int) -> kubernetes.client.ApiClient:
+    """In-cluster credentials, or the kubeconfig's, with a pool of `connections` kept connections. The client writes
+    a kubeconfig's inline certificates to temporary files, which a read-only root without a writable /tmp cannot
+    hold: say so, not a traceback."""
+    configuration = kubernetes.client.Configuration()
+    # The client's default (5 a core) is fewer than the controller's concurrent requests on a small node: each
+    # request beyond it would open, and then throw away, a TLS connection.
+    configuration.connection_pool_maxsize = connections
     if kubeconfig is None:
-        kubernetes.config.load_incluster_config()
-        return kubernetes.client.ApiClient()
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+        return kubernetes.client.ApiClient(configuration)
     try:
-        return kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+        return kubernetes.config.new_client_from_config(config_file=str(kubeconfig), client_configuration=configuration)
     except OSError as error:
         try:
             tempfile.gettempdir()

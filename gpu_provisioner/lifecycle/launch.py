@@ -59,6 +59,14 @@ CAPACITY_FAILURES = frozenset(
 LAUNCH_FAILURES = CLAIM_REFUSALS | CAPACITY_FAILURES | {AccessDeniedError.reason, RequestFailedError.reason}
 
 
+def _launching(pool: str, vm_size: str, provisioning_state: str) -> str:
+    """The Launched message while the pool is on its way up: the same after the PUT and when a LIST shows the pool
+    Creating, so that the LIST costs no status write."""
+    if provisioning_state == "Creating":
+        return f"creating agent pool {pool} ({vm_size})"
+    return f"agent pool {pool} ({vm_size}) is {provisioning_state.lower()}"
+
+
 class Launch:
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
@@ -142,8 +150,7 @@ class Launch:
         # Creating, or Deleting after a failed size (whose condition already says why): the next LIST
         # or the Node watch wakes us.
         if pool.provisioning_state != "Deleting":
-            r.status.wait(condition, "Launching", f"agent pool {pool.name} ({pool.vm_size}) is "
-                          f"{pool.provisioning_state.lower()}")
+            r.status.wait(condition, "Launching", _launching(pool.name, pool.vm_size, pool.provisioning_state))
         r.requeue(self.deps.inventory.interval_s * 3)
         return WAITING
 
@@ -202,7 +209,7 @@ class Launch:
             if not put_may_have_landed:
                 catalogue.release(size)
         self.deps.inventory.record(state)
-        r.status.wait(condition, "Launching", f"creating agent pool {request.name} ({size.name})")
+        r.status.wait(condition, "Launching", _launching(request.name, size.name, "Creating"))
         self.deps.events.normal(claim.obj, "LaunchingAgentPool", f"creating agent pool {request.name} with {size.name}")
         log.info("agent pool create started", claim=claim.key, pool=request.name, vm_size=size.name)
         r.requeue(self.deps.inventory.interval_s * 3)

@@ -91,14 +91,16 @@ class Registration:
             patch_metadata["labels"] = label_changes
         if annotation_changes:
             patch_metadata["annotations"] = annotation_changes
+        # Kube.patch_node merges these two lists: only what is added is sent.
         if TERMINATION_FINALIZER not in finalizers:
-            patch_metadata["finalizers"] = [*finalizers, TERMINATION_FINALIZER]
+            patch_metadata["finalizers"] = [TERMINATION_FINALIZER]
         if not any(o.get("uid") == claim.uid for o in owners):
-            patch_metadata["ownerReferences"] = [*owners, claim_owner_reference(claim)]
+            patch_metadata["ownerReferences"] = [claim_owner_reference(claim)]
         patch: dict[str, Any] = {}
         if new_taints != taints:
+            # Taints are replaced whole: the write holds only if the Node is still the one they were computed from.
             patch["spec"] = {"taints": new_taints}
-        if patch_metadata or patch:
-            # Lists are replaced whole: make the write conditional on the Node we computed them from.
-            patch["metadata"] = {**patch_metadata, "resourceVersion": metadata["resourceVersion"]}
+            patch_metadata["resourceVersion"] = metadata["resourceVersion"]
+        if patch_metadata:
+            patch["metadata"] = patch_metadata
         return patch

@@ -35,6 +35,8 @@ from gpu_provisioner.lifecycle.launch import REFUSED_RETRY_S
 
 log = structlog.get_logger(__name__)
 DRAIN_RETRY_S = 2.0
+# A strategic merge patch that takes gpu-provisioner's finalizer off a Node and leaves any other.
+RELEASE_NODE = {"metadata": {"$deleteFromPrimitiveList/finalizers": [TERMINATION_FINALIZER]}}
 
 
 def _drainable(pod: dict[str, Any]) -> bool:
@@ -82,8 +84,8 @@ class _Progress:
     # inventory clock time (our DELETE, or the start of termination) after which a LIST that lacks the
     # pool proves it gone
     gone_after: float
-    # what became of the claim's pool, for the Terminated Event
-    pool_fate: str = ""
+    # the claim's pool was ours to delete (DeletingAgentPool said so; no Terminated Event repeats it)
+    pool_deleted: bool = False
 
 
 class Termination:
@@ -152,11 +154,11 @@ class Termination:
         pool = inventory.get(claim.name)
         pool_is_ours = pool is not None and pool.managed and pool.claim_key in ("", claim.key)
         # A pool of the claim's name made by someone else (AgentPoolNameTaken) keeps its nodes.
-        drained = []
+        drained: list[tuple[dict[str, Any], bool]] = []
         for node in self.deps.nodes.nodes_for(claim):
             if pool_is_ours or _belongs_to(claim, node):
                 try:
-                    wait, node = self._drain(r, node)
+                    wait, node, released = self._drain(r, node)
                 except ApiException as error:
                     if error.status == 404:  # deleted since the cache saw it (by this controller, a moment ago)
                         continue
@@ -164,14 +166,14 @@ class Termination:
                 if wait is not None:
                     r.requeue(wait)
                     return WAITING
-                drained.append(node)
+                drained.append((node, released))
         try:
             pool_gone = self._delete_pool(r, pool, pool_is_ours)
         finally:
             # After the pool's DELETE went out (as Karpenter deletes the instance before it lets the Node go), so
             # that the VM's removal does not wait for these writes; before the claim is released.
-            for node in drained:
-                self._remove_node(claim, node)
+            for node, released in drained:
+                self._remove_node(claim, node, released)
         return self._release_claim(r, pool) if pool_gone else WAITING
 
     def _delete_pool(self, r: Reconciliation, pool: PoolState | None, pool_is_ours: bool) -> bool:
@@ -182,7 +184,7 @@ class Termination:
             # termination did can say there is none.
             progress = self._progress.setdefault(claim.uid, _Progress(inventory.now()))
         if pool_is_ours:
-            progress.pool_fate = f"agent pool {pool.name} deleted"
+            progress.pool_deleted = True
             if pool.provisioning_state in IN_PROGRESS:
                 # AKS refuses a DELETE while the create runs: follow the pool until a LIST shows it ended (it
                 # often has: the node joined while the create was still recorded as running).
@@ -218,8 +220,9 @@ class Termination:
             "resourceVersion": claim.metadata["resourceVersion"],
         }})
         self.forget(claim.uid)
-        fate = progress.pool_fate if progress else ""
-        self.deps.events.normal(claim.obj, "Terminated", fate or self._no_pool_of_ours(claim, pool))
+        if not (progress and progress.pool_deleted):
+            # A pool this controller deleted was said by DeletingAgentPool; any other outcome is said here.
+            self.deps.events.normal(claim.obj, "Terminated", self._no_pool_of_ours(claim, pool))
         metrics.TERMINATIONS.labels(kind=claim.api.kind, result="Terminated").inc()
         metrics.KARPENTER_NODECLAIMS_TERMINATED.labels(**karpenter_claim_labels(claim)).inc()
         log.info("claim terminated", claim=claim.key)
@@ -231,12 +234,17 @@ class Termination:
             return f"agent pool {pool.name} was not made by gpu-provisioner for this claim and is left alone"
         return "AKS has no agent pool for this claim (none was created, or it was already gone)"
 
-    def _drain(self, r: Reconciliation, node: dict[str, Any]) -> tuple[float | None, dict[str, Any]]:
-        """Cordon and drain one Node; returns a wait while pods are still leaving, and the Node as last written."""
+    def _drain(self, r: Reconciliation, node: dict[str, Any]) -> tuple[float | None, dict[str, Any], bool]:
+        """Cordon and drain one Node; returns a wait while pods are still leaving, the Node as last written, and
+        whether this call let go of the Node's finalizer."""
         claim, now = r.claim, r.now
         kube, name = self.deps.kube, node["metadata"]["name"]
-        if not (node.get("spec") or {}).get("unschedulable"):
-            node = kube.patch_node(name, {"spec": {"unschedulable": True}})
+        # The Node's finalizer goes in the cordon's write: from here the claim's own finalizer keeps everything
+        # until the pool is gone. Not from a Node someone else deleted: its finalizer holds it through the drain.
+        release = TERMINATION_FINALIZER in (node["metadata"].get("finalizers") or []) and not node["metadata"].get(
+            "deletionTimestamp")
+        if release or not (node.get("spec") or {}).get("unschedulable"):
+            node = kube.patch_node(name, {"spec": {"unschedulable": True}, **(RELEASE_NODE if release else {})})
         drainable = [pod for pod in kube.pods_on_node(name) if _drainable(pod)]
         pods = [pod for pod in drainable if not pod["metadata"].get("deletionTimestamp")]
         leaving = [pod for pod in drainable if _still_leaving(pod, now)]
@@ -260,19 +268,16 @@ class Termination:
                                      f"does not allow evicting {', '.join(sorted(blocked))} yet")
         if pods:
             self.deps.events.normal(claim.obj, "Draining", f"evicting {len(pods)} pod(s) from node {name}")
-        return (DRAIN_RETRY_S if pods or leaving else None), node
+        return (DRAIN_RETRY_S if pods or leaving else None), node, release
 
-    def _remove_node(self, claim: Claim, node: dict[str, Any]) -> None:
-        """Release a drained Node from gpu-provisioner's finalizer and delete it."""
+    def _remove_node(self, claim: Claim, node: dict[str, Any], released: bool) -> None:
+        """Delete a drained Node, and let it go if it still has gpu-provisioner's finalizer (someone else deleted it
+        first). `released`: the drain let it go."""
         kube, name = self.deps.kube, node["metadata"]["name"]
-        finalizers = node["metadata"].get("finalizers") or []
-        released = TERMINATION_FINALIZER in finalizers
         try:
-            if released:
-                kube.patch_node(name, {"metadata": {
-                    "finalizers": [f for f in finalizers if f != TERMINATION_FINALIZER],
-                    "resourceVersion": node["metadata"]["resourceVersion"],
-                }})
+            if TERMINATION_FINALIZER in (node["metadata"].get("finalizers") or []):
+                kube.patch_node(name, RELEASE_NODE)
+                released = True
             # The cache may still show a Node this controller deleted a moment ago: only a DELETE that found it
             # counts.
             deleted = not node["metadata"].get("deletionTimestamp") and kube.delete_node(name)

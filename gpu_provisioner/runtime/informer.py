@@ -143,12 +143,7 @@ class Informer:
 
     def get(self, name: str) -> Object | None:
         with self._lock:
-            cached, written = self._cache.get(name), self._written.get(name)
-            # Only the watch says an object exists: a write's answer read after its DELETED event must not
-            # bring a deleted claim back (it would be launched again, and its pool would leak).
-            if cached is not None and written is not None and _version(written) > _version(cached):
-                return written
-            return cached
+            return self._newest(name) if name in self._cache else None
 
     def list(self) -> list[Object]:
         with self._lock:
@@ -157,7 +152,7 @@ class Informer:
     def by_index(self, index: str, key: str) -> list[Object]:
         """The cached objects an indexer files under `key`."""
         with self._lock:
-            return [self._cache[name] for name in sorted(self._indices[index].get(key, ()))]
+            return [self._newest(name) for name in sorted(self._indices[index].get(key, ()))]
 
     def remember_write(self, obj: Object) -> None:
         """Serve `obj` (the server's answer to our write) until the watch brings that version."""
@@ -269,13 +264,24 @@ class Informer:
         name = obj["metadata"]["name"]
         with self._lock:
             written = self._written.get(name)
+            # Our own write coming back wakes no one: the reconcile that made it went on from its answer. A change
+            # anyone else made has a version of its own, so it is never taken for one.
+            echo = event_type == "MODIFIED" and written is not None and _version(obj) == _version(written)
             if event_type == "DELETED" or (written is not None and _version(obj) >= _version(written)):
                 self._written.pop(name, None)
             if event_type == "DELETED":
                 self._forget(name)
             else:
                 self._store(name, obj)
-        self._emit(event_type, obj)
+        if not echo:
+            self._emit(event_type, obj)
+
+    def _newest(self, name: str) -> Object:
+        """The cached object, or our write's answer if that is newer (the lock held). Only the watch says an object
+        exists: a write's answer read after its DELETED event must not bring a deleted claim back (it would be
+        launched again, and its pool would leak)."""
+        cached, written = self._cache[name], self._written.get(name)
+        return written if written is not None and _version(written) > _version(cached) else cached
 
     def _store(self, name: str, obj: Object) -> None:
         """Cache `obj` and file it in every index (the lock held)."""

@@ -12,7 +12,7 @@ from kubernetes.client import ApiException
 from gpu_provisioner.api.claims import GROUP, ClaimApi
 from gpu_provisioner.runtime import rest
 from gpu_provisioner.runtime.outage import Outage
-from gpu_provisioner.runtime.rest import MERGE_PATCH
+from gpu_provisioner.runtime.rest import MERGE_PATCH, STRATEGIC_MERGE_PATCH
 
 Object = dict[str, Any]
 
@@ -23,9 +23,12 @@ class Kube:
         api_client: kubernetes.client.ApiClient,
         on_claim_written: Callable[[ClaimApi, Object], None] = lambda api, obj: None,
         outage: Outage | None = None,
+        on_node_written: Callable[[Object], None] = lambda obj: None,
     ) -> None:
         self.api_client = api_client
+        # Each write's answer goes to the cache that watches the object, so the next look sees it at once.
         self._on_claim_written = on_claim_written
+        self._on_node_written = on_node_written
         # Said once per outage of the API server, however many calls fail meanwhile; ended only by an answer.
         self.outage = outage or Outage("API server")
 
@@ -63,7 +66,10 @@ class Kube:
     # nodes ------------------------------------------------------------------------------------
 
     def patch_node(self, name: str, patch: Object) -> Object:
-        return self._call("PATCH", f"/api/v1/nodes/{name}", body=patch, content_type=MERGE_PATCH)
+        """A strategic merge patch (see rest.STRATEGIC_MERGE_PATCH)."""
+        written = self._call("PATCH", f"/api/v1/nodes/{name}", body=patch, content_type=STRATEGIC_MERGE_PATCH)
+        self._on_node_written(written)
+        return written
 
     def delete_node(self, name: str) -> bool:
         """True if this call deleted the Node, False if it was gone already."""

@@ -17,6 +17,9 @@ JSON = "application/json"
 # JSON merge patches replace lists whole: callers send complete lists, with metadata.resourceVersion
 # when the write must not race another writer's.
 MERGE_PATCH = "application/merge-patch+json"
+# For built-in kinds (Nodes): lists with a merge strategy (finalizers, ownerReferences) are merged, not replaced, so
+# adding to one needs no resourceVersion, and `$deleteFromPrimitiveList/<list>` removes values from one.
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 Timeout = float | tuple[float, float] | None
 
 

@@ -13,6 +13,7 @@ from gpu_provisioner.api.claims import NODECLAIM, Claim
 from gpu_provisioner.cloud.pool_request import MACHINE_TYPE_LABEL
 from gpu_provisioner.lifecycle.nodes import NodeCache
 from gpu_provisioner.runtime.informer import NODES, Informer, Resource, _Gone
+from gpu_provisioner.runtime.kube import Kube
 from tests.integration.harness import Claims, kaito_claim, wait_for
 
 NODECLAIMS = Resource("karpenter.sh", "v1", "nodeclaims", "NodeClaim")
@@ -197,3 +198,31 @@ def test_node_cache_keeps_foreign_nodes_as_stubs_and_finds_a_claims_nodes_after_
             informer.stop()
         for name in (ours, legacy, foreign):
             core.delete_node(name)
+
+
+def test_our_own_write_coming_back_wakes_no_one_and_is_served_at_once(kube_api, unique_name):
+    """A write's answer is served by get and by_index before the watch brings it; the watch's echo of it emits no
+    event (the reconcile that wrote it went on from its answer), while another writer's change does."""
+    events, handler = recorder()
+    informer = Informer(kube_api, NODES, handler, indexers={"step": lambda n: [n["metadata"].get("labels", {}).get(
+        "step", "")]})
+    informer.start()
+    kube = Kube(kube_api, on_node_written=informer.remember_write)
+    core = kubernetes.client.CoreV1Api(kube_api)
+    try:
+        assert informer.wait_for_sync(10)
+        core.create_node({"apiVersion": "v1", "kind": "Node", "metadata": {"name": unique_name}})
+        assert next_for(events, unique_name) == "ADDED"
+        # Ours: seen at once, by name and in the index it was filed under before the write.
+        kube.patch_node(unique_name, {"metadata": {"labels": {"step": "ours"}}})
+        assert informer.get(unique_name)["metadata"]["labels"]["step"] == "ours"
+        assert informer.by_index("step", "")[0]["metadata"]["labels"]["step"] == "ours"
+        # Someone else's, after ours: the only event that comes.
+        core.patch_node(unique_name, {"metadata": {"labels": {"step": "theirs"}}})
+        assert next_for(events, unique_name) == "MODIFIED"
+        assert informer.get(unique_name)["metadata"]["labels"]["step"] == "theirs"
+        with pytest.raises(queue.Empty):
+            events.get(timeout=1)
+    finally:
+        informer.stop()
+        core.delete_node(unique_name)

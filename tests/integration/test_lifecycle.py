@@ -72,11 +72,23 @@ def test_kaito_claim_gets_a_ready_gpu_node_and_deletion_removes_the_pool(
         f"creating agent pool {unique_name} with {size}"])
     assert claims.event_reasons(unique_name) == {"LaunchingAgentPool"}
 
+    # Another controller's finalizer on the Node stays: gpu-provisioner lets go of its own only.
+    other = "example.com/keep"
+    claims.core.patch_node(node.metadata.name, {"metadata": {"finalizers": [*node.metadata.finalizers, other]}},
+                           _content_type="application/merge-patch+json")
     claims.delete(api, unique_name)
     claims.wait_gone(api, unique_name, timeout_s=60)
     assert unique_name not in sim.pools()
-    assert claims.node(status["nodeName"]) is None
+    held = claims.node(status["nodeName"])
+    assert held.metadata.finalizers == [other] and held.metadata.deletion_timestamp and held.spec.unschedulable
+    claims.core.patch_node(node.metadata.name, {"metadata": {"finalizers": None}},
+                           _content_type="application/merge-patch+json")
+    wait_for("the Node gone", lambda: claims.node(status["nodeName"]) is None)
     assert sim.count_requests("agentpools.create") == 1
+    # The deletion is said once, when it starts; the claim's release repeats nothing.
+    wait_for("the DeletingAgentPool event", lambda: claims.event_messages(unique_name, "DeletingAgentPool") == [
+        f"deleting agent pool {unique_name}"])
+    assert "Terminated" not in claims.event_reasons(unique_name)
 
 
 @pytest.mark.parametrize(
