@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpu_provisioner.api.claims import REGISTERED_LABEL, TERMINATION_FINALIZER, ZONE_LABEL, Claim
+from gpu_provisioner.api.claims import INITIALIZED_LABEL, REGISTERED_LABEL, TERMINATION_FINALIZER, ZONE_LABEL, Claim
 from gpu_provisioner.cloud.pool_request import is_reserved_label
 from gpu_provisioner.lifecycle.base import DONE, WAITING, Deps, Outcome, Reconciliation
+from gpu_provisioner.lifecycle.initialization import awaited
 
 # AKS labels each node with the node image it runs.
 NODE_IMAGE_VERSION_LABEL = "kubernetes.azure.com/node-image-version"
@@ -50,6 +51,11 @@ class Registration:
             return WAITING
         node = nodes[0]
         patch = self._node_patch(claim, node)
+        if patch and "spec" not in patch and awaited(claim, node, self.deps.catalogue.size) is None:
+            # A Node met already initialized (under load it is often GPU-ready before it is registered) gets
+            # initialization's label in this write, so that one write, not two, comes before the claim is Ready.
+            # Not when this write adds taints: they may be startup taints, which initialization waits out.
+            patch["metadata"].setdefault("labels", {})[INITIALIZED_LABEL] = "true"
         if patch:
             self.deps.kube.patch_node(node["metadata"]["name"], patch)
         r.status.status["providerID"] = (node.get("spec") or {}).get("providerID", "")

@@ -246,3 +246,25 @@ def test_no_repair_while_the_api_server_or_arm_is_down_aks_works_on_the_pool_or_
     else:
         [blocked] = messages(fleet, "NodeRepairBlocked")
         assert expected in blocked
+
+
+@pytest.mark.parametrize("startup_taints", [False, True], ids=["gpu-ready", "startup-taints"])
+def test_a_node_met_already_gpu_ready_is_registered_and_initialized_in_one_write(startup_taints):
+    fleet = Fleet()
+    claim = fleet.claim(NODECLAIM, "ws1", initialized=False)
+    claim.obj["status"]["conditions"] = [c for c in claim.obj["status"]["conditions"] if c["type"] == "Launched"]
+    if startup_taints:
+        claim.obj["spec"]["startupTaints"] = [{"key": "driver", "effect": "NoSchedule"}]
+    node = fleet.nodes.add("ws1", taints=Claim(NODECLAIM, claim.obj).taints)  # as the pool made it
+    for label in ("karpenter.sh/registered", "karpenter.sh/initialized"):
+        del node["metadata"]["labels"][label]
+    fleet.reconcile(claim)
+    labels = [patch["metadata"].get("labels", {}) for patch in fleet.nodes.patches]
+    if startup_taints:
+        # The startup taint goes on with registration, and initialization waits for it to be removed.
+        assert len(fleet.nodes.patches) == 1 and "karpenter.sh/initialized" not in labels[0]
+        assert not Claim(NODECLAIM, claim.obj).is_true(NODECLAIM.initialized)
+    else:
+        assert len(fleet.nodes.patches) == 1
+        assert labels[0]["karpenter.sh/registered"] == labels[0]["karpenter.sh/initialized"] == "true"
+        assert Claim(NODECLAIM, claim.obj).is_true(READY)
