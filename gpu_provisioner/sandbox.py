@@ -7,6 +7,8 @@ environment, exactly as in a cluster; the simulator stands in for Azure.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import os
 import secrets
 import shutil
@@ -64,9 +66,15 @@ class ClaimProgress:
         return None
 
 
+@functools.cache
+def _example(api_name: str) -> dict[str, Any]:
+    # Parsed once: a benchmark makes a thousand claims from it, and YAML parsing would be most of its client's CPU.
+    return yaml.safe_load((EXAMPLES / f"kaito-{api_name}.yaml").read_text())
+
+
 def kaito_claim(api: ClaimApi, name: str, instance_types: list[str] | None = None) -> dict[str, Any]:
     """Kaito's claim manifest for `api` (examples/), renamed, optionally for other instance types."""
-    manifest = yaml.safe_load((EXAMPLES / f"kaito-{api.name}.yaml").read_text())
+    manifest = copy.deepcopy(_example(api.name))
     manifest["metadata"]["name"] = name
     if api.name == "machine":
         manifest["spec"]["machineTemplateRef"]["name"] = name

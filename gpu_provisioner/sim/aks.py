@@ -6,6 +6,8 @@ has passed. Errors are raised as ArmError with the HTTP status, code and message
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import re
 import threading
 import time
@@ -80,6 +82,10 @@ class Aks:
         self.clusters = {name: scenario.cluster_power for name in clusters}
         self.pools: dict[tuple[str, str], Pool] = {}
         self.operations: dict[str, Operation] = {}
+        # Operations in progress by due time (an entry whose pool has since moved on is skipped): settling looks at
+        # what is due, not at every pool, so a thousand pools cost no more per request than one.
+        self._due: list[tuple[float, int, Operation]] = []
+        self._sequence = itertools.count()
         # Pools each PUT created, per (cluster, name): whether its answer reached the client or not.
         self.creations: Counter[tuple[str, str]] = Counter()
         self.timeline = timeline.Timeline()
@@ -251,13 +257,17 @@ class Aks:
         next_due: float | None = None
         with self.lock:
             now = self._clock()
-            for key, pool in list(self.pools.items()):
-                operation = pool.operation
-                if operation is None:
+            while self._due:
+                due, _, operation = self._due[0]
+                key = (operation.cluster, operation.pool)
+                pool = self.pools.get(key)
+                if pool is None or pool.operation is not operation:
+                    heapq.heappop(self._due)
                     continue
-                if operation.due > now:
-                    next_due = operation.due if next_due is None else min(next_due, operation.due)
-                    continue
+                if due > now:
+                    next_due = due
+                    break
+                heapq.heappop(self._due)
                 pool.operation = None
                 operation.ended = _now_iso()
                 step = timeline.DELETED if operation.kind == "delete" else timeline.CREATED
@@ -311,6 +321,7 @@ class Aks:
     def _start(self, pool: Pool, kind: str, delay_s: float) -> Operation:
         operation = Operation(str(uuid.uuid4()), kind, pool.cluster, pool.name, self._clock() + delay_s)
         self.operations[operation.id] = operation
+        heapq.heappush(self._due, (operation.due, next(self._sequence), operation))
         self.on_operation_started()
         return operation
 
