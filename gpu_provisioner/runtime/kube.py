@@ -24,8 +24,10 @@ class Kube:
         on_claim_written: Callable[[ClaimApi, Object], None] = lambda api, obj: None,
         outage: Outage | None = None,
         on_node_written: Callable[[Object], None] = lambda obj: None,
+        timeout: rest.Timeout = rest.CALL_TIMEOUT,
     ) -> None:
         self.api_client = api_client
+        self.timeout = timeout
         # Each write's answer goes to the cache that watches the object, so the next look sees it at once.
         self._on_claim_written = on_claim_written
         self._on_node_written = on_node_written
@@ -35,7 +37,8 @@ class Kube:
     def _call(self, method: str, path: str, *, query: list[tuple[str, Any]] | None = None, body: Any = None,
               content_type: str = rest.JSON, missing_ok: bool = False) -> Object:
         try:
-            answer = rest.call(self.api_client, method, path, query=query, body=body, content_type=content_type)
+            answer = rest.call(self.api_client, method, path, query=query, body=body, content_type=content_type,
+                               timeout=self.timeout)
         except (urllib3.exceptions.HTTPError, ConnectionError) as error:
             self.outage.failed(error)
             raise

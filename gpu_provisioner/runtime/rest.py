@@ -21,6 +21,9 @@ MERGE_PATCH = "application/merge-patch+json"
 # adding to one needs no resourceVersion, and `$deleteFromPrimitiveList/<list>` removes values from one.
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 Timeout = float | tuple[float, float] | None
+# (connect, read) seconds for a plain call: an API server that takes the connection and never answers must not
+# hold a worker (and its claim) for good. Watches pass their own.
+CALL_TIMEOUT: Timeout = (10.0, 30.0)
 
 
 def send(api_client: kubernetes.client.ApiClient, method: str, path: str, *, query: list[tuple[str, Any]] | None = None,
@@ -35,7 +38,7 @@ def send(api_client: kubernetes.client.ApiClient, method: str, path: str, *, que
 
 
 def call(api_client: kubernetes.client.ApiClient, method: str, path: str, *, query: list[tuple[str, Any]] | None = None,
-         body: Any = None, content_type: str = JSON, timeout: Timeout = None) -> dict[str, Any]:
+         body: Any = None, content_type: str = JSON, timeout: Timeout = CALL_TIMEOUT) -> dict[str, Any]:
     """The answer as a dict; an error status raises the client's ApiException (NotFoundException for 404 ...)."""
     response = send(api_client, method, path, query=query, body=body, content_type=content_type, timeout=timeout)
     data = response.read()  # read whole, so the pooled connection is free again
