@@ -124,7 +124,7 @@ class Manager:
             informer.stop(wait_s=remaining())
         for thread in self._threads:
             thread.join(timeout=remaining())
-        # Last, for the Events the stopped work recorded (a Terminated one says a pool was deleted).
+        # Last, for the Events the stopped work recorded (a DeletingAgentPool one says a pool is going).
         self.events.flush(remaining())
         self.pools.close()
 

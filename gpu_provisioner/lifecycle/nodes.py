@@ -38,11 +38,6 @@ def _provider_id(node: Object) -> str:
     return (node.get("spec") or {}).get("providerID", "")
 
 
-def made_by_gpu_provisioner(node: Object) -> bool:
-    """Every agent pool gpu-provisioner makes labels its nodes so (this one always; the Go one since October 2023)."""
-    return MACHINE_TYPE_LABEL in (node["metadata"].get("labels") or {})
-
-
 def kept_in_full(node: Object) -> Object:
     status = {k: v for k, v in (node.get("status") or {}).items() if k not in _UNREAD_STATUS}
     return {**without_managed_fields(node), "status": status}
@@ -64,6 +59,8 @@ class NodeCache:
 
     def __init__(self, api_client: kubernetes.client.ApiClient, on_event: Callable[[str, Object], None]) -> None:
         self._api = api_client
+        # Every agent pool gpu-provisioner makes labels its nodes with MACHINE_TYPE_LABEL (this one always; the Go
+        # one since October 2023).
         self.ours = Informer(
             api_client, NODES, on_event, transform=kept_in_full, label_selector=MACHINE_TYPE_LABEL,
             indexers={BY_PROVIDER_ID: lambda n: [_provider_id(n)] if _provider_id(n) else [],
