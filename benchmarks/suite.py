@@ -364,12 +364,15 @@ class Run:
             self._custom.delete_cluster_custom_object(GROUP, CLAIM_API.version, CLAIM_API.plural, name)
 
         in_parallel(delete, names)
+        sent = time.monotonic() - started
         gone = self.watcher.gone_at
         self.watcher.wait("every claim gone", lambda: all(n in gone for n in names), 120 + len(names), controller)
         steps = self.sim.timeline()
         return {
             "all_deleted_s": round(max(gone[n] for n in names) - started, 2),
             "delete_delay_nominal_s": self.sim.scenario.delete_delay_s,
+            # The client's part: its last claim DELETE answered this long after its first was sent.
+            "deletes_sent_s": round(sent, 2),
             # Whose time is whose: the controller's until the DELETE reaches ARM, the simulator's until the pool
             # is gone (scheduled: the delete delay), the controller's again until the claim is released.
             "claim_deleted_to_pool_delete_s": distribution(

@@ -8,7 +8,7 @@ accepted) are recorded at once, so a claim never acts on a LIST older than its o
 A pool a claim waits on (being deleted, or still creating under a claim being deleted) is followed: looked at
 when ARM's Retry-After for its DELETE says (every few seconds without one), and again as often, rather than a
 whole interval later, until its operation is over. One LIST serves every pool due by then, and LISTs are spaced
-by at least half that pace, so a burst of deletions costs a few LISTs, not one a pool.
+by at least a quarter of that pace, so a burst of deletions costs a few LISTs, not one a pool.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ log = structlog.get_logger(__name__)
 FOLLOW_S = 2.0
 MIN_FOLLOW_S = 1.0
 # LISTs for followed pools come at least this share of their pace apart: pools due at different moments share one.
-FOLLOW_SPACING_SHARE = 0.5
+FOLLOW_SPACING_SHARE = 0.25
 
 
 @dataclass
@@ -56,6 +56,7 @@ class PoolInventory:
         self._listed_at = float("-inf")
         self._cluster: ClusterState | None = None
         self._cluster_read_at = float("-inf")
+        self._cluster_read = threading.Lock()
         # Pools a claim waits on, while their operation lasts.
         self._followed: dict[str, _Followed] = {}
         # When the refresher lists next; moved earlier by request_refresh and by deletions in flight.
@@ -88,14 +89,12 @@ class PoolInventory:
         return self._clock()
 
     def cluster(self) -> ClusterState:
-        """The managed cluster's state, read at most once per interval."""
-        with self._lock:
-            if self._cluster is not None and self._clock() - self._cluster_read_at < self.interval_s:
-                return self._cluster
-        state = self._pools.cluster()
-        with self._lock:
-            self._cluster, self._cluster_read_at = state, self._clock()
-        return state
+        """The managed cluster's state, read at most once per interval: workers that ask while it is being read
+        wait for that answer rather than each sending a GET of its own."""
+        with self._cluster_read:
+            if self._cluster is None or self._clock() - self._cluster_read_at >= self.interval_s:
+                self._cluster, self._cluster_read_at = self._pools.cluster(), self._clock()
+            return self._cluster
 
     # writes of our own ------------------------------------------------------------------------
 

@@ -162,7 +162,7 @@ def test_a_followed_create_is_listed_soon_then_every_few_seconds_until_it_ends()
     inventory = PoolInventory(pools, 10.0, lambda before, after: None, clock=lambda: now[0])
     inventory.refresh()
     inventory.follow("gpu1")
-    assert inventory._next_list_at == 1.0  # at once, but half its pace after the last LIST
+    assert inventory._next_list_at == 0.5  # at once, but a quarter of its pace after the last LIST
     inventory.follow("gpu1")  # asked again by the next reconcile: no LIST sooner than the pace
     inventory.refresh()
     assert inventory._next_list_at == 2.0
@@ -192,5 +192,28 @@ def test_deletions_in_a_burst_are_each_looked_at_when_due_by_a_few_shared_lists(
         pools.deleting -= set(due)  # each is gone by its first look
         inventory.refresh()
         lists += 1
-    assert all(looked_at[f"gpu{i}"] - (0.1 * i + 1) <= 0.5 + 1e-9 for i in range(8)), looked_at
-    assert lists == 3, lists  # 8 pools due over 0.7 s: LISTs at 1.0, 1.5 and 2.0 s, not one a pool
+    assert all(looked_at[f"gpu{i}"] - (0.1 * i + 1) <= 0.25 + 1e-9 for i in range(8)), looked_at
+    assert lists == 4, lists  # 8 pools due over 0.7 s: LISTs at 1.0, 1.25, 1.5 and 1.75 s, not one a pool
+
+
+def test_workers_asking_for_the_cluster_at_once_share_one_read():
+    class SlowCluster:
+        reads = 0
+        answer = threading.Event()
+
+        def cluster(self):
+            self.reads += 1
+            self.answer.wait(5)
+            return object()
+
+    pools = SlowCluster()
+    inventory = PoolInventory(pools, 10.0, lambda before, after: None)
+    seen = []
+    workers = [threading.Thread(target=lambda: seen.append(inventory.cluster())) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    time.sleep(0.2)  # every worker is asking while the first read waits for its answer
+    pools.answer.set()
+    for worker in workers:
+        worker.join(timeout=5)
+    assert pools.reads == 1 and len(seen) == 8 and len({id(state) for state in seen}) == 1
