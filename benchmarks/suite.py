@@ -346,6 +346,8 @@ class Run:
             "put_to_gpu_ready_nominal_s": nominal,
             "simulator_lag_s": distribution(steps[n][step].lag_s for n in names for step in up),
             "simulator_lag_by_step_s": {step: distribution(steps[n][step].lag_s for n in names) for step in up},
+            # Of that lag, the simulator's own (its steps due but not started); the rest waited for the API server.
+            "simulator_own_lag_s": distribution(steps[n][step].own_lag_s for n in names for step in up),
             "gpu_ready_to_claim_ready_s": distribution(
                 ready[n] - steps[n][timeline.GPUS_PUBLISHED].at for n in names),
             "created_to_claim_ready_s": distribution(ready[n] - self.created_at[n] for n in names),
@@ -524,7 +526,8 @@ def table() -> None:
                                     r["launch"]["claims"]))
     print("| scenario (UTC) | claims, foreign Nodes | claim created -> PUT, p50 / p95 | PUT -> node GPU-ready "
           "(simulator, scheduled 3.5 s), p50 / p95 / max | node GPU-ready -> claim Ready, p50 / p95 / p99 / max "
-          "| all Ready | all deleted | ARM requests | controller peak RSS / CPU | load average, mean / max |")
+          "| all Ready | all deleted (the client's DELETEs) | ARM requests | controller peak RSS / CPU "
+          "| load average, mean / max |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         launch, deletion, machine = r["launch"], r["deletion"], r["machine"]
@@ -534,9 +537,11 @@ def table() -> None:
         print(f"| {r['scenario']} ({r['date'][11:16]}) | {launch['claims']}, {r['foreign_nodes']} "
               f"| {launch['created_to_put_s']['p50']:.2f} / {launch['created_to_put_s']['p95']:.2f} s "
               f"| {up['p50']:.2f} / {up['p95']:.2f} / {up['max']:.2f} s (lag {up['p50'] - nominal:.2f} / "
-              f"{up['p95'] - nominal:.2f} / {up['max'] - nominal:.2f} s) "
+              f"{up['p95'] - nominal:.2f} / {up['max'] - nominal:.2f} s; its own p95 "
+              f"{launch['simulator_own_lag_s']['p95']:.2f} s) "
               f"| {shown(launch['gpu_ready_to_claim_ready_s'])} | {launch['all_ready_s']:.1f} s "
-              f"| {deletion['all_deleted_s']:.1f} s | {r['arm_requests_per_claim']} a claim ({arm}) "
+              f"| {deletion['all_deleted_s']:.1f} s (client {deletion['deletes_sent_s']:.1f} s) "
+              f"| {r['arm_requests_per_claim']} a claim ({arm}) "
               f"| {controller['peak_rss_mib']:.0f} MiB / {controller['cpu_s']:.1f} s "
               f"| {machine['load_1m_mean']:.1f} / {machine['load_1m_max']:.1f} |")
     for r in results:

@@ -6,6 +6,7 @@ pools keeps the scenario's timing (each step's due and actual time go to the tim
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import heapq
 import itertools
@@ -29,8 +30,9 @@ from gpu_provisioner.sim.scenario import Scenario
 
 log = structlog.get_logger(__name__)
 _TICK_S = 0.1
-# Fewer than the kubernetes client's connection pool (5 a core) so that no worker waits for a connection.
-_WORKERS = 8
+# Each Node has a kubelet of its own: a burst of joins is written side by side, as many at once as this (each worker
+# with a kept connection of its own), not in a few workers' turns.
+_WORKERS = 32
 # The lane (cluster, pool) that the steps scheduled by this thread belong to.
 _lane: ContextVar[tuple[str, str]] = ContextVar("aks_sim_node_lane", default=("", ""))
 _CONDITION_TYPES = ("MemoryPressure", "DiskPressure", "PIDPressure")
@@ -64,7 +66,10 @@ def _now() -> str:
 class NodeMaterialiser:
     def __init__(self, api_client: kubernetes.client.ApiClient, scenario: Scenario, subscription_id: str,
                  settle: Callable[[], float | None], steps: timeline.Timeline | None = None) -> None:
-        self._core = kubernetes.client.CoreV1Api(api_client)
+        configuration = copy.deepcopy(api_client.configuration)
+        configuration.connection_pool_maxsize = _WORKERS
+        self._api_client = kubernetes.client.ApiClient(configuration)
+        self._core = kubernetes.client.CoreV1Api(self._api_client)
         self.scenario = scenario
         self.subscription_id = subscription_id
         # Lets pending operations finish on time even without ARM traffic; says when the next one is due.
@@ -78,7 +83,7 @@ class NodeMaterialiser:
         # Per lane, its due steps in order (the first is running); a lane is here while it has any.
         self._lanes: dict[tuple[str, str], deque[tuple[float, Callable[[], None]]]] = {}
         self._runnable: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
-        self._running = threading.local()  # the lane and due time of the step a worker runs
+        self._running = threading.local()  # the lane, due time and own lag of the step a worker runs
         self._threads = [threading.Thread(target=self._run, name="aks-sim-nodes", daemon=True)] + [
             threading.Thread(target=self._work, name=f"aks-sim-kubelet-{n}", daemon=True) for n in range(_WORKERS)]
         self._nodes: dict[tuple[str, str], str] = {}  # (cluster, pool) -> node name
@@ -93,6 +98,7 @@ class NodeMaterialiser:
         self._scheduled.set()
         for thread in self._threads:
             thread.join(timeout=5)
+        self._api_client.close()
 
     # hooks from the resource provider ---------------------------------------------------------
 
@@ -259,7 +265,7 @@ class NodeMaterialiser:
         """Records that the step a worker is running is done (a step run outside the lanes is not timed)."""
         lane, due = getattr(self._running, "lane", None), getattr(self._running, "due", None)
         if lane is not None and due is not None:
-            self._timeline.record(*lane, step, due, time.monotonic())
+            self._timeline.record(*lane, step, due, time.monotonic(), self._running.own_lag_s)
 
     def _run(self) -> None:
         """Hands each step to its lane when due, and settles the pool operations on time."""
@@ -293,6 +299,7 @@ class NodeMaterialiser:
 
     def _drain(self, lane: tuple[str, str]) -> None:
         """Runs the lane's due steps in order until it has none."""
+        previous_done = float("-inf")  # a step may not start before the one before it in its lane is done
         while not self._stop.is_set():
             with self._lock:
                 steps = self._lanes[lane]
@@ -301,6 +308,7 @@ class NodeMaterialiser:
                     return
                 due, action = steps[0]
             self._running.lane, self._running.due = lane, due
+            self._running.own_lag_s = max(time.monotonic() - max(due, previous_done), 0.0)
             try:
                 action()
             except (urllib3.exceptions.HTTPError, ConnectionError):
@@ -311,6 +319,7 @@ class NodeMaterialiser:
                 log.exception("node materialiser action failed")
             finally:
                 self._running.lane = self._running.due = None
+                previous_done = time.monotonic()
             with self._lock:
                 steps.popleft()
 

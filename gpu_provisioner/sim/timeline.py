@@ -21,6 +21,10 @@ NODE_DELETED = "node-deleted"  # its Node was deleted from the API server
 class Step:
     due: float  # when the scenario's delays put it
     at: float  # when the simulator had carried it out
+    # Of the lag, the simulator's own: the step was due, and its pool's step before it done, but it had not started
+    # (no worker free, the scheduler late). The rest is the API server answering its writes, this one's and those
+    # before it in the pool.
+    own_lag_s: float = 0.0
 
     @property
     def lag_s(self) -> float:
@@ -32,11 +36,13 @@ class Timeline:
         self._lock = threading.Lock()
         self._pools: dict[tuple[str, str], dict[str, Step]] = {}
 
-    def record(self, cluster: str, pool: str, step: str, due: float, at: float) -> None:
+    def record(self, cluster: str, pool: str, step: str, due: float, at: float, own_lag_s: float | None = None) -> None:
+        """`own_lag_s`: the simulator's own part of the lag (None: all of it, for steps that make no write)."""
         with self._lock:
             if step == PUT:  # a pool made again under the same name starts a new life
                 self._pools[(cluster, pool)] = {}
-            self._pools.setdefault((cluster, pool), {})[step] = Step(due, at)
+            own = at - due if own_lag_s is None else own_lag_s
+            self._pools.setdefault((cluster, pool), {})[step] = Step(due, at, own)
 
     def pools(self, cluster: str) -> dict[str, dict[str, Step]]:
         """Each pool of `cluster` ever made (its last life): its steps so far."""

@@ -303,6 +303,8 @@ def test_the_simulator_records_each_steps_due_and_actual_time(simulator, monkeyp
             assert steps[step].due == pytest.approx(node_due, abs=0.05)
         # Carried out on time (a loaded machine may lag, but not by seconds) and never early.
         assert all(0 <= step.lag_s < 1.5 for step in steps.values()), steps
+        # The simulator's own part of it is never more than all of it (the rest is its writes' answers).
+        assert all(0 <= step.own_lag_s <= step.lag_s + 1e-6 for step in steps.values()), steps
         node = next(n for n in core.list_node(label_selector=f"agentpool={name}").items)
         assert node.status.allocatable["nvidia.com/gpu"] == "1"
     for name in names:
