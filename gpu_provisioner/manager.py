@@ -24,6 +24,7 @@ from gpu_provisioner.cloud.errors import CloudError, TransientError
 from gpu_provisioner.cloud.inventory import PoolInventory
 from gpu_provisioner.lifecycle.base import Deps
 from gpu_provisioner.lifecycle.controller import ClaimLifecycle
+from gpu_provisioner.lifecycle.initialization import completes_initialization
 from gpu_provisioner.lifecycle.launch import LAUNCH_FAILURES
 from gpu_provisioner.lifecycle.nodes import NodeCache, pool_of_node
 from gpu_provisioner.lifecycle.orphans import OrphanSweep
@@ -164,7 +165,7 @@ class Manager:
         self.queue.add(claim.key)
 
     def _on_node_event(self, event_type: str, node: dict[str, Any]) -> None:
-        self._wake_claims_named(pool_of_node(node))
+        self._wake_claims_named(pool_of_node(node), None if event_type == "DELETED" else node)
 
     def _on_pool_change(self, before: PoolState | None, after: PoolState | None) -> None:
         state = after or before
@@ -178,12 +179,17 @@ class Manager:
     def _watched_keys(self, name: str) -> set[str]:
         return {claim_key(CLAIM_APIS[api_name], name) for api_name in self.claim_informers}
 
-    def _wake_claims_named(self, name: str) -> None:
+    def _wake_claims_named(self, name: str, node: dict[str, Any] | None = None) -> None:
+        """Queue every claim of that name; before other work, the one this `node` lets turn Ready now. Kaito waits for
+        just that, and under a burst the claim's registration, if still queued, is then done in the same reconcile
+        and its writes (Node labels, status) made once, not twice."""
         if not name:
             return
         for api_name, informer in self.claim_informers.items():
-            if informer.get(name) is not None:
-                self.queue.add(claim_key(CLAIM_APIS[api_name], name))
+            if (obj := informer.get(name)) is not None:
+                claim = Claim(CLAIM_APIS[api_name], obj)
+                first = node is not None and completes_initialization(claim, node, self.catalogue.size)
+                self.queue.add(claim.key, first=first)
 
     def _claim_exists(self, key: str) -> bool | None:
         try:

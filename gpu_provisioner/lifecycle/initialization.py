@@ -78,6 +78,12 @@ def awaited(claim: Claim, node: dict[str, Any], size_of: SizeOf) -> Awaited | No
                    f"{', '.join(missing)} never became allocatable on node {name}: {hint}")
 
 
+def completes_initialization(claim: Claim, node: dict[str, Any], size_of: SizeOf) -> bool:
+    """Whether this Node lets the claim be initialized (and so Ready) now: it lacks nothing, and the claim is not
+    initialized yet."""
+    return not claim.is_true(claim.api.initialized) and awaited(claim, node, size_of) is None
+
+
 class Initialization:
     def __init__(self, deps: Deps) -> None:
         self.deps = deps

@@ -1,7 +1,9 @@
 """A client-go style work queue: keys, not work; deduplicated; never one key in two workers at once.
 
 A key added while a worker holds it is parked and handed out again when that worker calls done().
-Delayed adds wait in a heap; failures back off per key, exponentially, with jitter.
+Delayed adds wait in a heap; failures back off per key, exponentially, with jitter. A key added with
+`first=True` is handed out before every key added without (a key already waiting moves up): the caller says
+which work finishes something others wait for.
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ class WorkQueue:
         self._base, self._max, self._jitter = base_delay_s, max_delay_s, jitter
         self._clock = clock
         self._cond = threading.Condition()
+        # Keys ready to hand out, each in one of the two: `_first` is emptied before `_ready`.
+        self._first: deque[str] = deque()
         self._ready: deque[str] = deque()
         self._dirty: set[str] = set()  # queued or parked: wants processing
+        self._parked_first: set[str] = set()  # parked keys that go first when their worker is done
         self._processing: set[str] = set()
         self._waiting: list[tuple[float, int, str]] = []  # (due, sequence, key) heap
         self._due: dict[str, float] = {}  # earliest due time per waiting key
@@ -46,20 +51,35 @@ class WorkQueue:
 
     # adding -----------------------------------------------------------------------------------
 
-    def add(self, key: str) -> None:
+    def add(self, key: str, *, first: bool = False) -> None:
         with self._cond:
-            self._add_locked(key)
+            self._add_locked(key, first)
 
-    def _add_locked(self, key: str) -> None:
-        if self._shutting_down or key in self._dirty:
+    def _add_locked(self, key: str, first: bool = False) -> None:
+        if self._shutting_down:
+            return
+        if key in self._dirty:
+            if first:
+                self._move_first(key)
             return
         self._dirty.add(key)
         metrics.WORKQUEUE_ADDS.labels(name=self.name).inc()
         self._added_at.setdefault(key, self._clock())
-        if key not in self._processing:
-            self._ready.append(key)
-            self._publish_depth()
-            self._cond.notify()
+        if key in self._processing:
+            if first:
+                self._parked_first.add(key)
+            return
+        (self._first if first else self._ready).append(key)
+        self._publish_depth()
+        self._cond.notify()
+
+    def _move_first(self, key: str) -> None:
+        """A key already waiting goes first from now on."""
+        if key in self._processing:
+            self._parked_first.add(key)
+        elif key not in self._first:
+            self._ready.remove(key)  # a scan, but at most once for a key between two hand-outs
+            self._first.append(key)
 
     def add_after(self, key: str, delay_s: float) -> None:
         if delay_s <= 0:
@@ -99,8 +119,8 @@ class WorkQueue:
         with self._cond:
             while True:
                 self._promote_due()
-                if self._ready:
-                    key = self._ready.popleft()
+                if self._first or self._ready:
+                    key = (self._first or self._ready).popleft()
                     self._dirty.discard(key)
                     self._processing.add(key)
                     now = self._clock()
@@ -125,7 +145,9 @@ class WorkQueue:
             if started is not None:
                 metrics.WORKQUEUE_WORK_DURATION.labels(name=self.name).observe(self._clock() - started)
             if key in self._dirty:  # added again while it was being worked on
-                self._ready.append(key)
+                first = key in self._parked_first
+                self._parked_first.discard(key)
+                (self._first if first else self._ready).append(key)
                 self._publish_depth()
                 self._cond.notify()
 
@@ -142,7 +164,7 @@ class WorkQueue:
 
     def __len__(self) -> int:
         with self._cond:
-            return len(self._ready)
+            return len(self._first) + len(self._ready)
 
     # internals --------------------------------------------------------------------------------
 
@@ -155,4 +177,4 @@ class WorkQueue:
                 self._add_locked(key)
 
     def _publish_depth(self) -> None:
-        metrics.WORKQUEUE_DEPTH.labels(name=self.name).set(len(self._ready))
+        metrics.WORKQUEUE_DEPTH.labels(name=self.name).set(len(self._first) + len(self._ready))

@@ -21,9 +21,11 @@ from gpu_provisioner.api.claims import (
     rfc3339,
 )
 from gpu_provisioner.cloud.agentpools import PoolState
+from gpu_provisioner.cloud.catalogue import SizeCatalogue
 from gpu_provisioner.cloud.errors import TransientError
 from gpu_provisioner.cloud.pool_request import CLAIM_TAG, MANAGED_TAG, MANAGED_VALUE
 from gpu_provisioner.lifecycle.controller import ClaimLifecycle
+from gpu_provisioner.lifecycle.initialization import completes_initialization
 from gpu_provisioner.lifecycle.nodes import pool_of_node
 from gpu_provisioner.lifecycle.repair import GPU_UNAVAILABLE_SINCE, allowed_unhealthy
 from gpu_provisioner.runtime.outage import Outage
@@ -268,3 +270,15 @@ def test_a_node_met_already_gpu_ready_is_registered_and_initialized_in_one_write
         assert len(fleet.nodes.patches) == 1
         assert labels[0]["karpenter.sh/registered"] == labels[0]["karpenter.sh/initialized"] == "true"
         assert Claim(NODECLAIM, claim.obj).is_true(READY)
+
+
+@pytest.mark.parametrize("api", [NODECLAIM, MACHINE], ids=lambda api: api.name)
+def test_only_a_node_that_lets_its_claim_be_initialized_now_jumps_the_queue(api):
+    nodes, size_of = Nodes(), SizeCatalogue().size
+    claim = kaito(api, name="ws1")
+    assert completes_initialization(claim, nodes.add("ws1"), size_of)
+    assert not completes_initialization(claim, nodes.add("ws1", gpus="0"), size_of)  # no device plugin yet
+    assert not completes_initialization(claim, nodes.add("ws1", ready="False"), size_of)
+    # Once initialized, the Node's later updates (a kubelet's status, a label) are ordinary work.
+    claim.obj["status"] = {"conditions": [{"type": api.initialized, "status": "True", "reason": "Initialized"}]}
+    assert not completes_initialization(claim, nodes.add("ws1"), size_of)

@@ -90,3 +90,30 @@ def test_shutdown_releases_a_blocked_worker():
     queue.shutdown()
     waiter.join(timeout=1)
     assert not waiter.is_alive() and result == [None]
+
+
+def test_a_key_added_first_is_handed_out_before_keys_that_waited_longer():
+    queue = WorkQueue("t")
+    for key in ["a", "b", "c"]:
+        queue.add(key)
+    queue.add("d", first=True)
+    queue.add("b", first=True)  # already waiting: moves up, still once
+    queue.add("d")  # added again without: stays first
+    assert len(queue) == 4
+    assert [queue.get(0) for _ in range(4)] == ["d", "b", "a", "c"]
+    assert queue.get(0) is None
+
+
+def test_a_key_added_first_while_processing_goes_first_once_done():
+    queue = WorkQueue("t")
+    queue.add("a")
+    assert queue.get(0) == "a"
+    queue.add("b")
+    queue.add("a", first=True)  # parked: a worker holds it
+    assert queue.get(0) == "b"
+    queue.add("c")
+    queue.done("a")
+    assert queue.get(0) == "a"
+    queue.done("a")
+    queue.add("a")  # an ordinary add later is ordinary again
+    assert [queue.get(0), queue.get(0)] == ["c", "a"]
