@@ -154,13 +154,18 @@ class Informer:
         with self._lock:
             return [self._newest(name) for name in sorted(self._indices[index].get(key, ()))]
 
-    def remember_write(self, obj: Object) -> None:
-        """Serve `obj` (the server's answer to our write) until the watch brings that version."""
+    def remember_write(self, obj: Object) -> bool:
+        """Serve `obj` (the server's answer to our write) until the watch brings that version; whether it is kept
+        for that. Not when the watch brought that version already (it can beat the answer, and its event then woke
+        the handlers as any other does), nor for an object the cache does not hold."""
         name = obj["metadata"]["name"]
         with self._lock:
             cached = self._cache.get(name)
-            if cached is not None and cached["metadata"].get("uid") == obj["metadata"].get("uid"):
-                self._written[name] = self._transform(_with_kind(obj, self.resource))
+            if (cached is None or cached["metadata"].get("uid") != obj["metadata"].get("uid")
+                    or _version(cached) >= _version(obj)):
+                return False
+            self._written[name] = self._transform(_with_kind(obj, self.resource))
+            return True
 
     # loop -------------------------------------------------------------------------------------
 

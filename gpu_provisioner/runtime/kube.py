@@ -21,9 +21,9 @@ class Kube:
     def __init__(
         self,
         api_client: kubernetes.client.ApiClient,
-        on_claim_written: Callable[[ClaimApi, Object], None] = lambda api, obj: None,
+        on_claim_written: Callable[[ClaimApi, Object], object] = lambda api, obj: None,
         outage: Outage | None = None,
-        on_node_written: Callable[[Object], None] = lambda obj: None,
+        on_node_written: Callable[[Object], object] = lambda obj: None,
         timeout: rest.Timeout = rest.CALL_TIMEOUT,
     ) -> None:
         self.api_client = api_client
