@@ -19,10 +19,12 @@ from gpu_provisioner.logs import configure_logging, crash_logged
 from gpu_provisioner.signals import wait_for_interrupt
 from gpu_provisioner.sim.cli import simulate_aks
 
+# Commands take their help text as an argument, not from a docstring: the image runs with PYTHONOPTIMIZE=2,
+# which drops docstrings.
 app = typer.Typer(no_args_is_help=True, help="Kaito's GPU node provisioner for AKS.")
 devenv_app = typer.Typer(no_args_is_help=True, help="The local development environment.")
 app.add_typer(devenv_app, name="devenv")
-app.command("simulate-aks")(simulate_aks)
+app.command("simulate-aks", help="Serve the ARM agent-pool API of a simulated AKS cluster until Ctrl-C.")(simulate_aks)
 
 console = Console(stderr=True)
 # Kubernetes requests that may run beside the workers' (one each): the watches (claims of two APIs, Nodes in two
@@ -30,10 +32,9 @@ console = Console(stderr=True)
 CONNECTIONS_BESIDE_WORKERS = 8
 
 
-@app.command("run")
+@app.command("run", help="Run the controller: settings come from the environment (ARM_SUBSCRIPTION_ID, ... see README)")
 @crash_logged
 def run() -> None:
-    """Run the controller: settings come from the environment (ARM_SUBSCRIPTION_ID, ... see the README)."""
     from gpu_provisioner import metrics
     from gpu_provisioner.manager import Manager
     from gpu_provisioner.runtime.leader import LeaderElector
@@ -114,7 +115,9 @@ def _kubernetes_api_client(kubeconfig: Path | None, connections: int) -> kuberne
         raise
 
 
-@app.command("sandbox")
+@app.command(
+    "sandbox", help="Local control plane + AKS simulator + controller + Kaito claims, shown live; Ctrl-C tears down."
+)
 def sandbox(
     api: Annotated[str, typer.Option(help="Claim API Kaito uses: machine (Kaito <= 0.4.1) or nodeclaim.")] = "machine",
     claims: Annotated[int, typer.Option(min=1, help="How many claims to make.")] = 1,
@@ -130,7 +133,6 @@ def sandbox(
     )] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for Ready.")] = 300.0,
 ) -> None:
-    """Local control plane + AKS simulator + controller + Kaito claims, shown live; Ctrl-C tears down."""
     from gpu_provisioner.api.claims import CLAIM_APIS
     from gpu_provisioner.sandbox import Sandbox
 
@@ -143,9 +145,10 @@ def sandbox(
     raise typer.Exit(code)
 
 
-@devenv_app.command("tools")
+@devenv_app.command(
+    "tools", help="Build the pinned kube-apiserver, kubectl, etcd, helm, Prometheus and promtool once; print the paths."
+)
 def devenv_tools() -> None:
-    """Build the pinned kube-apiserver, kubectl, etcd, helm, Prometheus and promtool once; print their paths."""
     from gpu_provisioner.devenv.tools import ALL_TOOLS, ensure_tools
 
     started = time.monotonic()
@@ -156,11 +159,12 @@ def devenv_tools() -> None:
     console.print(f"tools ready ({versions}) in {time.monotonic() - started:.1f}s")
 
 
-@devenv_app.command("image")
+@devenv_app.command(
+    "image", help="Build the Dockerfile: with a Docker engine if one runs, else with podman and a stand-in base image."
+)
 def devenv_image(
     tag: Annotated[str | None, typer.Option(help="Image name; default: the chart's image at its appVersion.")] = None,
 ) -> None:
-    """Build the Dockerfile: with a Docker engine if one runs, else with podman and a stand-in base image."""
     from gpu_provisioner.devenv.image import ImageBuildError, build_image
 
     try:
@@ -172,13 +176,12 @@ def devenv_image(
     typer.echo(f"{built} ({engine.name}, {size_mb:.0f} MB uncompressed)")
 
 
-@devenv_app.command("up")
+@devenv_app.command("up", help="Start etcd + kube-apiserver on loopback with the CRDs installed; stop with Ctrl-C.")
 def devenv_up(
     kubeconfig: Annotated[
         Path | None, typer.Option(help="Also write the admin kubeconfig here.")
     ] = None,
 ) -> None:
-    """Start etcd + kube-apiserver on loopback with the CRDs installed; stop with Ctrl-C."""
     from gpu_provisioner.devenv.controlplane import ControlPlane
     from gpu_provisioner.devenv.tools import ensure_tools
 

@@ -20,7 +20,6 @@ def simulate_aks(
     port: Annotated[int, typer.Option(help="HTTPS port on 127.0.0.1 (0: any free port).")] = 0,
     env_file: Annotated[Path | None, typer.Option(help="Also write the controller's environment here.")] = None,
 ) -> None:
-    """Serve the ARM agent-pool API of a simulated AKS cluster until Ctrl-C."""
     from gpu_provisioner.sim.server import AksSimulator  # not for the other commands: see sim/__init__.py
 
     console = Console()
