@@ -84,8 +84,8 @@ class Manager:
                                        settings.sku_catalogue_refresh_s, settings.quota_refresh_interval_s)
         self.inventory = PoolInventory(self.pools, settings.pool_refresh_interval_s, self._on_pool_change)
         api_server_outage = Outage("API server")
-        kube = Kube(api_client, lambda api, obj: self.claim_informers[api.name].remember_write(obj), api_server_outage,
-                    on_node_written=self.nodes.ours.remember_write)
+        kube = Kube(api_client, lambda api: self.claim_informers[api.name], api_server_outage,
+                    node_observer=self.nodes.ours)
         self.events = EventRecorder(api_client, api_server_outage)
         deps = Deps(settings, kube, self.pools, self.inventory, self.nodes, ClaimIndex(self.claim_informers),
                     self.events, catalogue=self.catalogue)

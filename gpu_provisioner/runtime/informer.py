@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import random
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import kubernetes
@@ -68,6 +69,14 @@ def without_managed_fields(obj: Object) -> Object:
     return {**obj, "metadata": {k: v for k, v in metadata.items() if k != "managedFields"}}
 
 
+@dataclass
+class _WritesInFlight:
+    """Our writes to one object that have not been answered yet, and the watch events held meanwhile."""
+
+    writers: int = 0
+    held: list[Object] = field(default_factory=list)
+
+
 class _Gone(Exception):
     """The watch's resourceVersion is too old: relist."""
 
@@ -106,6 +115,10 @@ class Informer:
         # resourceVersion mutation cache): without this, the next reconcile would act on the state
         # from before its own last write.
         self._written: dict[str, Object] = {}
+        # The versions our writes' answers carried, until the watch brings each back (its echo wakes no one),
+        # and the objects with a write in flight, whose events wait for its answer.
+        self._our_versions: dict[str, set[int]] = {}
+        self._in_flight: dict[str, _WritesInFlight] = {}
         self._lock = threading.Lock()
         self._synced = threading.Event()
         self._stop = threading.Event()
@@ -154,18 +167,42 @@ class Informer:
         with self._lock:
             return [self._newest(name) for name in sorted(self._indices[index].get(key, ()))]
 
-    def remember_write(self, obj: Object) -> bool:
-        """Serve `obj` (the server's answer to our write) until the watch brings that version; whether it is kept
-        for that. Not when the watch brought that version already (it can beat the answer, and its event then woke
-        the handlers as any other does), nor for an object the cache does not hold."""
-        name = obj["metadata"]["name"]
+    @contextmanager
+    def writing(self, name: str) -> Iterator[None]:
+        """Around our write to `name`, its answer given to `remember_write` inside: the watch often brings a write
+        before its answer is read, so its events wait until then. Our write's echo is dropped (the reconcile that
+        made it goes on from its answer); if anything else came meanwhile, one event with the newest state is sent
+        when the write ends, as it is when the write fails (its answer may be lost while it landed)."""
         with self._lock:
+            flight = self._in_flight.setdefault(name, _WritesInFlight())
+            flight.writers += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                flight.writers -= 1
+                newest = self._cache.get(name) if flight.held and not flight.writers else None
+                if not flight.writers:
+                    del self._in_flight[name]
+            if newest is not None:
+                self._emit("MODIFIED", newest)
+
+    def remember_write(self, obj: Object) -> None:
+        """Serve `obj` (the server's answer to our write) until the watch brings that version, and let that
+        version's event wake no one."""
+        name, version = obj["metadata"]["name"], _version(obj)
+        with self._lock:
+            flight = self._in_flight.get(name)
+            echo = next((held for held in flight.held if _version(held) == version), None) if flight else None
+            if echo is not None:
+                flight.held.remove(echo)
+                return
             cached = self._cache.get(name)
             if (cached is None or cached["metadata"].get("uid") != obj["metadata"].get("uid")
-                    or _version(cached) >= _version(obj)):
-                return False
+                    or _version(cached) >= version):
+                return
+            self._our_versions.setdefault(name, set()).add(version)
             self._written[name] = self._transform(_with_kind(obj, self.resource))
-            return True
 
     # loop -------------------------------------------------------------------------------------
 
@@ -225,6 +262,7 @@ class Informer:
             for name, obj in fresh.items():
                 self._store(name, obj)
             self._written.clear()
+            self._our_versions.clear()
         for name, obj in fresh.items():
             before = previous.get(name)
             if before is None:
@@ -266,19 +304,30 @@ class Informer:
         return resource_version
 
     def _apply(self, event_type: str, obj: Object) -> None:
-        name = obj["metadata"]["name"]
+        name, version = obj["metadata"]["name"], _version(obj)
         with self._lock:
             written = self._written.get(name)
-            # Our own write coming back wakes no one: the reconcile that made it went on from its answer. A change
-            # anyone else made has a version of its own, so it is never taken for one.
-            echo = event_type == "MODIFIED" and written is not None and _version(obj) == _version(written)
-            if event_type == "DELETED" or (written is not None and _version(obj) >= _version(written)):
+            if event_type == "DELETED" or (written is not None and version >= _version(written)):
                 self._written.pop(name, None)
+            # Our own write coming back wakes no one: the reconcile that made it went on from its answer. A change
+            # anyone else made has a version of its own, so it is never taken for one. Versions only grow, so
+            # older ones of ours are not coming any more.
+            ours = self._our_versions.get(name, set())
+            echo = event_type == "MODIFIED" and version in ours
+            ours.difference_update([v for v in ours if v <= version])
+            if not ours:
+                self._our_versions.pop(name, None)
+            flight = self._in_flight.get(name)
+            held = event_type == "MODIFIED" and not echo and flight is not None
+            if held:
+                flight.held.append(obj)
+            elif flight is not None:
+                flight.held.clear()  # a deletion (or re-creation) says it all
             if event_type == "DELETED":
                 self._forget(name)
             else:
                 self._store(name, obj)
-        if not echo:
+        if not echo and not held:
             self._emit(event_type, obj)
 
     def _newest(self, name: str) -> Object:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Protocol
 
 import kubernetes
 import urllib3
@@ -17,20 +18,37 @@ from gpu_provisioner.runtime.rest import MERGE_PATCH, STRATEGIC_MERGE_PATCH
 Object = dict[str, Any]
 
 
+class WriteObserver(Protocol):
+    """The cache that watches what is written (an Informer): it sees each write begin, and gets its answer."""
+
+    def writing(self, name: str) -> AbstractContextManager[object]: ...
+
+    def remember_write(self, obj: Object) -> object: ...
+
+
+class Unobserved:
+    def writing(self, name: str) -> AbstractContextManager[object]:
+        return nullcontext()
+
+    def remember_write(self, obj: Object) -> None:
+        return None
+
+
 class Kube:
     def __init__(
         self,
         api_client: kubernetes.client.ApiClient,
-        on_claim_written: Callable[[ClaimApi, Object], object] = lambda api, obj: None,
+        claim_observer: Callable[[ClaimApi], WriteObserver] = lambda api: Unobserved(),
         outage: Outage | None = None,
-        on_node_written: Callable[[Object], object] = lambda obj: None,
+        node_observer: WriteObserver | None = None,
         timeout: rest.Timeout = rest.CALL_TIMEOUT,
     ) -> None:
         self.api_client = api_client
         self.timeout = timeout
-        # Each write's answer goes to the cache that watches the object, so the next look sees it at once.
-        self._on_claim_written = on_claim_written
-        self._on_node_written = on_node_written
+        # Each write is announced to the cache that watches the object, and its answer goes there, so the next
+        # look sees it at once and its echo from the watch wakes no one.
+        self._claim_observer = claim_observer
+        self._node_observer = node_observer or Unobserved()
         # Said once per outage of the API server, however many calls fail meanwhile; ended only by an answer.
         self.outage = outage or Outage("API server")
 
@@ -50,18 +68,20 @@ class Kube:
         self.outage.ended()
         return answer
 
+    def _write(self, observer: WriteObserver, name: str, path: str, patch: Object, content_type: str) -> Object:
+        with observer.writing(name):
+            written = self._call("PATCH", path, body=patch, content_type=content_type)
+            observer.remember_write(written)
+        return written
+
     # claims -----------------------------------------------------------------------------------
 
     def patch_claim(self, api: ClaimApi, name: str, patch: Object) -> Object:
-        written = self._call("PATCH", _claim_path(api, name), body=patch, content_type=MERGE_PATCH)
-        self._on_claim_written(api, written)
-        return written
+        return self._write(self._claim_observer(api), name, _claim_path(api, name), patch, MERGE_PATCH)
 
     def patch_claim_status(self, api: ClaimApi, name: str, status: Object) -> Object:
-        written = self._call("PATCH", f"{_claim_path(api, name)}/status", body={"status": status},
-                             content_type=MERGE_PATCH)
-        self._on_claim_written(api, written)
-        return written
+        return self._write(self._claim_observer(api), name, f"{_claim_path(api, name)}/status", {"status": status},
+                           MERGE_PATCH)
 
     def delete_claim(self, api: ClaimApi, name: str) -> None:
         self._call("DELETE", _claim_path(api, name), missing_ok=True)
@@ -70,9 +90,7 @@ class Kube:
 
     def patch_node(self, name: str, patch: Object) -> Object:
         """A strategic merge patch (see rest.STRATEGIC_MERGE_PATCH)."""
-        written = self._call("PATCH", f"/api/v1/nodes/{name}", body=patch, content_type=STRATEGIC_MERGE_PATCH)
-        self._on_node_written(written)
-        return written
+        return self._write(self._node_observer, name, f"/api/v1/nodes/{name}", patch, STRATEGIC_MERGE_PATCH)
 
     def delete_node(self, name: str) -> bool:
         """True if this call deleted the Node, False if it was gone already."""
