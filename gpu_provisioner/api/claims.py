@@ -89,6 +89,10 @@ KAITO_OWNER_LABELS = ("kaito.sh/workspace", "kaito.sh/ragengine")
 KAITO_NODE_CLASSES = frozenset({("kaito.sh", "KaitoNodeClass"), ("", "AKSNodeClass")})
 
 
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 
-from gpu_provisioner.api.claims import Claim, StatusWriter
+from gpu_provisioner.api.claims import Claim, StatusWriter, utc_now
 from gpu_provisioner.cloud.agentpools import AgentPools
 from gpu_provisioner.cloud.catalogue import SizeCatalogue
 from gpu_provisioner.cloud.inventory import PoolInventory
@@ -45,10 +45,6 @@ def karpenter_nodepool(claim: Claim) -> str:
 def karpenter_claim_labels(claim: Claim) -> dict[str, str]:
     """The `nodepool` and `capacity_type` labels of Karpenter's nodeclaim metrics for a claim."""
     return {"nodepool": karpenter_nodepool(claim), "capacity_type": claim.labels.get(CAPACITY_TYPE_LABEL, "on-demand")}
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass

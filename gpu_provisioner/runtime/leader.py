@@ -17,6 +17,7 @@ import structlog
 from kubernetes.client import ApiException
 
 from gpu_provisioner import metrics
+from gpu_provisioner.api.claims import utc_now
 
 log = structlog.get_logger(__name__)
 LEASE_NAME = "gpu-provisioner-leader"
@@ -24,10 +25,6 @@ LEASE_NAME = "gpu-provisioner-leader"
 
 def _micro_time(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _parse(value: object) -> datetime | None:
@@ -39,7 +36,7 @@ def _parse(value: object) -> datetime | None:
 class LeaderElector:
     def __init__(self, api_client: kubernetes.client.ApiClient, namespace: str, identity: str,
                  lease_duration_s: float = 15.0, renew_deadline_s: float = 10.0, retry_period_s: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], datetime] = _utc_now) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], datetime] = utc_now) -> None:
         self._api = kubernetes.client.CoordinationV1Api(api_client)
         self.namespace, self.identity = namespace, identity
         self.lease_duration_s, self.renew_deadline_s, self.retry_period_s = (
