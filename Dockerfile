@@ -14,7 +14,7 @@ RUN python -m venv /opt/venv \
 COPY README.md ./
 COPY gpu_provisioner ./gpu_provisioner
 # A read-only root cannot cache bytecode at run time, so every module ships compiled, for PYTHONOPTIMIZE=2 (set
-# below): without docstrings the imports take 6 MiB less memory. The level-0 bytecode pip wrote would never be read.
+# below): without docstrings the imports take 5-6 MiB less memory. The level-0 bytecode pip wrote would never be read.
 # The asyncio halves of the kubernetes client and of the Azure SDK clients, and aiohttp, which only they use, are
 # never imported. The kubernetes client's generated API and model modules (33 MB of source) ship as bytecode only:
 # a traceback through them still names file and line.
