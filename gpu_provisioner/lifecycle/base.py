@@ -73,6 +73,8 @@ class Reconciliation:
     now: datetime
     status: StatusWriter = field(init=False)
     requeue_after: list[float] = field(default_factory=list)
+    # The status write waits for the next pass (see defer_status).
+    status_deferred: bool = False
 
     def __post_init__(self) -> None:
         self.status = StatusWriter(self.claim, self.now)
@@ -84,6 +86,13 @@ class Reconciliation:
 
     def requeue(self, after_s: float) -> None:
         self.requeue_after.append(max(after_s, 0.0))
+
+    def defer_status(self) -> None:
+        """Leave this pass's status for the next, queued at once behind the work waiting now: in a burst, the
+        worker goes on to the next claim instead of writing what nobody waits for (the next pass finds the same
+        state and writes it)."""
+        self.status_deferred = True
+        self.requeue(0)
 
     def next_look(self) -> float | None:
         """When to reconcile the claim again: the soonest any phase asked for; None: on the next event."""

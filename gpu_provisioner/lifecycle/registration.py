@@ -66,8 +66,13 @@ class Registration:
             r.status.status["imageID"] = node_labels[NODE_IMAGE_VERSION_LABEL]
         zone = node_labels.get(ZONE_LABEL)
         if zone and claim.labels.get(ZONE_LABEL) != zone:
-            # Known once the node is there (the pool names no zone): the Zone printer column reads it.
-            self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": {"labels": {ZONE_LABEL: zone}}})
+            # Known once the node is there (the pool names no zone): the Zone printer column reads it, nothing waits
+            # for it. So it goes on in the pass after the one that registers the claim (queued again at once): in a
+            # burst, behind the claims that turn Ready meanwhile.
+            if r.status.is_true(condition):
+                self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": {"labels": {ZONE_LABEL: zone}}})
+            else:
+                r.requeue(0)
         r.status.set(condition, "True", "Registered", "")
         return DONE
 

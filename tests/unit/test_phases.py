@@ -240,3 +240,17 @@ def test_transition_times_are_the_reconciliation_time_not_the_wall_clock():
     r.status.set("Launched", "Unknown", "Launching", "creating")
     assert r.status.get("Launched")["lastTransitionTime"] == rfc3339(later)
     assert r.claim_age_s == 3600
+
+
+def test_the_pass_that_creates_a_pool_leaves_its_status_to_the_next_pass_which_creates_nothing():
+    harness = Harness()
+    claim = kaito(NODECLAIM)
+    # The worker goes on to the next claim's PUT; this claim is queued again at once.
+    assert harness.reconcile(claim) == 0
+    assert harness.pools.puts == [claim.name] and harness.kube.statuses == []
+    harness.reconcile(claim)
+    assert harness.pools.puts == [claim.name]
+    [status] = harness.kube.statuses
+    launched = next(c for c in status["conditions"] if c["type"] == "Launched")
+    assert (launched["status"], launched["reason"]) == ("Unknown", "Launching")
+    assert launched["message"] == f"creating agent pool {claim.name} (Standard_NC24ads_A100_v4)"

@@ -16,6 +16,7 @@ from gpu_provisioner.api.claims import (
     NODECLAIM,
     READY,
     TERMINATION_TIMESTAMP_ANNOTATION,
+    ZONE_LABEL,
     Claim,
     ClaimApi,
     rfc3339,
@@ -248,6 +249,18 @@ def test_no_repair_while_the_api_server_or_arm_is_down_aks_works_on_the_pool_or_
     else:
         [blocked] = messages(fleet, "NodeRepairBlocked")
         assert expected in blocked
+
+
+def test_the_zone_label_goes_on_the_claim_in_the_pass_after_the_one_that_registers_it():
+    fleet = Fleet()
+    claim = fleet.claim(NODECLAIM, "ws1", initialized=False)
+    claim.obj["status"]["conditions"] = [c for c in claim.obj["status"]["conditions"] if c["type"] == "Launched"]
+    node = fleet.nodes.add("ws1", ready="False")
+    node["metadata"]["labels"][ZONE_LABEL] = "eastus-1"
+    assert fleet.reconcile(claim) == 0
+    assert fleet.kube.claim_patches == [] and Claim(NODECLAIM, claim.obj).is_true(NODECLAIM.registered)
+    fleet.reconcile(claim)
+    assert fleet.kube.claim_patches == [{"metadata": {"labels": {ZONE_LABEL: "eastus-1"}}}]
 
 
 @pytest.mark.parametrize("startup_taints", [False, True], ids=["gpu-ready", "startup-taints"])
