@@ -44,8 +44,10 @@ import kubernetes
 import typer
 
 from gpu_provisioner.api.claims import CLAIM_APIS, GROUP, READY
+from gpu_provisioner.cloud.pool_request import MACHINE_TYPE_LABEL
 from gpu_provisioner.devenv.controlplane import ControlPlane, die_with_parent, free_port, process_cpu_s
 from gpu_provisioner.devenv.tools import ensure_tools
+from gpu_provisioner.lifecycle.nodes import pool_of_node
 from gpu_provisioner.sandbox import kaito_claim
 from gpu_provisioner.sim import AksSimulator, Scenario, timeline
 
@@ -87,6 +89,7 @@ class LoadSampler:
     def __enter__(self) -> LoadSampler:
         self._cpu_at_start = _own_cpu_s()
         self._plane_cpu_at_start = self._plane.cpu_s()
+        self._api_server_log_at_start = self._api_server_log.stat().st_size
         self._thread.start()
         return self
 
@@ -105,7 +108,25 @@ class LoadSampler:
                  for name, used in self._plane.cpu_s().items()}
         return {"cpus": os.cpu_count(), "simulator_process_cpu_s": round(_own_cpu_s() - self._cpu_at_start, 2), **plane,
                 "load_1m_mean": round(statistics.fmean(self.samples), 2),
-                "load_1m_max": round(max(self.samples), 2), "load_at_end": [round(x, 2) for x in os.getloadavg()]}
+                "load_1m_max": round(max(self.samples), 2), "load_at_end": [round(x, 2) for x in os.getloadavg()],
+                **self._api_server_strain()}
+
+    @property
+    def _api_server_log(self) -> Path:
+        return self._plane.log_dir / "kube-apiserver.log"
+
+    def _api_server_strain(self) -> dict[str, Any]:
+        """What the API server's log (-v=1) says of its watches during the run: the most events a resource's watch
+        cache held, not yet sent on (it holds 100 at most, then its writers wait), and the watches it closed for
+        not taking their events in time (each of them watches again)."""
+        with open(self._api_server_log, "rb") as log:
+            log.seek(self._api_server_log_at_start)
+            text = log.read().decode(errors="replace")
+        backlog: dict[str, int] = {}
+        for watched, queued in re.findall(r"cacher \(([^)]+)\): (\d+) objects queued in incoming channel", text):
+            backlog[watched] = max(backlog.get(watched, 0), int(queued))
+        closed = Counter(re.findall(r"Forcing (\S+) watcher close due to unresponsiveness", text))
+        return {"kube-apiserver_watch_backlog_max": backlog, "kube-apiserver_watches_closed": dict(closed)}
 
 
 def _own_cpu_s() -> float:
@@ -133,12 +154,12 @@ class Controller:
     """`gpu-provisioner run` in its own process, configured only by its environment, as the image runs it."""
 
     def __init__(self, plane: ControlPlane, sim: AksSimulator, workdir: Path, name: str) -> None:
-        self.health_port = free_port()
+        self.health_port, self.metrics_port = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ARM_", "AZURE_", "AKS_SIM_"))}
         env.update(sim.azure_environment(), KUBECONFIG=str(plane.kubeconfig), CLAIM_APIS=CLAIM_API.name,
                    PYTHONOPTIMIZE="2",
                    POOL_REFRESH_INTERVAL_SECONDS=os.environ.get("POOL_REFRESH_INTERVAL_SECONDS", "10"),
-                   METRICS_PORT=str(free_port()),
+                   METRICS_PORT=str(self.metrics_port),
                    HEALTH_PROBE_PORT=str(self.health_port), LOG_LEVEL="warning")
         self.log_path = workdir / f"{name}.log"
         self.started = time.monotonic()
@@ -162,6 +183,23 @@ class Controller:
             time.sleep(0.05)
         raise SystemExit(f"the controller was not ready after {timeout_s:.0f}s; log: {self.log_path}")
 
+    def wait_idle(self, timeout_s: float = 120) -> float:
+        """Until no key waits in the controller's queue and no worker holds one, twice in a row (its metrics); the
+        seconds that took. Writes nobody waits for come in passes after the claims are Ready."""
+        started = time.monotonic()
+        idle_reads = 0
+        while idle_reads < 2:
+            self.check_alive()
+            if time.monotonic() - started > timeout_s:
+                raise SystemExit(f"the controller was still busy after {timeout_s:.0f}s; log: {self.log_path}")
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as answer:
+                text = answer.read().decode()
+            busy = re.findall(r"^gpu_provisioner_workqueue_(?:depth|unfinished_work_seconds)\{[^}]*\} (\S+)$", text,
+                              re.MULTILINE)
+            idle_reads = idle_reads + 1 if busy and not any(float(value) for value in busy) else 0
+            time.sleep(0.2)
+        return time.monotonic() - started
+
     def figures(self) -> dict[str, float]:
         """Peak resident MiB and CPU seconds so far, from /proc."""
         status = Path(f"/proc/{self.process.pid}/status").read_text()
@@ -176,23 +214,30 @@ class Controller:
 # watching claims -----------------------------------------------------------------------------
 
 
-class ClaimWatcher:
-    """When each claim was first seen Ready and when it was gone, from a watch on the claims. The watch runs in
-    a process of its own, so that the simulator's threads in this one do not delay what it sees."""
+class Watcher:
+    """When each claim was first seen Ready and when it was gone, and when each claim's Node was first seen
+    GPU-ready, from watches (a process each, so that neither the other nor the simulator's threads in this one
+    delay what it sees). The Node watch sees the Node events when the controller's does: the API server sends them
+    to both at once (measured within 0.01 s at p99)."""
 
     def __init__(self, plane: ControlPlane) -> None:
         self.ready_at: dict[str, float] = {}
         self.gone_at: dict[str, float] = {}
+        self.gpu_seen_at: dict[str, float] = {}
         self._changed = threading.Condition()
         context = multiprocessing.get_context("spawn")
         self._events: multiprocessing.Queue[tuple[str, str, float]] = context.Queue()
-        self._process = context.Process(target=watch_claims, args=(str(plane.kubeconfig), self._events), daemon=True)
-        self._process.start()
-        self._events.get(timeout=120)  # the watch is open
+        self._processes = [context.Process(target=target, args=(str(plane.kubeconfig), self._events), daemon=True)
+                           for target in (watch_claims, watch_gpu_nodes)]
+        for process in self._processes:
+            process.start()
+        for _ in self._processes:
+            self._events.get(timeout=120)  # the watch is open
         threading.Thread(target=self._receive, daemon=True).start()
 
     def stop(self) -> None:
-        self._process.terminate()
+        for process in self._processes:
+            process.terminate()
 
     def wait(self, what: str, done: Callable[[], bool], timeout_s: float, controller: Controller) -> None:
         deadline = time.monotonic() + timeout_s
@@ -204,34 +249,60 @@ class ClaimWatcher:
                 self._changed.wait(1)
 
     def _receive(self) -> None:
+        seen_at = {"ready": self.ready_at, "gone": self.gone_at, "gpu": self.gpu_seen_at}
         while True:
             change, name, seen = self._events.get()
             with self._changed:
-                (self.gone_at if change == "gone" else self.ready_at).setdefault(name, seen)
+                seen_at[change].setdefault(name, seen)
                 self._changed.notify_all()
 
 
 def watch_claims(kubeconfig: str, events: multiprocessing.Queue[tuple[str, str, float]]) -> None:
     """In its own process: sends ("ready" | "gone", claim name, time.monotonic() when seen) for each claim."""
     custom = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(config_file=kubeconfig))
-    resource_version = custom.list_cluster_custom_object(GROUP, CLAIM_API.version, CLAIM_API.plural)[
-        "metadata"]["resourceVersion"]
+
+    def change(event_type: str, claim: dict[str, Any]) -> str | None:
+        if event_type == "DELETED":
+            return "gone"
+        conditions = (claim.get("status") or {}).get("conditions") or []
+        return "ready" if any(c["type"] == READY and c["status"] == "True" for c in conditions) else None
+
+    follow(functools.partial(custom.list_cluster_custom_object, GROUP, CLAIM_API.version, CLAIM_API.plural),
+           lambda claim: claim["metadata"]["name"], change, events)
+
+
+def watch_gpu_nodes(kubeconfig: str, events: multiprocessing.Queue[tuple[str, str, float]]) -> None:
+    """In its own process: sends ("gpu", agent pool (= claim) name, time.monotonic() when seen) for each Node of a
+    claim's pool that is Ready with its GPUs allocatable."""
+    core = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(config_file=kubeconfig))
+
+    def change(event_type: str, node: dict[str, Any]) -> str | None:
+        status = node.get("status") or {}
+        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions") or [])
+        gpus = (status.get("allocatable") or {}).get("nvidia.com/gpu", "0")
+        return "gpu" if event_type != "DELETED" and ready and gpus != "0" else None
+
+    follow(functools.partial(core.list_node, label_selector=MACHINE_TYPE_LABEL), pool_of_node, change, events)
+
+
+def follow(list_objects: Callable[..., Any], name_of: Callable[[dict[str, Any]], str],
+           change: Callable[[str, dict[str, Any]], str | None],
+           events: multiprocessing.Queue[tuple[str, str, float]]) -> None:
+    """List, say the watch is open, then watch for ever: (change, name, time.monotonic() when seen) for each event
+    that `change` names, the objects as the API server's JSON."""
+    resource_version = json.loads(list_objects(_preload_content=False).data)["metadata"]["resourceVersion"]
     events.put(("open", "", time.monotonic()))
     while True:
         try:
-            for event in kubernetes.watch.Watch().stream(
-                    custom.list_cluster_custom_object, GROUP, CLAIM_API.version, CLAIM_API.plural,
-                    resource_version=resource_version, timeout_seconds=30):
+            for event in kubernetes.watch.Watch(return_type="object").stream(
+                    list_objects, resource_version=resource_version, timeout_seconds=30):
                 seen = time.monotonic()
-                claim = event["object"]
-                resource_version = claim["metadata"]["resourceVersion"]
-                if event["type"] == "DELETED":
-                    events.put(("gone", claim["metadata"]["name"], seen))
-                elif any(c["type"] == READY and c["status"] == "True"
-                         for c in (claim.get("status") or {}).get("conditions") or []):
-                    events.put(("ready", claim["metadata"]["name"], seen))
+                obj = event["object"]
+                resource_version = obj["metadata"]["resourceVersion"]
+                if (what := change(event["type"], obj)) is not None:
+                    events.put((what, name_of(obj), seen))
         except Exception as error:  # the next watch resumes from the last resourceVersion seen
-            print(f"claim watch ended: {error!r}; watching again", file=sys.stderr)
+            print(f"watch ended: {error!r}; watching again", file=sys.stderr)
 
 
 # the cluster ---------------------------------------------------------------------------------
@@ -322,12 +393,12 @@ class Run:
     sim: AksSimulator
     client: kubernetes.client.ApiClient  # for the claims' writes; the simulator has its own
     workdir: Path
-    watcher: ClaimWatcher = field(init=False)
+    watcher: Watcher = field(init=False)
     created_at: dict[str, float] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.watcher = ClaimWatcher(self.plane)
+        self.watcher = Watcher(self.plane)
         self._custom = kubernetes.client.CustomObjectsApi(self.client)
 
     def controller(self, name: str = "controller") -> Controller:
@@ -349,8 +420,9 @@ class Run:
 
         first = time.monotonic()
         in_parallel(create, names)
-        ready = self.watcher.ready_at
-        self.watcher.wait("every claim Ready", lambda: all(n in ready for n in names), 120 + claims, controller)
+        ready, gpu_seen = self.watcher.ready_at, self.watcher.gpu_seen_at
+        self.watcher.wait("every claim Ready", lambda: all(n in ready and n in gpu_seen for n in names), 120 + claims,
+                          controller)
         steps = self.sim.timeline()
         s = self.sim.scenario
         nominal = s.create_delay_s + s.node_join_delay_s + s.node_ready_delay_s + s.gpu_publish_delay_s
@@ -367,6 +439,11 @@ class Run:
             "simulator_own_lag_s": distribution(steps[n][step].own_lag_s for n in names for step in up),
             "gpu_ready_to_claim_ready_s": distribution(
                 ready[n] - steps[n][timeline.GPUS_PUBLISHED].at for n in names),
+            # Of that, the API server's: from the simulator's Node write answered to its watch event seen (by the
+            # controller as by this watcher); then the controller's: that event seen -> the claim Ready seen.
+            "gpu_ready_to_node_event_s": distribution(
+                gpu_seen[n] - steps[n][timeline.GPUS_PUBLISHED].at for n in names),
+            "node_event_to_claim_ready_s": distribution(ready[n] - gpu_seen[n] for n in names),
             "created_to_claim_ready_s": distribution(ready[n] - self.created_at[n] for n in names),
             "all_ready_s": round(max(ready[n] for n in names) - first, 2),
             "arm_requests_until_ready": self.arm_requests(),
@@ -491,6 +568,9 @@ def restart(claims: Annotated[int, typer.Option(help="Ready claims when the cont
         try:
             first.seconds_to_ready()
             run.figures["launch"] = {**run.burst(first, claims), "controller": first.figures()}
+            # Restarted once the claims are settled: those not yet labelled with their zone would be written by the
+            # next controller, which is not what a restart costs.
+            run.figures["launch"]["settled_after_all_ready_s"] = round(first.wait_idle(), 2)
         finally:
             first.stop()
         with run.plane.api_client() as client:
@@ -544,9 +624,10 @@ def table() -> None:
                                     r["launch"]["claims"]))
     print("| scenario (UTC) | claims, foreign Nodes | claim created -> PUT, p50 / p95 | PUT -> node GPU-ready "
           "(simulator, scheduled 3.5 s), p50 / p95 / max | node GPU-ready -> claim Ready, p50 / p95 / p99 / max "
+          "(the API server's part: -> Node event; the controller's: Node event -> claim Ready; p50 / p99) "
           "| all Ready | all deleted (the client's DELETEs) | ARM requests | controller peak RSS / CPU "
-          "| load average, mean / max |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| load average, mean / max | API server: most Node events held / watches it closed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         launch, deletion, machine = r["launch"], r["deletion"], r["machine"]
         controller = launch.get("controller", r["controller"])  # restart: the controller that made them Ready
@@ -557,20 +638,30 @@ def table() -> None:
               f"| {up['p50']:.2f} / {up['p95']:.2f} / {up['max']:.2f} s (lag {up['p50'] - nominal:.2f} / "
               f"{up['p95'] - nominal:.2f} / {up['max'] - nominal:.2f} s; its own p95 "
               f"{launch['simulator_own_lag_s']['p95']:.2f} s) "
-              f"| {shown(launch['gpu_ready_to_claim_ready_s'])} | {launch['all_ready_s']:.1f} s "
+              f"| {shown(launch['gpu_ready_to_claim_ready_s'])} (API server "
+              f"{_p50_p99(launch['gpu_ready_to_node_event_s'])}; controller "
+              f"{_p50_p99(launch['node_event_to_claim_ready_s'])}) | {launch['all_ready_s']:.1f} s "
               f"| {deletion['all_deleted_s']:.1f} s (client {deletion['deletes_sent_s']:.1f} s) "
               f"| {r['arm_requests_per_claim']} a claim ({arm}) "
               f"| {controller['peak_rss_mib']:.0f} MiB / {controller['cpu_s']:.1f} s "
-              f"| {machine['load_1m_mean']:.1f} / {machine['load_1m_max']:.1f} |")
+              f"| {machine['load_1m_mean']:.1f} / {machine['load_1m_max']:.1f} "
+              f"| {machine['kube-apiserver_watch_backlog_max'].get('nodes', 0)} / "
+              f"{sum(machine['kube-apiserver_watches_closed'].values())} |")
     for r in results:
         if after := r.get("after_restart"):
             print(f"\nrestart ({r['launch']['claims']} Ready claims, {r['foreign_nodes']} foreign Nodes; the row above "
-                  "is the first controller making them Ready, its deletion the restarted one's): /readyz "
+                  "is the first controller making them Ready, stopped once idle "
+                  f"{r['launch'].get('settled_after_all_ready_s', 0):.2f} s after, and its deletion the restarted "
+                  "one's): /readyz "
                   f"{after['controller_ready_s']:.2f} s after the start; in the {after['writes_counted_for_s']:.0f} s "
                   f"after it: ARM requests {_requests(after['arm_requests']) or 'none'}, claims written "
                   f"{after['claims_written']}, Nodes written {after['nodes_written']}, Events "
                   f"{after['events_written']}; controller peak RSS {after['controller']['peak_rss_mib']:.0f} MiB, "
                   f"CPU {after['controller']['cpu_s']:.1f} s")
+
+
+def _p50_p99(distribution: dict[str, float]) -> str:
+    return f"{distribution['p50']:.2f} / {distribution['p99']:.2f} s"
 
 
 def _requests(by_operation: dict[str, int]) -> str:
