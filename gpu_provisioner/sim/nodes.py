@@ -32,7 +32,8 @@ log = structlog.get_logger(__name__)
 _TICK_S = 0.1
 # Each Node has a kubelet of its own: a burst of joins is written side by side, as many at once as this (each worker
 # with a kept connection of its own), not in a few workers' turns. With 32, steps waited for a worker at 1,000
-# claims (the simulator's own lag p95 0.71 s); with 64, 0.14-0.18 s.
+# claims (the simulator's own lag p95 0.71 s); with 64, 0.14-0.18 s. Since the controller launches faster, its own
+# lag there is p95 0.8-1.6 s again, and 128 workers did not lower it (0.86 s): this process is the limit now.
 _WORKERS = 64
 # The lane (cluster, pool) that the steps scheduled by this thread belong to.
 _lane: ContextVar[tuple[str, str]] = ContextVar("aks_sim_node_lane", default=("", ""))
