@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import tempfile
 import threading
@@ -18,6 +17,7 @@ from rich.console import Console
 from gpu_provisioner.logs import configure_logging, crash_logged
 from gpu_provisioner.signals import wait_for_interrupt
 from gpu_provisioner.sim.cli import simulate_aks
+from gpu_provisioner.version import user_agent, version
 
 # Commands take their help text as an argument, not from a docstring: the image runs with PYTHONOPTIMIZE=2,
 # which drops docstrings.
@@ -48,10 +48,9 @@ def run() -> None:
                                              problems=error.problems)
         raise typer.Exit(2) from None
     configure_logging(settings.log_level)
-    version = importlib.metadata.version("gpu-provisioner")
-    metrics.BUILD_INFO.info({"version": version})
+    metrics.BUILD_INFO.info({"version": version()})
     structlog.get_logger(__name__).info(
-        "starting", version=version, subscription_id=settings.subscription_id,
+        "starting", version=version(), subscription_id=settings.subscription_id,
         resource_group=settings.resource_group, cluster=settings.cluster_name, location=settings.location,
         arm_endpoint=settings.arm_endpoint, client_id=settings.client_id or "(from the environment)",
         tenant_id=settings.tenant_id or "(from the environment)", claim_apis=settings.claim_apis,
@@ -89,16 +88,25 @@ def run() -> None:
 
 
 def _kubernetes_api_client(kubeconfig: Path | None, connections: int) -> kubernetes.client.ApiClient:
-    """In-cluster credentials, or the kubeconfig's, with a pool of `connections` kept connections. The client writes
-    a kubeconfig's inline certificates to temporary files, which a read-only root without a writable /tmp cannot
-    hold: say so, not a traceback."""
+    """In-cluster credentials, or the kubeconfig's, with a pool of `connections` kept connections, sending the
+    controller's User-Agent."""
     configuration = kubernetes.client.Configuration()
     # The client's default (5 a core) is fewer than the controller's concurrent requests on a small node: each
     # request beyond it would open, and then throw away, a TLS connection.
     configuration.connection_pool_maxsize = connections
     if kubeconfig is None:
         kubernetes.config.load_incluster_config(client_configuration=configuration)
-        return kubernetes.client.ApiClient(configuration)
+        client = kubernetes.client.ApiClient(configuration)
+    else:
+        client = _client_from_kubeconfig(kubeconfig, configuration)
+    client.user_agent = user_agent()
+    return client
+
+
+def _client_from_kubeconfig(kubeconfig: Path, configuration: kubernetes.client.Configuration
+                            ) -> kubernetes.client.ApiClient:
+    """The client writes a kubeconfig's inline certificates to temporary files, which a read-only root without a
+    writable /tmp cannot hold: say so, not a traceback."""
     try:
         return kubernetes.config.new_client_from_config(config_file=str(kubeconfig), client_configuration=configuration)
     except OSError as error:

@@ -37,6 +37,7 @@ from gpu_provisioner.api.claims import parse_time
 from gpu_provisioner.cloud.errors import NotFoundError, PoolBusyError, ThrottledError, TransientError, classify
 from gpu_provisioner.cloud.pool_request import CLAIM_TAG, CLAIM_UID_TAG, CREATED_TAG, MANAGED_TAG, MANAGED_VALUE
 from gpu_provisioner.settings import Settings
+from gpu_provisioner.version import user_agent
 
 T = TypeVar("T")
 # A worker sleeps at most this long for one retry; a longer Retry-After goes back to the queue.
@@ -191,6 +192,7 @@ def arm_client_options(settings: Settings) -> dict[str, Any]:
         # One retry layer, ours: it knows when a wait belongs in the queue rather than in a worker.
         "retry_total": 0,
         "per_retry_policies": [ArmRequestMetricsPolicy()],
+        "user_agent": user_agent(),  # in front of the SDK's own
     }
 
 

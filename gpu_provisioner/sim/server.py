@@ -50,6 +50,7 @@ class RequestRecord:
     status: int  # 0: connection dropped without a response
     duration_s: float
     operation: str
+    user_agent: str
 
 
 class AksSimulator:
@@ -299,7 +300,8 @@ class _ArmHandler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
         # Recorded before the reply leaves, so a client that has its answer always finds it in the log.
-        self.simulator._record(RequestRecord(self.command, url.path, status, time.monotonic() - started, operation))
+        self.simulator._record(RequestRecord(self.command, url.path, status, time.monotonic() - started, operation,
+                                                 self.headers.get("User-Agent", "")))
         if self._reply is not None:
             self._write(*self._reply)
 

@@ -6,6 +6,7 @@ import json
 
 from gpu_provisioner.api.claims import NODECLAIM
 from gpu_provisioner.devenv.controlplane import free_port
+from gpu_provisioner.version import version
 from tests.integration.harness import http_get, kaito_claim, metric_samples, wait_for
 
 
@@ -17,7 +18,16 @@ def test_probes_metrics_and_log_tell_what_happened(claims, start_sim, controller
     wait_for("/healthz", lambda: http_get(f"{base}/healthz")[0] == 200, timeout_s=30)
     wait_for("/readyz", lambda: http_get(f"{base}/readyz")[0] == 200, timeout_s=30)
 
-    claims.create_ready(NODECLAIM, kaito_claim(NODECLAIM, unique_name))
+    claim = claims.create_ready(NODECLAIM, kaito_claim(NODECLAIM, unique_name))
+    # Its writes carry its name: the field manager of what it set (the API server takes it from the User-Agent),
+    # and the User-Agent ARM sees.
+    node = claims.node(claim["status"]["nodeName"])
+    assert {entry.manager for entry in node.metadata.managed_fields
+            if "f:karpenter.sh/initialized" in json.dumps(entry.fields_v1)} == {"gpu-provisioner"}
+    assert {entry["manager"] for entry in claim["metadata"]["managedFields"]
+            if entry.get("subresource") == "status"} == {"gpu-provisioner"}
+    assert {request.user_agent.split()[0] for request in sim.requests
+            if request.operation.startswith("agentpools.")} == {f"gpu-provisioner/{version()}"}
     ready_gauge = ("gpu_provisioner_claims", (("kind", "NodeClaim"), ("phase", "Ready")))
     wait_for("one Ready claim in the claims-by-phase gauge", lambda: metric_samples(
         http_get(f"http://127.0.0.1:{metrics_port}/metrics")[1]).get(ready_gauge) == 1, timeout_s=15)
