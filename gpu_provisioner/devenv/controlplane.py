@@ -99,12 +99,17 @@ class ControlPlane:
     directory that stop() removes, unless keep_logs_in names a place to copy the logs to first.
     """
 
-    def __init__(self, tools: Toolset, crds_dir: Path | None = REPO_CRDS) -> None:
+    def __init__(self, tools: Toolset, crds_dir: Path | None = REPO_CRDS,
+                 audit_policy: dict[str, Any] | None = None) -> None:
+        """`audit_policy`: an audit.k8s.io/v1 Policy; the API server then logs the requests it selects to
+        `audit_log`, one JSON event a line, with when each was received and answered (microseconds)."""
         self.tools = tools
         self.crds_dir = crds_dir
+        self.audit_policy = audit_policy
         self.workdir = Path(tempfile.mkdtemp(prefix="gpu-provisioner-cp-"))
         self.log_dir = self.workdir / "logs"
         self.log_dir.mkdir()
+        self.audit_log = self.log_dir / "audit.log"
         self.kubeconfig = self.workdir / "kubeconfig"
         self.server_url = ""
         self.ca = CertificateAuthority("gpu-provisioner-devenv-ca")
@@ -194,6 +199,8 @@ class ControlPlane:
         (pki / "service-account.key").write_bytes(rsa_private_key_pem())
         self.admin = self.ca.issue_client(ADMIN_USER, ["system:masters"])
         self.admin.write(pki, "admin")
+        if self.audit_policy is not None:
+            (pki.parent / "audit-policy.yaml").write_text(yaml.safe_dump(self.audit_policy))
         self._apiserver_port, self._etcd_url = free_port(), etcd_url
         self.server_url = f"https://127.0.0.1:{self._apiserver_port}"
         self._run_apiserver()
@@ -202,6 +209,9 @@ class ControlPlane:
         pki, port = self.workdir / "pki", self._apiserver_port
         serving_cert, serving_key = pki / "apiserver.crt", pki / "apiserver.key"
         ca_path, sa_key = pki / "ca.crt", pki / "service-account.key"
+        audit = [] if self.audit_policy is None else [
+            f"--audit-policy-file={self.workdir / 'audit-policy.yaml'}", f"--audit-log-path={self.audit_log}",
+            "--audit-log-format=json"]
         proc = self._spawn("kube-apiserver", [
             str(self.tools.kube_apiserver),
             f"--etcd-servers={self._etcd_url}",
@@ -222,6 +232,7 @@ class ControlPlane:
             "--disable-admission-plugins=ServiceAccount",
             "--profiling=false",
             "--v=1",
+            *audit,
         ])
         self._wait_until(self._apiserver_ready, proc, "kube-apiserver")
 
