@@ -229,7 +229,7 @@ class Manager:
         started = time.monotonic()
         bound = log.bind(claim=key)
         try:
-            requeue_after = self.lifecycle.reconcile(Claim(api, obj)) if obj else self.lifecycle.reap(key)
+            next_look = self.lifecycle.reconcile(Claim(api, obj)) if obj else self.lifecycle.reap(key)
         except TransientError as error:
             if error.retry_after_s:
                 delay = error.retry_after_s
@@ -264,8 +264,11 @@ class Manager:
         finally:
             metrics.RECONCILE_DURATION.labels(kind=api.kind).observe(time.monotonic() - started)
         self.queue.forget(key)
-        if requeue_after is not None:
-            self.queue.add_after(key, requeue_after)
+        if next_look is not None:
+            if next_look.when_idle:
+                self.queue.add(key, when_idle=True)
+            if next_look.after_s is not None:
+                self.queue.add_after(key, next_look.after_s)
 
     @staticmethod
     def _count_error(api: ClaimApi, reason: str) -> None:

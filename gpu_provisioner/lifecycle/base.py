@@ -64,6 +64,15 @@ class Deps:
     catalogue: SizeCatalogue = field(default_factory=SizeCatalogue)
 
 
+@dataclass(frozen=True)
+class NextLook:
+    """When to reconcile a claim again, besides on its next event: after `after_s` seconds, and (`when_idle`) as
+    soon as no other claim waits, for writes nobody waits for."""
+
+    after_s: float | None = None
+    when_idle: bool = False
+
+
 @dataclass
 class Reconciliation:
     """One pass over one claim at one moment (`now`): phases read the claim, write its next status here
@@ -73,7 +82,9 @@ class Reconciliation:
     now: datetime
     status: StatusWriter = field(init=False)
     requeue_after: list[float] = field(default_factory=list)
-    # The status write waits for the next pass (see defer_status).
+    # Writes nobody waits for are left to a pass when no other claim waits (see defer_until_idle).
+    requeue_when_idle: bool = False
+    # The status write waits for that pass (see defer_status).
     status_deferred: bool = False
 
     def __post_init__(self) -> None:
@@ -87,16 +98,22 @@ class Reconciliation:
     def requeue(self, after_s: float) -> None:
         self.requeue_after.append(max(after_s, 0.0))
 
-    def defer_status(self) -> None:
-        """Leave this pass's status for the next, queued at once behind the work waiting now: in a burst, the
-        worker goes on to the next claim instead of writing what nobody waits for (the next pass finds the same
-        state and writes it)."""
-        self.status_deferred = True
-        self.requeue(0)
+    def defer_until_idle(self) -> None:
+        """Another pass, once no other claim waits: for a write nobody waits for. In a burst the workers go on to
+        the claims that wait (their launches, their Ready) first; any event of this claim brings its pass sooner."""
+        self.requeue_when_idle = True
 
-    def next_look(self) -> float | None:
-        """When to reconcile the claim again: the soonest any phase asked for; None: on the next event."""
-        return min(self.requeue_after) if self.requeue_after else None
+    def defer_status(self) -> None:
+        """Leave this pass's status to that pass (defer_until_idle); it finds the same state and writes it."""
+        self.status_deferred = True
+        self.defer_until_idle()
+
+    def next_look(self) -> NextLook | None:
+        """When to reconcile the claim again: the soonest any phase asked for, and once idle if one asked; None:
+        on the next event."""
+        if not (self.requeue_after or self.requeue_when_idle):
+            return None
+        return NextLook(min(self.requeue_after, default=None), self.requeue_when_idle)
 
     def report(self, events: EventRecorder, condition: str, reason: str, message: str, *, failed: bool = False,
                event_message: str = "") -> bool:

@@ -6,7 +6,7 @@ import structlog
 
 from gpu_provisioner import metrics
 from gpu_provisioner.api.claims import TERMINATION_FINALIZER, Claim
-from gpu_provisioner.lifecycle.base import Deps, Reconciliation, karpenter_claim_labels, karpenter_nodepool
+from gpu_provisioner.lifecycle.base import Deps, NextLook, Reconciliation, karpenter_claim_labels, karpenter_nodepool
 from gpu_provisioner.lifecycle.initialization import Initialization
 from gpu_provisioner.lifecycle.launch import Launch
 from gpu_provisioner.lifecycle.liveness import Liveness
@@ -33,11 +33,12 @@ class ClaimLifecycle:
         self.repair.forget(claim.uid)
         self.termination.claim_deleted(claim)
 
-    def reap(self, key: str) -> float | None:
+    def reap(self, key: str) -> NextLook | None:
         """For a key whose claim is gone: delete a pool left behind; returns when to look again."""
-        return self.termination.reap(key)
+        after_s = self.termination.reap(key)
+        return None if after_s is None else NextLook(after_s)
 
-    def reconcile(self, claim: Claim) -> float | None:
+    def reconcile(self, claim: Claim) -> NextLook | None:
         """Drive the claim one step; returns when to look again (None: only on the next event)."""
         if claim.deleting:
             r = Reconciliation(claim, self.deps.clock())

@@ -67,12 +67,11 @@ class Registration:
         zone = node_labels.get(ZONE_LABEL)
         if zone and claim.labels.get(ZONE_LABEL) != zone:
             # Known once the node is there (the pool names no zone): the Zone printer column reads it, nothing waits
-            # for it. So it goes on in the pass after the one that registers the claim (queued again at once): in a
-            # burst, behind the claims that turn Ready meanwhile.
+            # for it. So it goes on in a pass after the one that registers the claim, when no other claim waits.
             if r.status.is_true(condition):
                 self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": {"labels": {ZONE_LABEL: zone}}})
             else:
-                r.requeue(0)
+                r.defer_until_idle()
         r.status.set(condition, "True", "Registered", "")
         return DONE
 

@@ -1,9 +1,10 @@
 """A client-go style work queue: keys, not work; deduplicated; never one key in two workers at once.
 
 A key added while a worker holds it is parked and handed out again when that worker calls done().
-Delayed adds wait in a heap; failures back off per key, exponentially, with jitter. A key added with
-`first=True` is handed out before every key added without (a key already waiting moves up): the caller says
-which work finishes something others wait for.
+Delayed adds wait in a heap; failures back off per key, exponentially, with jitter. Keys wait in three lanes,
+each emptied before the next: `first=True` for work that finishes something others wait for, the plain lane,
+and `when_idle=True` for work nobody waits for (it waits while any other key does). A key added again in a
+higher lane moves up.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections import deque
 from collections.abc import Callable
 
 from gpu_provisioner import metrics
+
+FIRST, PLAIN, WHEN_IDLE = 0, 1, 2  # the lanes, in the order they are emptied
 
 
 class WorkQueue:
@@ -31,11 +34,9 @@ class WorkQueue:
         self._base, self._max, self._jitter = base_delay_s, max_delay_s, jitter
         self._clock = clock
         self._cond = threading.Condition()
-        # Keys ready to hand out, each in one of the two: `_first` is emptied before `_ready`.
-        self._first: deque[str] = deque()
-        self._ready: deque[str] = deque()
-        self._dirty: set[str] = set()  # queued or parked: wants processing
-        self._parked_first: set[str] = set()  # parked keys that go first when their worker is done
+        # Keys ready to hand out, by lane.
+        self._lanes: tuple[deque[str], ...] = (deque(), deque(), deque())
+        self._dirty: dict[str, int] = {}  # queued or parked (held by a worker, added again): its lane
         self._processing: set[str] = set()
         self._waiting: list[tuple[float, int, str]] = []  # (due, sequence, key) heap
         self._due: dict[str, float] = {}  # earliest due time per waiting key
@@ -51,35 +52,31 @@ class WorkQueue:
 
     # adding -----------------------------------------------------------------------------------
 
-    def add(self, key: str, *, first: bool = False) -> None:
+    def add(self, key: str, *, first: bool = False, when_idle: bool = False) -> None:
         with self._cond:
-            self._add_locked(key, first)
+            self._add_locked(key, FIRST if first else WHEN_IDLE if when_idle else PLAIN)
 
-    def _add_locked(self, key: str, first: bool = False) -> None:
+    def _add_locked(self, key: str, lane: int = PLAIN) -> None:
         if self._shutting_down:
             return
         if key in self._dirty:
-            if first:
-                self._move_first(key)
+            if lane < self._dirty[key]:
+                self._move_up(key, lane)
             return
-        self._dirty.add(key)
+        self._dirty[key] = lane
         metrics.WORKQUEUE_ADDS.labels(name=self.name).inc()
         self._added_at.setdefault(key, self._clock())
         if key in self._processing:
-            if first:
-                self._parked_first.add(key)
-            return
-        (self._first if first else self._ready).append(key)
+            return  # parked: queued in its lane when its worker is done
+        self._lanes[lane].append(key)
         self._publish_depth()
         self._cond.notify()
 
-    def _move_first(self, key: str) -> None:
-        """A key already waiting goes first from now on."""
-        if key in self._processing:
-            self._parked_first.add(key)
-        elif key not in self._first:
-            self._ready.remove(key)  # a scan, but at most once for a key between two hand-outs
-            self._first.append(key)
+    def _move_up(self, key: str, lane: int) -> None:
+        if key not in self._processing:
+            self._lanes[self._dirty[key]].remove(key)  # a scan, but at most twice for a key between two hand-outs
+            self._lanes[lane].append(key)
+        self._dirty[key] = lane
 
     def add_after(self, key: str, delay_s: float) -> None:
         if delay_s <= 0:
@@ -119,9 +116,9 @@ class WorkQueue:
         with self._cond:
             while True:
                 self._promote_due()
-                if self._first or self._ready:
-                    key = (self._first or self._ready).popleft()
-                    self._dirty.discard(key)
+                if lane := next((lane for lane in self._lanes if lane), None):
+                    key = lane.popleft()
+                    del self._dirty[key]
                     self._processing.add(key)
                     now = self._clock()
                     metrics.WORKQUEUE_QUEUE_DURATION.labels(name=self.name).observe(now - self._added_at.pop(key, now))
@@ -145,9 +142,7 @@ class WorkQueue:
             if started is not None:
                 metrics.WORKQUEUE_WORK_DURATION.labels(name=self.name).observe(self._clock() - started)
             if key in self._dirty:  # added again while it was being worked on
-                first = key in self._parked_first
-                self._parked_first.discard(key)
-                (self._first if first else self._ready).append(key)
+                self._lanes[self._dirty[key]].append(key)
                 self._publish_depth()
                 self._cond.notify()
 
@@ -164,7 +159,7 @@ class WorkQueue:
 
     def __len__(self) -> int:
         with self._cond:
-            return len(self._first) + len(self._ready)
+            return sum(map(len, self._lanes))
 
     # internals --------------------------------------------------------------------------------
 
@@ -177,4 +172,4 @@ class WorkQueue:
                 self._add_locked(key)
 
     def _publish_depth(self) -> None:
-        metrics.WORKQUEUE_DEPTH.labels(name=self.name).set(len(self._first) + len(self._ready))
+        metrics.WORKQUEUE_DEPTH.labels(name=self.name).set(sum(map(len, self._lanes)))

@@ -13,7 +13,7 @@ from gpu_provisioner.api.claims import MACHINE, NODECLAIM, TERMINATION_FINALIZER
 from gpu_provisioner.cloud.agentpools import PoolState
 from gpu_provisioner.cloud.errors import QuotaExceededError
 from gpu_provisioner.cloud.inventory import PoolInventory
-from gpu_provisioner.lifecycle.base import Deps, Reconciliation
+from gpu_provisioner.lifecycle.base import Deps, NextLook, Reconciliation
 from gpu_provisioner.lifecycle.controller import ClaimLifecycle
 from gpu_provisioner.sandbox import EXAMPLES
 from gpu_provisioner.settings import Settings
@@ -113,7 +113,7 @@ class Harness:
         self.list_clock[0] += 1
         self.inventory.refresh()
 
-    def reconcile(self, claim: Claim) -> float | None:
+    def reconcile(self, claim: Claim) -> NextLook | None:
         requeue = self.lifecycle.reconcile(claim)
         if self.kube.statuses:
             claim.obj["status"] = self.kube.statuses[-1]
@@ -133,7 +133,7 @@ def test_the_launch_timeout_fires_when_the_clock_passes_it_and_not_before():
     claim = kaito(NODECLAIM)
     harness.clock.advance(299)
     requeue = harness.reconcile(claim)
-    assert harness.kube.deleted_claims == [] and requeue is not None and requeue <= 1.0
+    assert harness.kube.deleted_claims == [] and requeue is not None and requeue.after_s <= 1.0
     harness.clock.advance(2)
     harness.reconcile(claim)
     assert harness.kube.deleted_claims == [claim.name] and "LaunchTimeout" in harness.events.reasons()
@@ -143,7 +143,7 @@ def test_a_capacity_failure_is_kept_past_the_launch_timeout_and_retried_with_dou
     harness = Harness(launch_timeout_s=300)
     harness.pools.refuse = QuotaExceededError("Insufficient vcpu quota", "ErrCode_InsufficientVCPUQuota", 400)
     claim = kaito(MACHINE)
-    assert harness.reconcile(claim) == 60
+    assert harness.reconcile(claim) == NextLook(60)
     launched = Claim(MACHINE, claim.obj).condition(MACHINE.launched)
     assert (launched["status"], launched["reason"]) == ("False", "QuotaExceeded")
     assert launched["message"] == "all requested instance types were unavailable during launch"
@@ -213,7 +213,7 @@ def test_reap_deletes_the_pool_of_a_claim_deleted_despite_its_finalizer():
     claim = kaito(MACHINE)
     harness.reconcile(claim)  # PUT
     harness.lifecycle.claim_deleted(claim)  # the watch's DELETED, termination never ran
-    assert harness.lifecycle.reap(claim.key) == 10.0  # AKS refuses a DELETE while the create runs
+    assert harness.lifecycle.reap(claim.key) == NextLook(10.0)  # AKS refuses a DELETE while the create runs
     pool = harness.pools.pools[claim.name]
     harness.pools.pools[claim.name] = PoolState(claim.name, "Succeeded", pool.vm_size, pool.tags)
     harness.list()
@@ -245,8 +245,8 @@ def test_transition_times_are_the_reconciliation_time_not_the_wall_clock():
 def test_the_pass_that_creates_a_pool_leaves_its_status_to_the_next_pass_which_creates_nothing():
     harness = Harness()
     claim = kaito(NODECLAIM)
-    # The worker goes on to the next claim's PUT; this claim is queued again at once.
-    assert harness.reconcile(claim) == 0
+    # The worker goes on to the next claim's PUT; this claim is queued again for when no other claim waits.
+    assert harness.reconcile(claim).when_idle
     assert harness.pools.puts == [claim.name] and harness.kube.statuses == []
     harness.reconcile(claim)
     assert harness.pools.puts == [claim.name]

@@ -25,6 +25,7 @@ from gpu_provisioner.cloud.agentpools import PoolState
 from gpu_provisioner.cloud.catalogue import SizeCatalogue
 from gpu_provisioner.cloud.errors import TransientError
 from gpu_provisioner.cloud.pool_request import CLAIM_TAG, MANAGED_TAG, MANAGED_VALUE
+from gpu_provisioner.lifecycle.base import NextLook
 from gpu_provisioner.lifecycle.controller import ClaimLifecycle
 from gpu_provisioner.lifecycle.initialization import completes_initialization
 from gpu_provisioner.lifecycle.nodes import pool_of_node
@@ -113,7 +114,7 @@ class Fleet(Harness):
     def at(self, seconds: float) -> None:
         self.clock.now = START + timedelta(seconds=seconds)
 
-    def reconcile_fresh(self, claim: Claim) -> float | None:
+    def reconcile_fresh(self, claim: Claim) -> NextLook | None:
         """A reconcile by a controller that just started (or took over): nothing remembered."""
         self.lifecycle = ClaimLifecycle(self.deps)
         return self.reconcile(claim)
@@ -137,7 +138,7 @@ def test_initialization_timeout_counts_from_registration_and_names_what_never_ca
     claim.obj["spec"]["startupTaints"] = [{"key": "driver", "effect": "NoSchedule"}]
     fleet.nodes.add("ws1", **nodes)
     fleet.at(100 + 899)
-    assert fleet.reconcile_fresh(claim) == pytest.approx(1)
+    assert fleet.reconcile_fresh(claim).after_s == pytest.approx(1)
     assert fleet.kube.deleted_claims == []
     # The condition keeps the reason and status the claim's Karpenter release writes while waiting.
     initialized = Claim(api, claim.obj).condition(api.initialized)
@@ -157,7 +158,7 @@ def test_not_ready_is_repaired_a_toleration_after_its_transition_and_said_once_b
     before = REGISTRY.get_sample_value("gpu_provisioner_node_repairs_total",
                                        {"kind": "NodeClaim", "reason": "NodeNotReady"}) or 0
     fleet.at(50 + 599)
-    assert fleet.reconcile_fresh(claim) == pytest.approx(1)
+    assert fleet.reconcile_fresh(claim).after_s == pytest.approx(1)
     fleet.reconcile(claim)
     assert fleet.kube.deleted_claims == []
     [noticed] = messages(fleet, "NodeUnhealthy")
@@ -195,7 +196,8 @@ def test_gpu_loss_is_noted_on_the_node_so_a_restart_neither_resets_nor_backdates
     fleet.at(200)
     fleet.reconcile(claim)
     fleet.at(200 + 599)
-    assert fleet.reconcile_fresh(claim) == pytest.approx(1)  # a restart counts on from the note, not from itself
+    # A restart counts on from the note, not from itself.
+    assert fleet.reconcile_fresh(claim).after_s == pytest.approx(1)
     assert fleet.kube.deleted_claims == []
     fleet.at(200 + 600)
     fleet.reconcile_fresh(claim)
@@ -218,7 +220,7 @@ def test_no_repair_above_the_share_and_repair_once_within_it():
         fleet.nodes.add(f"ws{i}", ready="False" if i < 2 else "True")
     fleet.nodes.add("other", ready="False")  # a node of a pool not ours counts neither way
     fleet.at(601)
-    assert fleet.reconcile_fresh(claims[0]) == pytest.approx(60)
+    assert fleet.reconcile_fresh(claims[0]).after_s == pytest.approx(60)
     assert fleet.kube.deleted_claims == []
     [blocked] = messages(fleet, "NodeRepairBlocked")
     assert "2 of the 5 GPU nodes gpu-provisioner manages are unhealthy, more than 20%" in blocked
@@ -257,7 +259,8 @@ def test_the_zone_label_goes_on_the_claim_in_the_pass_after_the_one_that_registe
     claim.obj["status"]["conditions"] = [c for c in claim.obj["status"]["conditions"] if c["type"] == "Launched"]
     node = fleet.nodes.add("ws1", ready="False")
     node["metadata"]["labels"][ZONE_LABEL] = "eastus-1"
-    assert fleet.reconcile(claim) == 0
+    # Queued again for when no other claim waits.
+    assert fleet.reconcile(claim).when_idle
     assert fleet.kube.claim_patches == [] and Claim(NODECLAIM, claim.obj).is_true(NODECLAIM.registered)
     fleet.reconcile(claim)
     assert fleet.kube.claim_patches == [{"metadata": {"labels": {ZONE_LABEL: "eastus-1"}}}]

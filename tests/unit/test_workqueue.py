@@ -117,3 +117,27 @@ def test_a_key_added_first_while_processing_goes_first_once_done():
     queue.done("a")
     queue.add("a")  # an ordinary add later is ordinary again
     assert [queue.get(0), queue.get(0)] == ["c", "a"]
+
+
+def test_a_key_added_when_idle_waits_while_any_other_key_does_and_moves_up_when_added_again():
+    queue = WorkQueue("t")
+    queue.add("a", when_idle=True)
+    queue.add("b", when_idle=True)
+    queue.add("c")
+    queue.add("c", when_idle=True)  # already waiting in a higher lane: stays there
+    queue.add("d", first=True)
+    queue.add("b")  # news of it: moves up to the plain lane
+    assert len(queue) == 4
+    assert [queue.get(0) for _ in range(4)] == ["d", "c", "b", "a"]
+    assert queue.get(0) is None
+
+
+def test_a_key_held_by_a_worker_and_added_when_idle_then_plainly_comes_back_in_the_plain_lane():
+    queue = WorkQueue("t")
+    queue.add("a")
+    assert queue.get(0) == "a"
+    queue.add("a", when_idle=True)  # parked
+    queue.add("b", when_idle=True)
+    queue.add("a")
+    queue.done("a")
+    assert [queue.get(0), queue.get(0)] == ["a", "b"]
