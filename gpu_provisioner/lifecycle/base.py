@@ -62,6 +62,8 @@ class Deps:
     clock: Callable[[], datetime] = utc_now
     # The region's VM sizes and the pre-flight before a PUT; the default knows only the built-in table.
     catalogue: SizeCatalogue = field(default_factory=SizeCatalogue)
+    # Whether other claims wait for a worker now (see Reconciliation.defer_status).
+    claims_waiting: Callable[[], bool] = lambda: False
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ class Reconciliation:
     requeue_after: list[float] = field(default_factory=list)
     # Writes nobody waits for are left to a pass when no other claim waits (see defer_until_idle).
     requeue_when_idle: bool = False
-    # The status write waits for that pass (see defer_status).
+    # The status write may wait for such a pass (see defer_status).
     status_deferred: bool = False
 
     def __post_init__(self) -> None:
@@ -104,9 +106,12 @@ class Reconciliation:
         self.requeue_when_idle = True
 
     def defer_status(self) -> None:
-        """Leave this pass's status to that pass (defer_until_idle); it finds the same state and writes it."""
+        """This pass's status only tells of progress (launching, registered, what the node still lacks): while
+        other claims wait, leave it to a pass when none does, which finds the same state, or a newer one, and
+        writes that. In a burst the claims that turn Ready meanwhile get the workers and the API server first;
+        with no other claim waiting it is written at once. Only for a phase that ends the pass (WAITING): a
+        failure or a claim turning Ready is never held back."""
         self.status_deferred = True
-        self.defer_until_idle()
 
     def next_look(self) -> NextLook | None:
         """When to reconcile the claim again: the soonest any phase asked for, and once idle if one asked; None:

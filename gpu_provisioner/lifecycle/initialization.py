@@ -102,6 +102,7 @@ class Initialization:
         lacking = awaited(claim, node, self.deps.catalogue.size)
         if lacking is not None:
             r.status.wait(condition, lacking.reason, lacking.message)
+            r.defer_status()
             return WAITING
         if (node["metadata"].get("labels") or {}).get(INITIALIZED_LABEL) != "true":
             self.deps.kube.patch_node(name, {"metadata": {"labels": {INITIALIZED_LABEL: "true"}}})

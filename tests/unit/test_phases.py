@@ -103,9 +103,11 @@ class Harness:
         self.inventory = PoolInventory(self.pools, 10.0, lambda before, after: None, clock=lambda: self.list_clock[0])
         self.list()
         self.settings = Settings.model_construct(launch_timeout_s=launch_timeout_s, cluster_name="kaito", **settings)
+        self.claims_waiting = False  # other claims in the work queue
         self.deps = Deps(self.settings, self.kube, self.pools, self.inventory,
                          nodes or SimpleNamespace(nodes_for=lambda c: []),
-                         SimpleNamespace(claim_exists=lambda c: True), self.events, clock=self.clock)
+                         SimpleNamespace(claim_exists=lambda c: True), self.events, clock=self.clock,
+                         claims_waiting=lambda: self.claims_waiting)
         self.lifecycle = ClaimLifecycle(self.deps)
 
     def list(self) -> None:
@@ -242,15 +244,27 @@ def test_transition_times_are_the_reconciliation_time_not_the_wall_clock():
     assert r.claim_age_s == 3600
 
 
-def test_the_pass_that_creates_a_pool_leaves_its_status_to_the_next_pass_which_creates_nothing():
+def test_while_other_claims_wait_the_pass_that_creates_a_pool_leaves_its_status_to_a_pass_that_creates_nothing():
     harness = Harness()
+    harness.claims_waiting = True
     claim = kaito(NODECLAIM)
     # The worker goes on to the next claim's PUT; this claim is queued again for when no other claim waits.
     assert harness.reconcile(claim).when_idle
     assert harness.pools.puts == [claim.name] and harness.kube.statuses == []
+    harness.claims_waiting = False
     harness.reconcile(claim)
     assert harness.pools.puts == [claim.name]
     [status] = harness.kube.statuses
     launched = next(c for c in status["conditions"] if c["type"] == "Launched")
     assert (launched["status"], launched["reason"]) == ("Unknown", "Launching")
     assert launched["message"] == f"creating agent pool {claim.name} (Standard_NC24ads_A100_v4)"
+
+
+def test_with_no_other_claim_waiting_the_pass_that_creates_a_pool_writes_its_status_too():
+    harness = Harness()
+    claim = kaito(NODECLAIM)
+    look = harness.reconcile(claim)
+    assert look is not None and not look.when_idle
+    [status] = harness.kube.statuses
+    assert harness.pools.puts == [claim.name]
+    assert next(c for c in status["conditions"] if c["type"] == "Launched")["reason"] == "Launching"

@@ -298,3 +298,39 @@ def test_only_a_node_that_lets_its_claim_be_initialized_now_jumps_the_queue(api)
     # Once initialized, the Node's later updates (a kubelet's status, a label) are ordinary work.
     claim.obj["status"] = {"conditions": [{"type": api.initialized, "status": "True", "reason": "Initialized"}]}
     assert not completes_initialization(claim, nodes.add("ws1"), size_of)
+
+
+@pytest.mark.parametrize("api", [MACHINE, NODECLAIM], ids=lambda a: a.kind)
+def test_while_other_claims_wait_progress_waits_for_a_later_pass_and_the_claim_turning_ready_does_not(api):
+    fleet = Fleet()
+    fleet.claims_waiting = True
+    claim = fleet.claim(api, "ws1", initialized=False)
+    claim.obj["status"]["conditions"] = [c for c in claim.obj["status"]["conditions"] if c["type"] == api.launched]
+    node = fleet.nodes.add("ws1", ready="False")
+    del node["metadata"]["labels"]["karpenter.sh/registered"], node["metadata"]["labels"]["karpenter.sh/initialized"]
+    # Registered (the Node's write is made) and the Node not Ready yet: nobody waits for that status.
+    assert fleet.reconcile(claim).when_idle
+    assert fleet.kube.statuses == [] and node["metadata"]["labels"]["karpenter.sh/registered"] == "true"
+    node["status"]["conditions"][0]["status"] = "True"
+    node["status"]["allocatable"]["nvidia.com/gpu"] = "0"
+    assert fleet.reconcile(claim).when_idle and fleet.kube.statuses == []  # Ready, its GPUs not yet
+    # Its GPUs: Kaito waits for this one, written at once whoever else waits.
+    node["status"]["allocatable"]["nvidia.com/gpu"] = "1"
+    fleet.reconcile(claim)
+    [status] = fleet.kube.statuses
+    assert {c["type"]: c["status"] for c in status["conditions"]} == dict.fromkeys([*api.phases, READY], "True")
+    assert node["metadata"]["labels"]["karpenter.sh/initialized"] == "true"
+
+
+def test_a_claim_that_failed_says_so_at_once_whoever_else_waits():
+    fleet = Fleet()
+    fleet.claims_waiting = True
+    claim = fleet.claim(NODECLAIM, "ws1", initialized=False)
+    fleet.nodes.add("ws1")
+    second = "aks-ws1-vmss000001"
+    fleet.nodes.nodes[second] = {**fleet.nodes.nodes["aks-ws1-vmss000000"],
+                                 "metadata": {"name": second, "labels": {"agentpool": "ws1"}}}
+    fleet.reconcile(claim)
+    [status] = fleet.kube.statuses
+    registered = next(c for c in status["conditions"] if c["type"] == NODECLAIM.registered)
+    assert (registered["status"], registered["reason"]) == ("False", "MultipleNodesFound")
