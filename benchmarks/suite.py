@@ -48,6 +48,7 @@ from gpu_provisioner.cloud.pool_request import MACHINE_TYPE_LABEL
 from gpu_provisioner.devenv.controlplane import ControlPlane, die_with_parent, free_port, process_cpu_s
 from gpu_provisioner.devenv.tools import ensure_tools
 from gpu_provisioner.lifecycle.nodes import pool_of_node
+from gpu_provisioner.runtime import rest
 from gpu_provisioner.sandbox import kaito_claim
 from gpu_provisioner.sim import AksSimulator, Scenario, timeline
 
@@ -89,6 +90,7 @@ class LoadSampler:
     def __enter__(self) -> LoadSampler:
         self._cpu_at_start = _own_cpu_s()
         self._plane_cpu_at_start = self._plane.cpu_s()
+        self._api_server_requests_at_start = self._api_server_requests()
         self._api_server_log_at_start = self._api_server_log.stat().st_size
         self._thread.start()
         return self
@@ -106,10 +108,20 @@ class LoadSampler:
     def figures(self) -> dict[str, Any]:
         plane = {f"{name}_cpu_s": round(used - self._plane_cpu_at_start.get(name, 0.0), 2)
                  for name, used in self._plane.cpu_s().items()}
+        requests = self._api_server_requests() - self._api_server_requests_at_start
+        plane["kube-apiserver_requests"] = requests
+        # What a request costs it on average, its watch events to every watcher included.
+        plane["kube-apiserver_cpu_ms_a_request"] = round(plane["kube-apiserver_cpu_s"] * 1000 / max(requests, 1), 2)
         return {"cpus": os.cpu_count(), "simulator_process_cpu_s": round(_own_cpu_s() - self._cpu_at_start, 2), **plane,
                 "load_1m_mean": round(statistics.fmean(self.samples), 2),
                 "load_1m_max": round(max(self.samples), 2), "load_at_end": [round(x, 2) for x in os.getloadavg()],
                 **self._api_server_strain()}
+
+    def _api_server_requests(self) -> int:
+        """Requests the API server has answered so far (its apiserver_request_total)."""
+        with self._plane.api_client() as client:
+            text = rest.send(client, "GET", "/metrics", accept="text/plain").read().decode()
+        return round(sum(float(n) for n in re.findall(r"^apiserver_request_total\{[^}]*\} (\S+)$", text, re.MULTILINE)))
 
     @property
     def _api_server_log(self) -> Path:

@@ -88,7 +88,7 @@ class Manager:
                     node_observer=self.nodes.ours)
         self.events = EventRecorder(api_client, api_server_outage)
         deps = Deps(settings, kube, self.pools, self.inventory, self.nodes, ClaimIndex(self.claim_informers),
-                    self.events, catalogue=self.catalogue, claims_waiting=lambda: len(self.queue) > 0)
+                    self.events, catalogue=self.catalogue, claims_waiting=self.queue.busy)
         self.lifecycle = ClaimLifecycle(deps)
         self.orphans = OrphanSweep(deps, self._claim_exists)
         self._stop = threading.Event()

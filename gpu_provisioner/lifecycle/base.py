@@ -62,7 +62,7 @@ class Deps:
     clock: Callable[[], datetime] = utc_now
     # The region's VM sizes and the pre-flight before a PUT; the default knows only the built-in table.
     catalogue: SizeCatalogue = field(default_factory=SizeCatalogue)
-    # Whether other claims wait for a worker now (see Reconciliation.defer_status).
+    # Whether other claims wait for a worker now, for work someone waits for (see Reconciliation.defer_status).
     claims_waiting: Callable[[], bool] = lambda: False
 
 
@@ -82,6 +82,8 @@ class Reconciliation:
 
     claim: Claim
     now: datetime
+    # Other claims waited for a worker when this pass began: what only tells of progress may wait (defer_status).
+    claims_waiting: bool = False
     status: StatusWriter = field(init=False)
     requeue_after: list[float] = field(default_factory=list)
     # Writes nobody waits for are left to a pass when no other claim waits (see defer_until_idle).
@@ -106,8 +108,8 @@ class Reconciliation:
         self.requeue_when_idle = True
 
     def defer_status(self) -> None:
-        """This pass's status only tells of progress (launching, registered, what the node still lacks): while
-        other claims wait, leave it to a pass when none does, which finds the same state, or a newer one, and
+        """This pass's status only tells of progress (launching, what the node still lacks): if other claims
+        waited when it began, leave it to a pass when none does, which finds the same state, or a newer one, and
         writes that. In a burst the claims that turn Ready meanwhile get the workers and the API server first;
         with no other claim waiting it is written at once. Only for a phase that ends the pass (WAITING): a
         failure or a claim turning Ready is never held back."""

@@ -54,7 +54,7 @@ class ClaimLifecycle:
             claim = Claim(claim.api, self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": metadata}))
             # Taken on: what Karpenter counts when its provisioner creates a nodeclaim.
             metrics.KARPENTER_NODECLAIMS_CREATED.labels(reason="provisioned", **karpenter_claim_labels(claim)).inc()
-        r = Reconciliation(claim, self.deps.clock())
+        r = Reconciliation(claim, self.deps.clock(), self.deps.claims_waiting())
         try:
             for index, phase in enumerate(self.phases):
                 if not phase.reconcile(r).done:
@@ -65,7 +65,7 @@ class ClaimLifecycle:
             # Also when a later phase failed: what earlier phases achieved (and announced) must stick,
             # or the next attempt would do and announce it again.
             if r.status.changed():
-                if r.status_deferred and self.deps.claims_waiting():
+                if r.status_deferred and r.claims_waiting:
                     r.defer_until_idle()
                 else:
                     status = r.status.render()

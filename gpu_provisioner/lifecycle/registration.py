@@ -50,8 +50,15 @@ class Registration:
             r.report(self.deps.events, condition, "MultipleNodesFound", message, failed=True)
             return WAITING
         node = nodes[0]
+        lacking = awaited(claim, node, self.deps.catalogue.size)
+        if r.claims_waiting and lacking is not None and not r.status.is_true(condition):
+            # Progress only: no pod runs on a Node that cannot be initialized yet. In a burst it is registered in the
+            # pass that initializes it (one Node write and one status write, not two each), or when idle.
+            r.defer_status()
+            r.defer_until_idle()
+            return WAITING
         patch = self._node_patch(claim, node)
-        if patch and "spec" not in patch and awaited(claim, node, self.deps.catalogue.size) is None:
+        if patch and "spec" not in patch and lacking is None:
             # A Node met already initialized (under load it is often GPU-ready before it is registered) gets
             # initialization's label in this write, so that one write, not two, comes before the claim is Ready.
             # Not when this write adds taints: they may be startup taints, which initialization waits out.

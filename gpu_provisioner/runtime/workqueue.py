@@ -157,6 +157,11 @@ class WorkQueue:
             now = self._clock()
             return [now - started for started in self._started_at.values()]
 
+    def busy(self) -> bool:
+        """Whether a key waits in the first or the plain lane (those in the when-idle lane wait for this to end)."""
+        with self._cond:
+            return bool(self._lanes[FIRST] or self._lanes[PLAIN])
+
     def __len__(self) -> int:
         with self._cond:
             return sum(map(len, self._lanes))

@@ -15,6 +15,7 @@ from gpu_provisioner.cloud.errors import QuotaExceededError
 from gpu_provisioner.cloud.inventory import PoolInventory
 from gpu_provisioner.lifecycle.base import Deps, NextLook, Reconciliation
 from gpu_provisioner.lifecycle.controller import ClaimLifecycle
+from gpu_provisioner.runtime.workqueue import WorkQueue
 from gpu_provisioner.sandbox import EXAMPLES
 from gpu_provisioner.settings import Settings
 
@@ -268,3 +269,13 @@ def test_with_no_other_claim_waiting_the_pass_that_creates_a_pool_writes_its_sta
     [status] = harness.kube.statuses
     assert harness.pools.puts == [claim.name]
     assert next(c for c in status["conditions"] if c["type"] == "Launched")["reason"] == "Launching"
+
+
+def test_claims_left_for_when_the_queue_is_idle_do_not_hold_back_each_others_status():
+    harness = Harness()
+    queue = WorkQueue("t")
+    harness.deps.claims_waiting = queue.busy
+    claim = kaito(NODECLAIM)
+    queue.add("nodeclaims/another", when_idle=True)  # its status held too: it waits for when idle, as this one
+    look = harness.reconcile(claim)
+    assert look is not None and not look.when_idle and len(harness.kube.statuses) == 1

@@ -301,25 +301,29 @@ def test_only_a_node_that_lets_its_claim_be_initialized_now_jumps_the_queue(api)
 
 
 @pytest.mark.parametrize("api", [MACHINE, NODECLAIM], ids=lambda a: a.kind)
-def test_while_other_claims_wait_progress_waits_for_a_later_pass_and_the_claim_turning_ready_does_not(api):
+def test_while_other_claims_wait_progress_waits_for_the_pass_that_turns_the_claim_ready_which_does_not_wait(api):
     fleet = Fleet()
     fleet.claims_waiting = True
     claim = fleet.claim(api, "ws1", initialized=False)
     claim.obj["status"]["conditions"] = [c for c in claim.obj["status"]["conditions"] if c["type"] == api.launched]
-    node = fleet.nodes.add("ws1", ready="False")
+    # As AKS makes it: with the claim's taint, from the pool.
+    node = fleet.nodes.add("ws1", ready="False", taints=[{"key": "sku", "value": "gpu", "effect": "NoSchedule"}])
     del node["metadata"]["labels"]["karpenter.sh/registered"], node["metadata"]["labels"]["karpenter.sh/initialized"]
-    # Registered (the Node's write is made) and the Node not Ready yet: nobody waits for that status.
+    # The Node joined, not Ready yet: no pod runs on it, nobody waits for its registration or that status.
     assert fleet.reconcile(claim).when_idle
-    assert fleet.kube.statuses == [] and node["metadata"]["labels"]["karpenter.sh/registered"] == "true"
+    assert fleet.kube.statuses == [] and fleet.nodes.patches == []
     node["status"]["conditions"][0]["status"] = "True"
     node["status"]["allocatable"]["nvidia.com/gpu"] = "0"
-    assert fleet.reconcile(claim).when_idle and fleet.kube.statuses == []  # Ready, its GPUs not yet
-    # Its GPUs: Kaito waits for this one, written at once whoever else waits.
+    assert fleet.reconcile(claim).when_idle  # Ready, its GPUs not yet
+    assert fleet.kube.statuses == [] and fleet.nodes.patches == []
+    # Its GPUs: registered and initialized in one Node write, and the Ready status Kaito waits for, written at once
+    # whoever else waits.
     node["status"]["allocatable"]["nvidia.com/gpu"] = "1"
     fleet.reconcile(claim)
     [status] = fleet.kube.statuses
     assert {c["type"]: c["status"] for c in status["conditions"]} == dict.fromkeys([*api.phases, READY], "True")
-    assert node["metadata"]["labels"]["karpenter.sh/initialized"] == "true"
+    [patch] = fleet.nodes.patches
+    assert {"karpenter.sh/registered", "karpenter.sh/initialized"} <= patch["metadata"]["labels"].keys()
 
 
 def test_a_claim_that_failed_says_so_at_once_whoever_else_waits():

@@ -128,7 +128,11 @@ def test_a_key_added_when_idle_waits_while_any_other_key_does_and_moves_up_when_
     queue.add("d", first=True)
     queue.add("b")  # news of it: moves up to the plain lane
     assert len(queue) == 4
-    assert [queue.get(0) for _ in range(4)] == ["d", "c", "b", "a"]
+    assert [queue.get(0) for _ in range(2)] == ["d", "c"]
+    assert queue.busy()  # b, moved up
+    assert queue.get(0) == "b"
+    assert len(queue) == 1 and not queue.busy()  # a waits for when idle: nothing else waits
+    assert queue.get(0) == "a"
     assert queue.get(0) is None
 
 
