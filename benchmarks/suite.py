@@ -370,8 +370,9 @@ def audited_writes(log: Path) -> list[Write]:
 def split_controller_part(names: list[str], node_event_at: dict[str, float], ready_at: dict[str, float],
                           writes: Iterable[Write]) -> dict[str, dict[str, float] | None]:
     """Node event -> claim Ready seen, in three: the controller's own time (its queue, its work, between its
-    writes), its writes in the API server (received -> answered), and the claim's Ready passed on by the API
-    server (its Ready write answered -> the Ready seen by this benchmark's watch)."""
+    writes; and of it, the part until its first write), its writes in the API server (received -> answered), and
+    the claim's Ready passed on by the API server (its Ready write answered -> the Ready seen by this benchmark's
+    watch). Only claims with a controller write after this benchmark's Node watch saw the event are counted."""
     by_claim: dict[str, list[Write]] = {}
     for write in writes:
         if write.user_agent.startswith("gpu-provisioner/"):
