@@ -108,11 +108,11 @@ class Reconciliation:
         self.requeue_when_idle = True
 
     def defer_status(self) -> None:
-        """This pass's status only tells of progress (launching, what the node still lacks): if other claims
-        waited when it began, leave it to a pass when none does, which finds the same state, or a newer one, and
-        writes that. In a burst the claims that turn Ready meanwhile get the workers and the API server first;
-        with no other claim waiting it is written at once. Only for a phase that ends the pass (WAITING): a
-        failure or a claim turning Ready is never held back."""
+        """This pass only tells of progress (launching, what the node still lacks, a registration that can wait):
+        if other claims waited when it began, it writes no status and the claim comes back in a pass when none
+        does, which finds the same state, or a newer one, and writes that. In a burst the claims that turn Ready
+        meanwhile get the workers and the API server first; with no other claim waiting it is written at once.
+        Only for a phase that ends the pass (WAITING): a failure or a claim turning Ready is never held back."""
         self.status_deferred = True
 
     def next_look(self) -> NextLook | None:

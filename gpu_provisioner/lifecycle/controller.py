@@ -64,13 +64,12 @@ class ClaimLifecycle:
         finally:
             # Also when a later phase failed: what earlier phases achieved (and announced) must stick,
             # or the next attempt would do and announce it again.
-            if r.status.changed():
-                if r.status_deferred and r.claims_waiting:
-                    r.defer_until_idle()
-                else:
-                    status = r.status.render()
-                    self.deps.kube.patch_claim_status(claim.api, claim.name, status)
-                    self._record_transitions(r, status)
+            if r.status_deferred and r.claims_waiting:
+                r.defer_until_idle()
+            elif r.status.changed():
+                status = r.status.render()
+                self.deps.kube.patch_claim_status(claim.api, claim.name, status)
+                self._record_transitions(r, status)
         return r.next_look()
 
     @staticmethod

@@ -55,7 +55,6 @@ class Registration:
             # Progress only: no pod runs on a Node that cannot be initialized yet. In a burst it is registered in the
             # pass that initializes it (one Node write and one status write, not two each), or when idle.
             r.defer_status()
-            r.defer_until_idle()
             return WAITING
         patch = self._node_patch(claim, node)
         if patch and "spec" not in patch and lacking is None:
