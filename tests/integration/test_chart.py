@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import kubernetes
@@ -16,6 +17,7 @@ import yaml
 from gpu_provisioner.api.claims import NODECLAIM
 from gpu_provisioner.devenv.image import base_images
 from gpu_provisioner.devenv.tools import KUBE_SCORE, ensure_checkov, ensure_tools
+from gpu_provisioner.runtime import rest
 from gpu_provisioner.settings import Settings
 from tests.integration.harness import kaito_claim, refused_by_the_api_server, wait_for
 
@@ -253,10 +255,22 @@ def test_rbac_has_no_wildcards(control_plane):
                 assert "*" not in rule.get(field, []), rule
 
 
+def dispatched_by_flow_schema(kube_api) -> Counter[str]:
+    """Requests the API server's priority and fairness has let through, by the FlowSchema that matched them."""
+    text = rest.send(kube_api, "GET", "/metrics", accept="text/plain").read().decode()
+    counted: Counter[str] = Counter()
+    for schema, n in re.findall(r'^apiserver_flowcontrol_dispatched_requests_total\{[^}]*flow_schema="([^"]+)"'
+                                r'[^}]*\} (\S+)$', text, re.MULTILINE):
+        counted[schema] += round(float(n))
+    return counted
+
+
 def test_installed_chart_rbac_is_enough_for_a_full_lifecycle(
     control_plane, kube_api, claims, start_sim, controller_process, tmp_path, unique_name
 ):
+    """... and its FlowSchemas put the controller's requests in workload-high, its Lease's in leader-election."""
     namespace = f"gp-{unique_name}"
+    dispatched_before = dispatched_by_flow_schema(kube_api)
     helm(control_plane, "install", "gpu-provisioner", str(CHART), "--kubeconfig", str(control_plane.kubeconfig),
          "--namespace", namespace, "--create-namespace", "--skip-crds", "--set", "replicas=0")
     core = kubernetes.client.CoreV1Api(kube_api)
@@ -289,6 +303,10 @@ def test_installed_chart_rbac_is_enough_for_a_full_lifecycle(
     assert process.poll() is None
     log = (tmp_path / "controller-0.log").read_text()
     assert not refused_by_the_api_server(log), log[-3000:]
+    dispatched = dispatched_by_flow_schema(kube_api)
+    dispatched.subtract(dispatched_before)
+    assert dispatched["gpu-provisioner-workload"] > 10 and dispatched["gpu-provisioner-leader-election"] > 0
+    assert dispatched["service-accounts"] == 0, dispatched  # where a service account's requests go otherwise
     helm(control_plane, "uninstall", "gpu-provisioner", "--kubeconfig", str(control_plane.kubeconfig),
          "--namespace", namespace)
 
