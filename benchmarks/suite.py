@@ -53,6 +53,7 @@ from gpu_provisioner.sandbox import kaito_claim
 from gpu_provisioner.sim import AksSimulator, Scenario, timeline
 
 RESULTS = Path(__file__).resolve().parents[1] / ".artifacts" / "bench"  # or $BENCH_RESULTS
+CHART = Path(__file__).resolve().parents[1] / "charts" / "gpu-provisioner"
 CLAIM_API = CLAIM_APIS["nodeclaim"]
 ARM_OPERATIONS_NOT_COUNTED = ("token", "openid-configuration")
 PARALLEL_WRITES = 8  # client threads creating or deleting objects at once
@@ -165,10 +166,10 @@ def compile_as_the_image_does() -> None:
 class Controller:
     """`gpu-provisioner run` in its own process, configured only by its environment, as the image runs it."""
 
-    def __init__(self, plane: ControlPlane, sim: AksSimulator, workdir: Path, name: str) -> None:
+    def __init__(self, kubeconfig: Path, sim: AksSimulator, workdir: Path, name: str) -> None:
         self.health_port, self.metrics_port = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ARM_", "AZURE_", "AKS_SIM_"))}
-        env.update(sim.azure_environment(), KUBECONFIG=str(plane.kubeconfig), CLAIM_APIS=CLAIM_API.name,
+        env.update(sim.azure_environment(), KUBECONFIG=str(kubeconfig), CLAIM_APIS=CLAIM_API.name,
                    PYTHONOPTIMIZE="2",
                    POOL_REFRESH_INTERVAL_SECONDS=os.environ.get("POOL_REFRESH_INTERVAL_SECONDS", "10"),
                    METRICS_PORT=str(self.metrics_port),
@@ -396,6 +397,68 @@ def split_controller_part(names: list[str], node_event_at: dict[str, float], rea
             "ready_write_to_claim_ready_s": distribution(passed_on)}
 
 
+# who is who in the cluster -------------------------------------------------------------------
+
+# The API server's seats (read-only, mutating requests run at once). Its defaults (400, 200) are sized for control
+# planes of many cores: on this machine's two shared cores they let ~180 simulated kubelet writes run at once, every
+# one slowing the others, so priority and fairness never queues one and the kubelets' wave holds the controller's
+# writes back as no production API server would. 60 seats still keep both cores busy (a request costs it ~4 ms of
+# CPU); BENCH_API_SERVER_SEATS=default runs with its defaults instead.
+API_SERVER_SEATS = (40, 20)
+KUBELET_USER = "system:node:aks-simulator"
+KAITO_NAMESPACE = KAITO_ACCOUNT = "kaito-workspace"
+
+
+def api_server_seats() -> tuple[int, int] | None:
+    return None if os.environ.get("BENCH_API_SERVER_SEATS") == "default" else API_SERVER_SEATS
+
+
+@dataclass(frozen=True)
+class Identities:
+    """Kubeconfigs of who writes, each authenticated as in an AKS cluster, so that RBAC and priority and fairness
+    treat its requests as there: the controller as its ServiceAccount, with the chart's RBAC and FlowSchemas
+    (workload-high); the simulated kubelets as a node (system:nodes: the `system` priority level); Kaito's stand-in,
+    which creates and deletes the claims, as a ServiceAccount of its own (workload-low). This benchmark's watches and
+    metrics reads stay the admin's (system:masters, exempt from priority and fairness): they measure."""
+
+    controller: Path
+    kubelet: Path
+    kaito: Path
+
+
+def install_identities(plane: ControlPlane, directory: Path) -> Identities:
+    """Installs the chart (its ServiceAccount, RBAC and FlowSchemas; no replica), and RBAC for the kubelets and
+    Kaito's stand-in (what the simulator and this benchmark call)."""
+    subprocess.run([str(plane.tools.helm), "install", "gpu-provisioner", str(CHART), "--kubeconfig",
+                    str(plane.kubeconfig), "--namespace", "gpu-provisioner", "--create-namespace", "--skip-crds",
+                    "--set", "replicas=0", "--set", "leaderElection.enabled=false"],
+                   check=True, capture_output=True, timeout=120)
+    may = {"kubelet": ({"kind": "Group", "name": "system:nodes", "apiGroup": "rbac.authorization.k8s.io"}, [
+               {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "create", "patch", "delete"]},
+               {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]}]),
+           "kaito": ({"kind": "ServiceAccount", "name": KAITO_ACCOUNT, "namespace": KAITO_NAMESPACE}, [
+               {"apiGroups": [GROUP], "resources": [CLAIM_API.plural], "verbs": ["create", "delete"]}])}
+    with plane.api_client() as client:
+        core, rbac = kubernetes.client.CoreV1Api(client), kubernetes.client.RbacAuthorizationV1Api(client)
+        core.create_namespace({"metadata": {"name": KAITO_NAMESPACE}})
+        core.create_namespaced_service_account(KAITO_NAMESPACE, {"metadata": {"name": KAITO_ACCOUNT}})
+        for who, (subject, rules) in may.items():
+            name = f"bench-{who}"
+            rbac.create_cluster_role({"metadata": {"name": name}, "rules": rules})
+            rbac.create_cluster_role_binding({
+                "metadata": {"name": name}, "subjects": [subject],
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}})
+    return Identities(
+        controller=plane.service_account_kubeconfig(directory / "controller.kubeconfig", "gpu-provisioner",
+                                                    "gpu-provisioner"),
+        kubelet=plane.kubeconfig_as(directory / "kubelet.kubeconfig", KUBELET_USER, ["system:nodes"]),
+        kaito=plane.service_account_kubeconfig(directory / "kaito.kubeconfig", KAITO_NAMESPACE, KAITO_ACCOUNT))
+
+
+def client_of(kubeconfig: Path) -> kubernetes.client.ApiClient:
+    return kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+
+
 # the cluster ---------------------------------------------------------------------------------
 
 
@@ -482,8 +545,9 @@ def add_foreign_nodes(plane: ControlPlane, count: int) -> float:
 class Run:
     plane: ControlPlane
     sim: AksSimulator
-    client: kubernetes.client.ApiClient  # for the claims' writes; the simulator has its own
+    client: kubernetes.client.ApiClient  # Kaito's stand-in, for the claims' writes; the simulator has its own
     workdir: Path
+    identities: Identities
     watcher: Watcher = field(init=False)
     created_at: dict[str, float] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)
@@ -493,7 +557,7 @@ class Run:
         self._custom = kubernetes.client.CustomObjectsApi(self.client)
 
     def controller(self, name: str = "controller") -> Controller:
-        return Controller(self.plane, self.sim, self.workdir, name)
+        return Controller(self.identities.controller, self.sim, self.workdir, name)
 
     def arm_requests(self, since: int = 0) -> dict[str, int]:
         counted = Counter(r.operation for r in self.sim.requests[since:]
@@ -585,19 +649,23 @@ class Run:
 @contextmanager
 def running(scenario: str, foreign_nodes: int = 0) -> Iterator[tuple[Run, LoadSampler]]:
     compile_as_the_image_does()
-    with ControlPlane(ensure_tools(), audit_policy=AUDIT_POLICY) as plane, plane.api_client() as sim_client, \
-            AksSimulator(Scenario(), kube_api=sim_client) as sim, plane.api_client() as client:
-        setup_s = add_foreign_nodes(plane, foreign_nodes) if foreign_nodes else 0.0
-        workdir = Path(tempfile.mkdtemp(prefix=f"gpu-provisioner-bench-{scenario}-"))
-        run = Run(plane, sim, client, workdir)
-        run.figures.update(scenario=scenario, date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                           foreign_nodes=foreign_nodes, foreign_nodes_setup_s=round(setup_s, 1))
-        try:
-            with LoadSampler(plane) as load:
-                yield run, load
-        finally:
-            run.watcher.stop()
-            print(f"controller logs in {workdir}", file=sys.stderr)
+    workdir = Path(tempfile.mkdtemp(prefix=f"gpu-provisioner-bench-{scenario}-"))
+    seats = api_server_seats()
+    with ControlPlane(ensure_tools(), audit_policy=AUDIT_POLICY, seats=seats) as plane:
+        identities = install_identities(plane, workdir)
+        with client_of(identities.kubelet) as sim_client, AksSimulator(Scenario(), kube_api=sim_client) as sim, \
+                client_of(identities.kaito) as client:
+            setup_s = add_foreign_nodes(plane, foreign_nodes) if foreign_nodes else 0.0
+            run = Run(plane, sim, client, workdir, identities)
+            run.figures.update(scenario=scenario, date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                               foreign_nodes=foreign_nodes, foreign_nodes_setup_s=round(setup_s, 1),
+                               api_server_seats=list(seats) if seats else "default")
+            try:
+                with LoadSampler(plane) as load:
+                    yield run, load
+            finally:
+                run.watcher.stop()
+                print(f"controller logs in {workdir}", file=sys.stderr)
 
 
 def results_dir() -> Path:

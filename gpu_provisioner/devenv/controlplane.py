@@ -100,12 +100,15 @@ class ControlPlane:
     """
 
     def __init__(self, tools: Toolset, crds_dir: Path | None = REPO_CRDS,
-                 audit_policy: dict[str, Any] | None = None) -> None:
+                 audit_policy: dict[str, Any] | None = None, seats: tuple[int, int] | None = None) -> None:
         """`audit_policy`: an audit.k8s.io/v1 Policy; the API server then logs the requests it selects to
-        `audit_log`, one JSON event a line, with when each was received and answered (microseconds)."""
+        `audit_log`, one JSON event a line, with when each was received and answered (microseconds).
+        `seats`: the requests the API server runs at once, (read-only, mutating); its priority and fairness divides
+        them among priority levels and queues the rest. None: its defaults (400, 200)."""
         self.tools = tools
         self.crds_dir = crds_dir
         self.audit_policy = audit_policy
+        self.seats = seats
         self.workdir = Path(tempfile.mkdtemp(prefix="gpu-provisioner-cp-"))
         self.log_dir = self.workdir / "logs"
         self.log_dir.mkdir()
@@ -233,6 +236,8 @@ class ControlPlane:
             "--profiling=false",
             "--v=1",
             *audit,
+            *([] if self.seats is None else [f"--max-requests-inflight={self.seats[0]}",
+                                             f"--max-mutating-requests-inflight={self.seats[1]}"]),
         ])
         self._wait_until(self._apiserver_ready, proc, "kube-apiserver")
 
@@ -262,6 +267,10 @@ class ControlPlane:
     # clients ---------------------------------------------------------------------------------
 
     def _write_kubeconfig(self) -> None:
+        self._write_kubeconfig_file(self.kubeconfig, ADMIN_USER, {
+            "client-certificate-data": _b64(self.admin.cert_pem), "client-key-data": _b64(self.admin.key_pem)})
+
+    def _write_kubeconfig_file(self, path: Path, user: str, credentials: dict[str, str]) -> Path:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -269,18 +278,28 @@ class ControlPlane:
                 "name": "devenv",
                 "cluster": {"server": self.server_url, "certificate-authority-data": _b64(self.ca.cert_pem)},
             }],
-            "users": [{
-                "name": ADMIN_USER,
-                "user": {
-                    "client-certificate-data": _b64(self.admin.cert_pem),
-                    "client-key-data": _b64(self.admin.key_pem),
-                },
-            }],
-            "contexts": [{"name": "devenv", "context": {"cluster": "devenv", "user": ADMIN_USER}}],
+            "users": [{"name": user, "user": credentials}],
+            "contexts": [{"name": "devenv", "context": {"cluster": "devenv", "user": user}}],
             "current-context": "devenv",
         }
-        self.kubeconfig.touch(mode=0o600)
-        self.kubeconfig.write_text(yaml.safe_dump(config, sort_keys=False))
+        path.touch(mode=0o600)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    def kubeconfig_as(self, path: Path, user: str, groups: list[str]) -> Path:
+        """A kubeconfig with a client certificate for `user` in `groups`: unlike the admin's (system:masters), its
+        requests are authorized by RBAC and queued by priority and fairness, as a kubelet's (system:nodes) are."""
+        pair = self.ca.issue_client(user, groups)
+        return self._write_kubeconfig_file(path, user, {"client-certificate-data": _b64(pair.cert_pem),
+                                                        "client-key-data": _b64(pair.key_pem)})
+
+    def service_account_kubeconfig(self, path: Path, namespace: str, name: str, hours: int = 24) -> Path:
+        """A kubeconfig with a token of that ServiceAccount (a TokenRequest), as a pod running as it has."""
+        with self.api_client() as client:
+            token = kubernetes.client.CoreV1Api(client).create_namespaced_service_account_token(name, namespace, {
+                "spec": {"audiences": ["https://kubernetes.default.svc.cluster.local"],
+                         "expirationSeconds": hours * 3600}}).status.token
+        return self._write_kubeconfig_file(path, f"{namespace}-{name}", {"token": token})
 
     def write_kubeconfig_to(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)

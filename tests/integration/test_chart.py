@@ -274,17 +274,8 @@ def test_installed_chart_rbac_is_enough_for_a_full_lifecycle(
     helm(control_plane, "install", "gpu-provisioner", str(CHART), "--kubeconfig", str(control_plane.kubeconfig),
          "--namespace", namespace, "--create-namespace", "--skip-crds", "--set", "replicas=0")
     core = kubernetes.client.CoreV1Api(kube_api)
-    token = core.create_namespaced_service_account_token(
-        "gpu-provisioner", namespace, {"spec": {"audiences": ["https://kubernetes.default.svc.cluster.local"]}}
-    ).status.token
-    admin = yaml.safe_load(control_plane.kubeconfig.read_text())
-    kubeconfig = tmp_path / "service-account.kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "clusters": admin["clusters"],
-        "users": [{"name": "sa", "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": admin["clusters"][0]["name"], "user": "sa"}}],
-        "current-context": "sa",
-    }))
+    kubeconfig = control_plane.service_account_kubeconfig(tmp_path / "service-account.kubeconfig", namespace,
+                                                          "gpu-provisioner")
     sim = start_sim()
     process = controller_process(sim, KUBECONFIG=str(kubeconfig), LEADER_ELECT="true", POD_NAMESPACE=namespace)
     node_name = claims.create_ready(NODECLAIM, kaito_claim(NODECLAIM, unique_name))["status"]["nodeName"]
