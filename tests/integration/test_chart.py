@@ -172,6 +172,18 @@ def helm_fails(control_plane, *args: str) -> str:
     return result.stderr
 
 
+def test_every_object_carries_the_additional_labels_and_annotations(control_plane):
+    documents = render(control_plane, *EVERY_OPTION, "--set", "additionalLabels.team=ml", "--set",
+                       "additionalAnnotations.owner=platform", "--set", "grafanaDashboard.annotations.folder=GPU")
+    assert len(documents) > 10
+    for doc in documents:
+        metadata = doc["metadata"]
+        assert metadata["labels"].get("team") == "ml", doc["kind"]
+        assert metadata.get("annotations", {}).get("owner") == "platform", doc["kind"]
+    dashboard = next(doc for doc in documents if doc["metadata"]["name"].endswith("-dashboard"))
+    assert dashboard["metadata"]["annotations"]["folder"] == "GPU"
+
+
 def test_chart_refuses_values_it_cannot_honour(control_plane):
     assert "/replicas" in helm_fails(control_plane, "--set", "replicas=two")
     assert "/controller/metrics/port" in helm_fails(control_plane, "--set", "controller.metrics.port=http")
