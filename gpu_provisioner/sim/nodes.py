@@ -317,6 +317,13 @@ class NodeMaterialiser:
                 # The API server is down (restarting): a kubelet keeps trying, and its steps keep their order.
                 self._stop.wait(_TICK_S)
                 continue
+            except ApiException as error:
+                if error.status == 429:
+                    # Turned away by the API server's priority and fairness: a kubelet (client-go) waits as the
+                    # answer says and tries the same write again.
+                    self._stop.wait(_retry_after_s(error))
+                    continue
+                log.exception("node materialiser action failed")
             except Exception:
                 log.exception("node materialiser action failed")
             finally:
@@ -324,6 +331,13 @@ class NodeMaterialiser:
                 previous_done = time.monotonic()
             with self._lock:
                 steps.popleft()
+
+
+def _retry_after_s(error: ApiException) -> float:
+    try:
+        return min(max(float((error.headers or {}).get("Retry-After", 1)), _TICK_S), 10.0)
+    except ValueError:
+        return 1.0
 
 
 def _unparsed(call: Callable[..., Any], *args: Any, **kwargs: Any) -> bytes:

@@ -6,6 +6,7 @@ import time
 from collections import deque
 
 import kubernetes
+from kubernetes.client import ApiException
 
 from gpu_provisioner.sim import timeline
 from gpu_provisioner.sim.nodes import NodeMaterialiser
@@ -31,3 +32,21 @@ def test_a_step_held_up_by_the_slow_write_before_it_is_not_counted_as_the_simula
     # the simulator's.
     assert ready.lag_s >= 0.2 and ready.own_lag_s < 0.05
     assert not kubelet._lanes
+
+
+def test_a_write_turned_away_with_429_is_tried_again_after_its_retry_after_and_the_steps_keep_their_order():
+    kubelet = NodeMaterialiser(kubernetes.client.ApiClient(), Scenario(), "subscription", settle=lambda: None)
+    lane, done = ("cluster", "pool"), []
+    throttled = ApiException(status=429, reason="Too Many Requests")
+    throttled.headers = {"Retry-After": "0.2"}
+
+    def join() -> None:
+        done.append(("join", time.monotonic()))
+        if len(done) == 1:
+            raise throttled
+
+    started = time.monotonic()
+    kubelet._lanes[lane] = deque([(started, join), (started, lambda: done.append(("ready", time.monotonic())))])
+    kubelet._drain(lane)
+    assert [step for step, _ in done] == ["join", "join", "ready"]
+    assert done[1][1] - done[0][1] >= 0.2
