@@ -321,13 +321,16 @@ def follow(list_objects: Callable[..., Any], name_of: Callable[[dict[str, Any]],
 # the API server's record of the writes ----------------------------------------------------------
 
 # The writes to Nodes and claims, with when the API server received and answered each (its audit log): what part of
-# a claim's way to Ready the controller's writes spent in the API server.
+# a claim's way to Ready the controller's writes spent in the API server, and when each claim came to exist (its
+# create answered) and was deleted (its DELETE answered).
 AUDIT_POLICY = {
     "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived", "ResponseStarted", "Panic"],
     "rules": [
         {"level": "Metadata", "verbs": ["patch"], "resources": [
             {"group": "", "resources": ["nodes", "nodes/status"]},
             {"group": GROUP, "resources": [CLAIM_API.plural, f"{CLAIM_API.plural}/status"]}]},
+        {"level": "Metadata", "verbs": ["create", "delete"], "resources": [
+            {"group": GROUP, "resources": [CLAIM_API.plural]}]},
         {"level": "None"},
     ],
 }
@@ -339,8 +342,9 @@ _NODE_OF_POOL = re.compile(r"^aks-(?P<pool>[a-z0-9]+)-\d{8}-vmss")
 
 @dataclass(frozen=True)
 class Write:
-    """A PATCH as the API server's audit log has it; its times on this machine's monotonic clock."""
+    """A write as the API server's audit log has it; its times on this machine's monotonic clock."""
 
+    verb: str
     resource: str
     name: str
     subresource: str
@@ -362,10 +366,20 @@ def audited_writes(log: Path) -> list[Write]:
     for line in log.read_text().splitlines():
         event = json.loads(line)
         target = event.get("objectRef") or {}
-        writes.append(Write(target.get("resource", ""), target.get("name", ""), target.get("subresource", ""),
-                            event.get("userAgent", ""), at(event["requestReceivedTimestamp"]),
-                            at(event["stageTimestamp"])))
+        writes.append(Write(event.get("verb", ""), target.get("resource", ""), target.get("name", ""),
+                            target.get("subresource", ""), event.get("userAgent", ""),
+                            at(event["requestReceivedTimestamp"]), at(event["stageTimestamp"])))
     return writes
+
+
+def answered(writes: Iterable[Write], verb: str) -> dict[str, float]:
+    """Claim name -> when the API server answered the claim's first `verb` (create: the claim exists from then on;
+    delete: it has its deletionTimestamp)."""
+    first: dict[str, float] = {}
+    for write in writes:
+        if write.verb == verb and write.resource == CLAIM_API.plural and not write.subresource:
+            first[write.name] = min(first.get(write.name, write.answered), write.answered)
+    return first
 
 
 def split_controller_part(names: list[str], node_event_at: dict[str, float], ready_at: dict[str, float],
@@ -376,7 +390,7 @@ def split_controller_part(names: list[str], node_event_at: dict[str, float], rea
     watch). Only claims with a controller write after this benchmark's Node watch saw the event are counted."""
     by_claim: dict[str, list[Write]] = {}
     for write in writes:
-        if write.user_agent.startswith("gpu-provisioner/"):
+        if write.verb == "patch" and write.user_agent.startswith("gpu-provisioner/"):
             by_claim.setdefault(write.claim, []).append(write)
     own, first, in_api_server, passed_on = [], [], [], []
     for name in names:
@@ -582,9 +596,13 @@ class Run:
         s = self.sim.scenario
         nominal = s.create_delay_s + s.node_join_delay_s + s.node_ready_delay_s + s.gpu_publish_delay_s
         up = [timeline.CREATED, timeline.NODE_JOINED, timeline.NODE_READY, timeline.GPUS_PUBLISHED]
+        writes = audited_writes(self.plane.audit_log)
+        created = answered(writes, "create")
         return {
             "claims": claims,
-            "created_to_put_s": distribution(steps[n][timeline.PUT].at - self.created_at[n] for n in names),
+            # The client's part (Kaito's): its create sent -> answered; the claim exists from the answer on.
+            "create_answered_s": distribution(created[n] - self.created_at[n] for n in names),
+            "created_to_put_s": distribution(steps[n][timeline.PUT].at - created[n] for n in names),
             "put_to_gpu_ready_s": distribution(
                 steps[n][timeline.GPUS_PUBLISHED].at - steps[n][timeline.PUT].at for n in names),
             "put_to_gpu_ready_nominal_s": nominal,
@@ -599,7 +617,7 @@ class Run:
             "gpu_ready_to_node_event_s": distribution(
                 gpu_seen[n] - steps[n][timeline.GPUS_PUBLISHED].at for n in names),
             "node_event_to_claim_ready_s": distribution(ready[n] - gpu_seen[n] for n in names),
-            **split_controller_part(names, gpu_seen, ready, audited_writes(self.plane.audit_log)),
+            **split_controller_part(names, gpu_seen, ready, writes),
             "created_to_claim_ready_s": distribution(ready[n] - self.created_at[n] for n in names),
             "all_ready_s": round(max(ready[n] for n in names) - first, 2),
             "arm_requests_until_ready": self.arm_requests(),
@@ -620,6 +638,7 @@ class Run:
         gone = self.watcher.gone_at
         self.watcher.wait("every claim gone", lambda: all(n in gone for n in names), 120 + len(names), controller)
         steps = self.sim.timeline()
+        deleted = answered(audited_writes(self.plane.audit_log), "delete")
         return {
             "all_deleted_s": round(max(gone[n] for n in names) - started, 2),
             "delete_delay_nominal_s": self.sim.scenario.delete_delay_s,
@@ -627,8 +646,9 @@ class Run:
             "deletes_sent_s": round(sent, 2),
             # Whose time is whose: the controller's until the DELETE reaches ARM, the simulator's until the pool
             # is gone (scheduled: the delete delay), the controller's again until the claim is released.
+            "delete_answered_s": distribution(deleted[n] - deleted_at[n] for n in names),
             "claim_deleted_to_pool_delete_s": distribution(
-                steps[n][timeline.DELETE].at - deleted_at[n] for n in names if timeline.DELETE in steps[n]),
+                steps[n][timeline.DELETE].at - deleted[n] for n in names if timeline.DELETE in steps[n]),
             "pool_delete_to_gone_s": distribution(
                 steps[n][timeline.DELETED].at - steps[n][timeline.DELETE].at for n in names
                 if timeline.DELETED in steps[n]),
@@ -782,7 +802,7 @@ def table() -> None:
     results = sorted((json.loads(path.read_text()) for path in results_dir().glob("*.json")),
                      key=lambda r: (order.get(r["scenario"].split("-")[0], order.get(r["scenario"], 9)),
                                     r["launch"]["claims"]))
-    print("| scenario (UTC) | claims, foreign Nodes | claim created -> PUT, p50 / p95 | PUT -> node GPU-ready "
+    print("| scenario (UTC) | claims, foreign Nodes | claim created (its create answered) -> PUT, p50 / p95 | PUT -> node GPU-ready "
           "(simulator, scheduled 3.5 s), p50 / p95 / max | node GPU-ready -> claim Ready, p50 / p95 / p99 / max "
           "(its parts, p50 / p99: the Node's event reaching the controller, the API server's; the controller's own "
           "time, its queue and work; its writes in the API server; the claim's Ready reaching a watch, the API "
