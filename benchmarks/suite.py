@@ -802,11 +802,11 @@ def table() -> None:
     results = sorted((json.loads(path.read_text()) for path in results_dir().glob("*.json")),
                      key=lambda r: (order.get(r["scenario"].split("-")[0], order.get(r["scenario"], 9)),
                                     r["launch"]["claims"]))
-    print("| scenario (UTC) | claims, foreign Nodes | claim created (its create answered) -> PUT, p50 / p95 | PUT -> node GPU-ready "
-          "(simulator, scheduled 3.5 s), p50 / p95 / max | node GPU-ready -> claim Ready, p50 / p95 / p99 / max "
-          "(its parts, p50 / p99: the Node's event reaching the controller, the API server's; the controller's own "
-          "time, its queue and work; its writes in the API server; the claim's Ready reaching a watch, the API "
-          "server's) "
+    print("| scenario (UTC) | claims, foreign Nodes | claim created (its create answered) -> PUT, p50 / p95 "
+          "| PUT -> node GPU-ready (simulator, scheduled 3.5 s), p50 / p95 / max "
+          "| node GPU-ready -> claim Ready, p50 / p95 / p99 / max (its parts, p50 / p99: the Node's event reaching "
+          "the controller, the API server's; the controller's own time, its queue and work; its writes in the API "
+          "server; the claim's Ready reaching a watch, the API server's) "
           "| all Ready | all deleted (the client's DELETEs) | ARM requests | controller peak RSS / CPU "
           "| load average, mean / max | API server: most Node events held / watches it closed |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
