@@ -317,14 +317,12 @@ class NodeMaterialiser:
                 # The API server is down (restarting): a kubelet keeps trying, and its steps keep their order.
                 self._stop.wait(_TICK_S)
                 continue
-            except ApiException as error:
-                if error.status == 429:
+            except Exception as error:
+                if isinstance(error, ApiException) and error.status == 429:
                     # Turned away by the API server's priority and fairness: a kubelet (client-go) waits as the
                     # answer says and tries the same write again.
                     self._stop.wait(_retry_after_s(error))
                     continue
-                log.exception("node materialiser action failed")
-            except Exception:
                 log.exception("node materialiser action failed")
             finally:
                 self._running.lane = self._running.due = None
