@@ -618,7 +618,7 @@ class Run:
                 gpu_seen[n] - steps[n][timeline.GPUS_PUBLISHED].at for n in names),
             "node_event_to_claim_ready_s": distribution(ready[n] - gpu_seen[n] for n in names),
             **split_controller_part(names, gpu_seen, ready, writes),
-            "created_to_claim_ready_s": distribution(ready[n] - self.created_at[n] for n in names),
+            "created_to_claim_ready_s": distribution(ready[n] - created[n] for n in names),
             "all_ready_s": round(max(ready[n] for n in names) - first, 2),
             "arm_requests_until_ready": self.arm_requests(),
         }

@@ -293,13 +293,17 @@ class ControlPlane:
         return self._write_kubeconfig_file(path, user, {"client-certificate-data": _b64(pair.cert_pem),
                                                         "client-key-data": _b64(pair.key_pem)})
 
-    def service_account_kubeconfig(self, path: Path, namespace: str, name: str, hours: int = 24) -> Path:
-        """A kubeconfig with a token of that ServiceAccount (a TokenRequest), as a pod running as it has."""
+    def service_account_token(self, namespace: str, name: str, hours: int = 24) -> str:
+        """A token of that ServiceAccount (a TokenRequest), as a pod running as it gets one."""
         with self.api_client() as client:
-            token = kubernetes.client.CoreV1Api(client).create_namespaced_service_account_token(name, namespace, {
+            return kubernetes.client.CoreV1Api(client).create_namespaced_service_account_token(name, namespace, {
                 "spec": {"audiences": ["https://kubernetes.default.svc.cluster.local"],
                          "expirationSeconds": hours * 3600}}).status.token
-        return self._write_kubeconfig_file(path, f"{namespace}-{name}", {"token": token})
+
+    def service_account_kubeconfig(self, path: Path, namespace: str, name: str) -> Path:
+        """A kubeconfig with a token of that ServiceAccount."""
+        return self._write_kubeconfig_file(path, f"{namespace}-{name}",
+                                           {"token": self.service_account_token(namespace, name)})
 
     def write_kubeconfig_to(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)

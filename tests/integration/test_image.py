@@ -169,9 +169,7 @@ def test_in_cluster_with_the_charts_service_account_and_nothing_writable(
         deployment = kube_api.sanitize_for_serialization(deployment)
         container = ChartContainer(engine, tag, deployment)
         service_account = container.pod_spec["serviceAccountName"]
-        token = kubernetes.client.CoreV1Api(kube_api).create_namespaced_service_account_token(
-            service_account, namespace, {"spec": {"audiences": ["https://kubernetes.default.svc.cluster.local"]}}
-        ).status.token
+        token = control_plane.service_account_token(namespace, service_account)
         account = tmp_path / "serviceaccount"
         account.mkdir(mode=0o755)
         files = {"token": token, "namespace": namespace, "ca.crt": control_plane.ca.cert_pem.decode()}
