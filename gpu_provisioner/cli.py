@@ -56,7 +56,8 @@ def run() -> None:
         tenant_id=settings.tenant_id or "(from the environment)", claim_apis=settings.claim_apis,
         leader_elect=settings.leader_elect,
     )
-    api_client = _kubernetes_api_client(settings.kubeconfig, settings.workers + CONNECTIONS_BESIDE_WORKERS)
+    api_client = _kubernetes_api_client(
+        settings.kubeconfig, settings.workers + settings.ready_workers + CONNECTIONS_BESIDE_WORKERS)
     manager = Manager(settings, api_client)
     stop_metrics = start_metrics_server(settings.metrics_port, settings.bind_address)
     probes = ProbeServer(settings.health_probe_port, manager.not_ready_reason, settings.bind_address)

@@ -107,8 +107,10 @@ class Manager:
         self._spawn("claim-metrics", self._publish_claim_phases)
         for index in range(self.settings.workers):
             self._spawn(f"worker-{index}", self._work)
+        for index in range(self.settings.ready_workers):
+            self._spawn(f"ready-worker-{index}", lambda: self._work(first_only=True))
         log.info("controller started", claim_apis=list(self.claim_informers), cluster=self.settings.cluster_name,
-                 workers=self.settings.workers)
+                 workers=self.settings.workers, ready_workers=self.settings.ready_workers)
 
     def stop(self) -> None:
         """Stop and wait for the work in hand, all of it within STOP_S: a request to an API server or ARM that
@@ -203,7 +205,8 @@ class Manager:
 
     # work -------------------------------------------------------------------------------------
 
-    def _work(self) -> None:
+    def _work(self, first_only: bool = False) -> None:
+        """A worker's loop; `first_only`: it takes only claims turning Ready (the queue's first lane)."""
         # Nothing is reconciled before the caches hold the cluster (an empty Node cache would read as "the
         # node has not joined" and flip Ready claims, or time them out and delete them), nor before ARM has
         # answered the first pool LIST: a claim could only wait, and would say so a second too late for
@@ -213,7 +216,7 @@ class Manager:
                 return
         # Blocks until a key is ready; None once the queue is shut down. A key taken as the controller stops
         # (its leadership lost) is left alone.
-        while (key := self.queue.get()) is not None and not self._stop.is_set():
+        while (key := self.queue.get(first_only=first_only)) is not None and not self._stop.is_set():
             try:
                 self._process(key)
             finally:

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     )
     kubeconfig: Path | None = Field(None, validation_alias="KUBECONFIG")
     workers: int = Field(8, ge=1, validation_alias="WORKERS")
+    # Besides `workers`: these take only claims whose Node just let them turn Ready, so that what Kaito waits for
+    # never waits behind launches and deletions, each holding its worker for an ARM round trip.
+    ready_workers: int = Field(8, ge=0, validation_alias="READY_WORKERS")
     launch_timeout_s: float = Field(300.0, gt=0, validation_alias="LAUNCH_TIMEOUT_SECONDS")
     registration_timeout_s: float = Field(
         900.0, gt=0, validation_alias="REGISTRATION_TIMEOUT_SECONDS"

@@ -4,7 +4,8 @@ A key added while a worker holds it is parked and handed out again when that wor
 Delayed adds wait in a heap; failures back off per key, exponentially, with jitter. Keys wait in three lanes,
 each emptied before the next: `first=True` for work that finishes something others wait for, the plain lane,
 and `when_idle=True` for work nobody waits for (it waits while any other key does). A key added again in a
-higher lane moves up.
+higher lane moves up. Workers may be kept for the first lane (`get(first_only=True)`), so that its work never
+waits behind a long request of the other lanes' work.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ class WorkQueue:
         self.name = name
         self._base, self._max, self._jitter = base_delay_s, max_delay_s, jitter
         self._clock = clock
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        # Where workers kept for the first lane wait, so that a key of another lane wakes a worker that may take it.
+        self._first_cond = threading.Condition(lock)
         # Keys ready to hand out, by lane.
         self._lanes: tuple[deque[str], ...] = (deque(), deque(), deque())
         self._dirty: dict[str, int] = {}  # queued or parked (held by a worker, added again): its lane
@@ -70,12 +74,13 @@ class WorkQueue:
             return  # parked: queued in its lane when its worker is done
         self._lanes[lane].append(key)
         self._publish_depth()
-        self._cond.notify()
+        self._notify(lane)
 
     def _move_up(self, key: str, lane: int) -> None:
         if key not in self._processing:
             self._lanes[self._dirty[key]].remove(key)  # a scan, but at most twice for a key between two hand-outs
             self._lanes[lane].append(key)
+            self._notify(lane)
         self._dirty[key] = lane
 
     def add_after(self, key: str, delay_s: float) -> None:
@@ -111,12 +116,15 @@ class WorkQueue:
 
     # taking -----------------------------------------------------------------------------------
 
-    def get(self, timeout_s: float | None = None) -> str | None:
+    def get(self, timeout_s: float | None = None, *, first_only: bool = False) -> str | None:
+        """The next key to work on, blocking until there is one (None once shut down, or after `timeout_s`);
+        `first_only`: only a key of the first lane."""
         deadline = None if timeout_s is None else self._clock() + timeout_s
+        lanes = self._lanes[:1] if first_only else self._lanes
         with self._cond:
             while True:
                 self._promote_due()
-                if lane := next((lane for lane in self._lanes if lane), None):
+                if lane := next((lane for lane in lanes if lane), None):
                     key = lane.popleft()
                     del self._dirty[key]
                     self._processing.add(key)
@@ -127,13 +135,14 @@ class WorkQueue:
                     return key
                 if self._shutting_down:
                     return None
-                wait = self._waiting[0][0] - self._clock() if self._waiting else None
+                # Delayed keys come back in the plain lane: only the other workers wait for them.
+                wait = self._waiting[0][0] - self._clock() if self._waiting and not first_only else None
                 if deadline is not None:
                     remaining = deadline - self._clock()
                     if remaining <= 0:
                         return None
                     wait = remaining if wait is None else min(wait, remaining)
-                self._cond.wait(wait)
+                (self._first_cond if first_only else self._cond).wait(wait)
 
     def done(self, key: str) -> None:
         with self._cond:
@@ -144,12 +153,13 @@ class WorkQueue:
             if key in self._dirty:  # added again while it was being worked on
                 self._lanes[self._dirty[key]].append(key)
                 self._publish_depth()
-                self._cond.notify()
+                self._notify(self._dirty[key])
 
     def shutdown(self) -> None:
         with self._cond:
             self._shutting_down = True
             self._cond.notify_all()
+            self._first_cond.notify_all()
 
     def running_s(self) -> list[float]:
         """How long each key now held by a worker has been held, in seconds."""
@@ -175,6 +185,12 @@ class WorkQueue:
             if self._due.get(key) == due:
                 del self._due[key]
                 self._add_locked(key)
+
+    def _notify(self, lane: int) -> None:
+        """Wake a worker that may take a key just queued in `lane`."""
+        if lane == FIRST:
+            self._first_cond.notify()
+        self._cond.notify()
 
     def _publish_depth(self) -> None:
         metrics.WORKQUEUE_DEPTH.labels(name=self.name).set(sum(map(len, self._lanes)))

@@ -44,6 +44,9 @@ class Scenario(BaseSettings):
     node_ready_delay_s: float = 0.5  # after the node joined
     gpu_publish_delay_s: float = 0.5  # after the node turned Ready
     poll_retry_after_s: int = 1  # Retry-After on long-running operation responses
+    # Agent-pool PUTs and DELETEs are answered this long after they arrive (the operation starts at once): ARM and
+    # the AKS resource provider take a second or more to accept a write.
+    write_answer_delay_s: float = Field(0.0, ge=0)
     # Regional vCPU quota per family; a family not listed is unlimited. The Usages API and the PUTs answer
     # from the same numbers.
     vcpu_quota: dict[str, int] = Field(default_factory=dict)

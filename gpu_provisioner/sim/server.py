@@ -295,6 +295,8 @@ class _ArmHandler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         self._reply: tuple[int, dict[str, str], bytes] | None = None
         operation, status = self._dispatch(url.path, parse_qs(url.query), raw)
+        if operation in ("agentpools.create", "agentpools.delete"):
+            time.sleep(self.simulator.scenario.write_answer_delay_s)
         if operation == "agentpools.create" and status in (200, 201) and self.simulator.lose_create_answer():
             self._reply, status = None, 0
             self.connection.shutdown(socket.SHUT_RDWR)

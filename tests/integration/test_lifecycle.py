@@ -499,6 +499,27 @@ def test_throttled_arm_still_gets_the_claim_ready(claims, start_sim, start_contr
     assert len([p for p in sim.pools() if p == unique_name]) == 1
 
 
+def test_a_claim_turning_ready_does_not_wait_for_a_worker_held_by_another_claims_launch(
+    claims, start_sim, start_controller, unique_name
+):
+    """One worker, one kept for claims turning Ready, and ARM slow to answer pool writes (6 s): the first claim's
+    node gets its GPUs while the worker waits for the second claim's PUT, and the first claim turns Ready then, not
+    once that PUT is answered."""
+    sim = start_sim(write_answer_delay_s=6.0, gpu_publish_delay_s=5.0)
+    start_controller(sim, workers=1, ready_workers=1)
+    first, second = f"{unique_name[:10]}a", f"{unique_name[:10]}b"
+    claims.create(NODECLAIM, kaito_claim(NODECLAIM, first))
+    wait_for("the first PUT answered", lambda: sim.count_requests("agentpools.create") == 1 or None)
+    claims.create(NODECLAIM, kaito_claim(NODECLAIM, second))
+    wait_for("the second PUT sent", lambda: second in sim.pools() or None)
+    # Its node's GPUs come 8 s after its PUT arrived, 2 s after its answer: not before the second PUT went out.
+    assert claims.condition(NODECLAIM, first, READY).get("status") != "True"
+
+    claims.wait_condition(NODECLAIM, first, READY, "True", timeout_s=30)
+    assert sim.count_requests("agentpools.create") == 1  # the second PUT still waits for its answer
+    claims.wait_condition(NODECLAIM, second, READY, "True", timeout_s=30)
+
+
 def test_many_claims_share_one_list_per_interval(claims, start_sim, start_controller, unique_name):
     sim = start_sim()
     start_controller(sim)

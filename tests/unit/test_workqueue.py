@@ -145,3 +145,50 @@ def test_a_key_held_by_a_worker_and_added_when_idle_then_plainly_comes_back_in_t
     queue.add("a")
     queue.done("a")
     assert [queue.get(0), queue.get(0)] == ["a", "b"]
+
+
+def test_a_worker_kept_for_the_first_lane_takes_only_its_keys():
+    queue = WorkQueue("t")
+    queue.add("a")
+    queue.add_after("b", 0.01)
+    assert queue.get(0.05, first_only=True) is None  # neither "a" nor "b", due meanwhile
+    queue.add("c", first=True)
+    assert queue.get(0, first_only=True) == "c"
+    assert [queue.get(0), queue.get(0)] == ["a", "b"]
+
+
+def _blocked_getter(queue: WorkQueue, first_only: bool) -> tuple[threading.Thread, list[str | None]]:
+    taken: list[str | None] = []
+    thread = threading.Thread(target=lambda: taken.append(queue.get(2.0, first_only=first_only)))
+    thread.start()
+    time.sleep(0.05)  # blocked in get
+    return thread, taken
+
+
+@pytest.mark.parametrize("how", ["added", "moved up", "parked"])
+def test_a_first_lane_key_wakes_a_blocked_worker_kept_for_it(how):
+    queue = WorkQueue("t")
+    if how == "moved up":
+        queue.add("a")
+    if how == "parked":
+        queue.add("a")
+        assert queue.get(0) == "a"
+    first_worker, taken = _blocked_getter(queue, first_only=True)
+    queue.add("a", first=True)
+    if how == "parked":
+        queue.done("a")
+    first_worker.join(timeout=1.0)  # well before its own 2 s timeout
+    assert not first_worker.is_alive() and taken == ["a"]
+
+
+def test_a_plain_key_wakes_a_worker_that_may_take_it_while_a_first_lane_worker_also_waits():
+    # One notify for a plain key must not be spent on a worker kept for the first lane.
+    queue = WorkQueue("t")
+    first_worker, first_taken = _blocked_getter(queue, first_only=True)
+    worker, taken = _blocked_getter(queue, first_only=False)
+    queue.add("a")
+    worker.join(timeout=1.0)
+    assert not worker.is_alive() and taken == ["a"]
+    queue.shutdown()
+    first_worker.join(timeout=1.0)
+    assert first_taken == [None]
