@@ -679,7 +679,8 @@ def running(scenario: str, foreign_nodes: int = 0) -> Iterator[tuple[Run, LoadSa
             run = Run(plane, sim, client, workdir, identities)
             run.figures.update(scenario=scenario, date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
                                foreign_nodes=foreign_nodes, foreign_nodes_setup_s=round(setup_s, 1),
-                               api_server_seats=list(seats) if seats else "default")
+                               api_server_seats=list(seats) if seats else "default",
+                               simulator_scenario=sim.scenario.model_dump(exclude_defaults=True) or "default")
             try:
                 with LoadSampler(plane) as load:
                     yield run, load
