@@ -1,6 +1,7 @@
 """Wires the controller: informers feed a work queue, a bounded pool of workers drives claims.
 
-Events only enqueue keys; all work happens in workers, one key at a time. Pool state comes from the
+Events only enqueue keys; all work happens in workers, one key at a time, except ARM's pool writes: those go
+out from ARM writers (runtime/background.py), and each answer queues its claim again. Pool state comes from the
 inventory's periodic LIST, Node state from the Node watch; both wake exactly the claims concerned.
 """
 
@@ -28,6 +29,7 @@ from gpu_provisioner.lifecycle.initialization import completes_initialization
 from gpu_provisioner.lifecycle.launch import LAUNCH_FAILURES
 from gpu_provisioner.lifecycle.nodes import NodeCache, pool_of_node
 from gpu_provisioner.lifecycle.orphans import OrphanSweep
+from gpu_provisioner.runtime.background import BackgroundCalls
 from gpu_provisioner.runtime.events import EventRecorder
 from gpu_provisioner.runtime.informer import Informer, Resource, without_managed_fields
 from gpu_provisioner.runtime.kube import Kube
@@ -87,8 +89,9 @@ class Manager:
         kube = Kube(api_client, lambda api: self.claim_informers[api.name], api_server_outage,
                     node_observer=self.nodes.ours)
         self.events = EventRecorder(api_client, api_server_outage)
+        arm_writes = BackgroundCalls(settings.arm_writers, self.queue.add, name="arm-writer")
         deps = Deps(settings, kube, self.pools, self.inventory, self.nodes, ClaimIndex(self.claim_informers),
-                    self.events, catalogue=self.catalogue, claims_waiting=self.queue.busy)
+                    self.events, catalogue=self.catalogue, claims_waiting=self.queue.busy, arm_writes=arm_writes)
         self.lifecycle = ClaimLifecycle(deps)
         self.orphans = OrphanSweep(deps, self._claim_exists)
         self._stop = threading.Event()
@@ -110,7 +113,8 @@ class Manager:
         for index in range(self.settings.ready_workers):
             self._spawn(f"ready-worker-{index}", lambda: self._work(first_only=True))
         log.info("controller started", claim_apis=list(self.claim_informers), cluster=self.settings.cluster_name,
-                 workers=self.settings.workers, ready_workers=self.settings.ready_workers)
+                 workers=self.settings.workers, ready_workers=self.settings.ready_workers,
+                 arm_writers=self.settings.arm_writers)
 
     def stop(self) -> None:
         """Stop and wait for the work in hand, all of it within STOP_S: a request to an API server or ARM that

@@ -2,8 +2,9 @@
 
 Long-running operations are started and left running (`polling=False`): the caller records that a
 pool is Creating or Deleting and learns the outcome from the next LIST, so no worker ever waits on
-Azure. Retries of transient failures are short and bounded here; anything longer goes back to the
-work queue with the delay ARM asked for.
+Azure's operations (and the lifecycle sends the writes themselves off its workers). Retries of
+transient failures are short and bounded here; anything longer goes back to the work queue with the
+delay ARM asked for.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
+import requests
 from azure.core.credentials import TokenCredential
 from azure.core.exceptions import (
     ClientAuthenticationError,
@@ -187,7 +189,15 @@ def call_arm(request: Callable[[], T], retry_when: Callable[[BaseException], boo
 
 def arm_client_options(settings: Settings) -> dict[str, Any]:
     """What every ARM client of the controller is built with."""
+    # As many kept connections as requests may run at once: the ARM writers, the workers (a cluster GET, a failed
+    # pool's DELETE), the LIST and the SKU reads. The transport's own session keeps 10, and every request beyond
+    # them would open a TLS connection and throw it away.
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_maxsize=settings.arm_writers + settings.workers + 2)
+    for scheme in ("https://", "http://"):
+        session.mount(scheme, adapter)
     return {
+        "session": session,
         "base_url": settings.arm_endpoint,
         # One retry layer, ours: it knows when a wait belongs in the queue rather than in a worker.
         "retry_total": 0,

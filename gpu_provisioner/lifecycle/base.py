@@ -11,6 +11,7 @@ from gpu_provisioner.api.claims import Claim, StatusWriter, utc_now
 from gpu_provisioner.cloud.agentpools import AgentPools
 from gpu_provisioner.cloud.catalogue import SizeCatalogue
 from gpu_provisioner.cloud.inventory import PoolInventory
+from gpu_provisioner.runtime.background import BackgroundCalls
 from gpu_provisioner.runtime.events import EventRecorder
 from gpu_provisioner.runtime.kube import Kube
 from gpu_provisioner.settings import Settings
@@ -64,6 +65,8 @@ class Deps:
     catalogue: SizeCatalogue = field(default_factory=SizeCatalogue)
     # Whether other claims wait for a worker now, for work someone waits for (see Reconciliation.defer_status).
     claims_waiting: Callable[[], bool] = lambda: False
+    # Pool PUTs and DELETEs, by claim key, off the workers; by default each runs on the worker that starts it.
+    arm_writes: BackgroundCalls = field(default_factory=lambda: BackgroundCalls(0, lambda key: None))
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ the node joined.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
@@ -33,6 +34,7 @@ from gpu_provisioner.cloud.errors import (
 from gpu_provisioner.cloud.pool_request import InvalidClaim, PoolRequest, build_pool_request
 from gpu_provisioner.cloud.skus import VmSize
 from gpu_provisioner.lifecycle.base import DONE, WAITING, Deps, Outcome, Reconciliation
+from gpu_provisioner.runtime.background import Call
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +109,15 @@ class Launch:
         claim, condition = r.claim, r.claim.api.launched
         if r.status.is_true(condition):
             return DONE
+        writes = self.deps.arm_writes
+        if (write := writes.get(claim.key)) is not None and isinstance(write.context, _Put):
+            if not write.ended:
+                # Its answer queues the claim again.
+                self._say_launching(r, write.context)
+                return WAITING
+            writes.take(claim.key)
+            if (refused := self._put_answered(r, write)) is not None:
+                return refused
         try:
             request = build_pool_request(claim, created_at=rfc3339(claim.created or r.now),
                                          size_of=self.deps.catalogue.size)
@@ -157,7 +168,7 @@ class Launch:
     # steps ------------------------------------------------------------------------------------
 
     def _create(self, r: Reconciliation, request: PoolRequest) -> Outcome:
-        claim, condition = r.claim, r.claim.api.launched
+        claim = r.claim
         retry_at = self._capacity_backoff.get(claim.uid, (r.now, 0))[0]
         wait = (retry_at - r.now).total_seconds()
         if wait > 0:
@@ -174,56 +185,81 @@ class Launch:
             log.info("pre-flight refused a size; no request sent", claim=claim.key, vm_size=size.name,
                      reason=refusal.reason, detail=refusal.message)
             return self._size_unavailable(r, request, size, refusal)
-        # The size's vCPUs stay counted in flight once a PUT may have landed; otherwise they are released.
-        put_may_have_landed = False
-        reservation = PoolState(request.name, "Creating", size.name, request.tags)
+        put = _Put(request, size, PoolState(request.name, "Creating", size.name, request.tags))
         try:
             cluster = inventory.cluster()
             if not cluster.accepts_pool_changes:
                 raise ClusterUnavailableError(f"cluster {self.deps.settings.cluster_name}: {cluster.describe()}")
-            if not self.deps.claims.claim_exists(claim):
-                # Deleted while this reconcile ran (its DELETED event came in meanwhile): no pool for it.
-                return WAITING
-            holder = inventory.reserve(reservation)
-            if holder is not None:
-                self._fail(r, "AgentPoolNameTaken", f"agent pool {claim.name} belongs to claim {holder.claim_key}")
-                return WAITING
-            state = self._put(claim, request, size)
-        except TransientError as error:
-            if isinstance(error, ThrottledError):
-                inventory.release(reservation)
-            else:
-                # A 5xx, a lost answer: the PUT may have landed. The reservation stands for it, so no other
-                # PUT goes out before a LIST tells.
-                put_may_have_landed = True
-            message = f"creating agent pool {request.name}: {error.describe()}"
-            r.report(self.deps.events, condition, error.reason, message)
-            raise
         except CloudError as error:
-            # AKS refused it: nothing was created.
-            inventory.release(reservation)
-            return self._refused(r, request, size, error)
-        else:
-            put_may_have_landed = True
-        finally:
-            if not put_may_have_landed:
-                catalogue.release(size)
-        self.deps.inventory.record(state)
-        r.status.wait(condition, "Launching", _launching(request.name, size.name, "Creating"))
-        # Kaito reads a claim without conditions as one on its way; the next claim's PUT should not wait for this.
-        r.defer_status()
-        self.deps.events.normal(claim.obj, "LaunchingAgentPool", f"creating agent pool {request.name} with {size.name}")
-        log.info("agent pool create started", claim=claim.key, pool=request.name, vm_size=size.name)
-        r.requeue(self.deps.inventory.interval_s * 3)
+            catalogue.release(size)
+            return self._put_failed(r, put, error)
+        if not self.deps.claims.claim_exists(claim):
+            # Deleted while this reconcile ran (its DELETED event came in meanwhile): no pool for it.
+            catalogue.release(size)
+            return WAITING
+        if (holder := inventory.reserve(put.reservation)) is not None:
+            catalogue.release(size)
+            self._fail(r, "AgentPoolNameTaken", f"agent pool {claim.name} belongs to claim {holder.claim_key}")
+            return WAITING
+        self.deps.arm_writes.start(claim.key, lambda: self._put(claim, put), put)
+        if answered := self.deps.arm_writes.take(claim.key):  # ARM_WRITERS=0: answered on this worker
+            if (refused := self._put_answered(r, answered)) is not None:
+                return refused
+            r.requeue(inventory.interval_s * 3)
+            return WAITING
+        self._say_launching(r, put)
         return WAITING
 
-    def _put(self, claim: Claim, request: PoolRequest, size: VmSize) -> PoolState:
-        """One launch attempt. A refused PUT is counted here; an accepted one once its pool is up or has failed."""
+    @staticmethod
+    def _say_launching(r: Reconciliation, put: _Put, answered: bool = False) -> None:
+        """The PUT is on its way (`answered`: ARM accepted it): what Kaito reads as a claim on its way, written when
+        no other claim waits. A failure said before stands until ARM accepts the retry, so that each retry does not
+        turn the condition Unknown and back (and say the failure again in an Event)."""
+        condition = r.claim.api.launched
+        if not answered and (r.status.get(condition) or {}).get("status") == "False":
+            return
+        r.status.wait(condition, "Launching", _launching(put.request.name, put.size.name, "Creating"))
+        r.defer_status()
+
+    def _put(self, claim: Claim, put: _Put) -> PoolState:
+        """Runs off the workers: the PUT, and what its answer says of the pool recorded at once. A refused PUT is
+        counted here; an accepted one once its pool is up or has failed."""
+        inventory = self.deps.inventory
         try:
-            return self.deps.pools.create(request.name, request.body(size))
+            state = self.deps.pools.create(put.request.name, put.request.body(put.size))
         except CloudError as error:
             metrics.LAUNCHES.labels(kind=claim.api.kind, result=error.reason).inc()
+            if not _may_have_landed(error):
+                inventory.release(put.reservation)
+                self.deps.catalogue.release(put.size)
+            # Otherwise the reservation (and the size's vCPUs counted in flight) stand for it, so that no other PUT
+            # goes out before a LIST tells.
             raise
+        inventory.record(state)
+        return state
+
+    def _put_answered(self, r: Reconciliation, answered: Call) -> Outcome | None:
+        """ARM's answer to the PUT: what the claim waits for if it was not accepted, None if it was (the pool's
+        state is in the inventory by then)."""
+        put: _Put = answered.context
+        try:
+            answered.future.result()
+        except CloudError as error:
+            return self._put_failed(r, put, error)
+        claim, name = r.claim, put.request.name
+        self._say_launching(r, put, answered=True)
+        self.deps.events.normal(claim.obj, "LaunchingAgentPool", f"creating agent pool {name} with {put.size.name}")
+        log.info("agent pool create started", claim=claim.key, pool=name, vm_size=put.size.name)
+        return None
+
+    def _put_failed(self, r: Reconciliation, put: _Put, error: CloudError) -> Outcome:
+        """The PUT could not go out or ARM did not accept it."""
+        if isinstance(error, TransientError):
+            message = f"creating agent pool {put.request.name}: {error.describe()}"
+            r.report(self.deps.events, r.claim.api.launched, error.reason, message)
+            raise error
+        # AKS refused it: nothing was created.
+        return self._refused(r, put.request, put.size, error)
 
     def _refused(self, r: Reconciliation, request: PoolRequest, size: VmSize, error: CloudError) -> Outcome:
         claim, condition = r.claim, r.claim.api.launched
@@ -316,6 +352,20 @@ class Launch:
 
     def _fail(self, r: Reconciliation, reason: str, message: str, event_message: str = "") -> None:
         r.report(self.deps.events, r.claim.api.launched, reason, message, failed=True, event_message=event_message)
+
+
+@dataclass(frozen=True)
+class _Put:
+    """A pool PUT sent off the workers: what its answer is read with."""
+
+    request: PoolRequest
+    size: VmSize
+    reservation: PoolState  # the pool name taken in the inventory for it
+
+
+def _may_have_landed(error: CloudError) -> bool:
+    """Whether ARM may have carried out a PUT that failed so: a 5xx or a lost answer, but not a throttled one."""
+    return isinstance(error, TransientError) and not isinstance(error, ThrottledError)
 
 
 def _size_labels(vm_size: str) -> dict[str, str]:

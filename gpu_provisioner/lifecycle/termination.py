@@ -32,6 +32,7 @@ from gpu_provisioner.lifecycle.base import (
     karpenter_nodepool,
 )
 from gpu_provisioner.lifecycle.launch import REFUSED_RETRY_S
+from gpu_provisioner.runtime.background import Call
 
 log = structlog.get_logger(__name__)
 DRAIN_RETRY_S = 2.0
@@ -77,6 +78,13 @@ def _belongs_to(claim: Claim, node: dict[str, Any]) -> bool:
     return any(owner.get("uid") == claim.uid for owner in metadata.get("ownerReferences") or [])
 
 
+@dataclass(frozen=True)
+class _Delete:
+    """A pool DELETE sent off the workers."""
+
+    pool: PoolState
+
+
 @dataclass
 class _Progress:
     """What termination of one claim has seen so far."""
@@ -119,6 +127,12 @@ class Termination:
             return None
         claim = Claim(next(a for a in CLAIM_APIS.values() if a.kind == obj.get("kind")), obj)
         inventory = self.deps.inventory
+        if (write := self.deps.arm_writes.get(key)) is not None:
+            if not write.ended:
+                # A PUT still on its way: the pool it makes is in the inventory once ARM answers (which queues the
+                # key again).
+                return inventory.interval_s
+            self.deps.arm_writes.take(key)
         if not inventory.synced:
             inventory.request_refresh()
             return min(inventory.interval_s, 1.0)
@@ -150,6 +164,15 @@ class Termination:
         claim = r.claim
         if TERMINATION_FINALIZER not in claim.finalizers:
             return DONE
+        writes = self.deps.arm_writes
+        if (write := writes.get(claim.key)) is not None:
+            if not write.ended:
+                # The launch's PUT or this DELETE, still on its way: its answer queues the claim again.
+                return WAITING
+            writes.take(claim.key)
+            # The launch's PUT's outcome is in the inventory; a DELETE's is read here.
+            if isinstance(write.context, _Delete) and not self._delete_answered(r, write):
+                return WAITING
         inventory = self.deps.inventory
         pool = inventory.get(claim.name)
         pool_is_ours = pool is not None and pool.managed and pool.claim_key in ("", claim.key)
@@ -179,10 +202,7 @@ class Termination:
     def _delete_pool(self, r: Reconciliation, pool: PoolState | None, pool_is_ours: bool) -> bool:
         """Delete the claim's pool if it is ours; True once a LIST shows that no pool of the claim is left."""
         claim, inventory = r.claim, self.deps.inventory
-        with self._lock:
-            # No pool in sight yet may still mean a PUT whose answer was lost: only a LIST that began after
-            # termination did can say there is none.
-            progress = self._progress.setdefault(claim.uid, _Progress(inventory.now()))
+        progress = self._progress_of(claim)
         if pool_is_ours:
             progress.pool_deleted = True
             if pool.provisioning_state in IN_PROGRESS:
@@ -192,16 +212,10 @@ class Termination:
                 r.requeue(inventory.interval_s)
                 return False
             if pool.provisioning_state != "Deleting":
-                try:
-                    inventory.delete(pool)
-                except (AccessDeniedError, RequestFailedError) as error:
-                    self.deps.events.warning(claim.obj, error.reason, f"may not delete agent pool {pool.name}, so "
-                                             f"the claim is kept until it can: {error.describe()}")
-                    r.requeue(REFUSED_RETRY_S)
-                    return False
-                progress.gone_after = inventory.now()
-                self.deps.events.normal(claim.obj, "DeletingAgentPool", f"deleting agent pool {pool.name}")
-                log.info("agent pool delete started", claim=claim.key, pool=pool.name)
+                self.deps.arm_writes.start(claim.key, lambda: self._delete(pool), _Delete(pool))
+                if answered := self.deps.arm_writes.take(claim.key):  # ARM_WRITERS=0: answered on this worker
+                    self._delete_answered(r, answered)
+                return False
             r.requeue(inventory.interval_s * 3)
             return False
         if not inventory.synced or not inventory.listed_since(progress.gone_after):
@@ -209,6 +223,35 @@ class Termination:
             r.requeue(min(inventory.interval_s, 1.0))
             return False
         return True
+
+    def _delete(self, pool: PoolState) -> float:
+        """Runs off the workers: the DELETE, recorded in the inventory once ARM accepts it; returns then, on the
+        inventory's clock, after which a LIST that lacks the pool proves it gone."""
+        self.deps.inventory.delete(pool)
+        return self.deps.inventory.now()
+
+    def _delete_answered(self, r: Reconciliation, answered: Call) -> bool:
+        """ARM's answer to the pool's DELETE; True if it was accepted. A transient failure raises, for a retry."""
+        claim, pool = r.claim, answered.context.pool
+        try:
+            gone_after = answered.future.result()
+        except (AccessDeniedError, RequestFailedError) as error:
+            self.deps.events.warning(claim.obj, error.reason, f"may not delete agent pool {pool.name}, so "
+                                     f"the claim is kept until it can: {error.describe()}")
+            r.requeue(REFUSED_RETRY_S)
+            return False
+        progress = self._progress_of(claim)
+        progress.gone_after, progress.pool_deleted = gone_after, True
+        self.deps.events.normal(claim.obj, "DeletingAgentPool", f"deleting agent pool {pool.name}")
+        log.info("agent pool delete started", claim=claim.key, pool=pool.name)
+        r.requeue(self.deps.inventory.interval_s * 3)
+        return True
+
+    def _progress_of(self, claim: Claim) -> _Progress:
+        with self._lock:
+            # No pool in sight yet may still mean a PUT whose answer was lost: only a LIST that began after
+            # termination did can say there is none.
+            return self._progress.setdefault(claim.uid, _Progress(self.deps.inventory.now()))
 
     def _release_claim(self, r: Reconciliation, pool: PoolState | None) -> Outcome:
         """Remove the finalizer: nothing of the claim's is left in AKS."""

@@ -506,7 +506,8 @@ def test_a_claim_turning_ready_does_not_wait_for_a_worker_held_by_another_claims
     node gets its GPUs while the worker waits for the second claim's PUT, and the first claim turns Ready then, not
     once that PUT is answered."""
     sim = start_sim(write_answer_delay_s=6.0, gpu_publish_delay_s=5.0)
-    start_controller(sim, workers=1, ready_workers=1)
+    # The PUT on the worker, so that it holds the worker (as with ARM_WRITERS=0).
+    start_controller(sim, workers=1, ready_workers=1, arm_writers=0)
     first, second = f"{unique_name[:10]}a", f"{unique_name[:10]}b"
     claims.create(NODECLAIM, kaito_claim(NODECLAIM, first))
     wait_for("the first PUT answered", lambda: sim.count_requests("agentpools.create") == 1 or None)
@@ -518,6 +519,51 @@ def test_a_claim_turning_ready_does_not_wait_for_a_worker_held_by_another_claims
     claims.wait_condition(NODECLAIM, first, READY, "True", timeout_s=30)
     assert sim.count_requests("agentpools.create") == 1  # the second PUT still waits for its answer
     claims.wait_condition(NODECLAIM, second, READY, "True", timeout_s=30)
+
+
+def test_a_burst_of_launches_does_not_wait_for_arms_answers_to_each_put(
+    claims, start_sim, start_controller, unique_name
+):
+    """One worker, and ARM slow to answer pool writes (5 s): the PUTs of three claims all reach ARM before the first
+    is answered, and their DELETEs likewise, because they are sent off the worker."""
+    sim = start_sim(write_answer_delay_s=5.0)
+    start_controller(sim, workers=1, ready_workers=0, arm_writers=4)
+    names = [f"{unique_name[:9]}{i}" for i in range(3)]
+    for name in names:
+        claims.create(NODECLAIM, kaito_claim(NODECLAIM, name))
+    wait_for("three PUTs at ARM", lambda: set(names) <= set(sim.pools()) or None, timeout_s=4.0)
+    assert sim.count_requests("agentpools.create") == 0  # none answered yet
+    # Until its PUT is answered, a claim says what it waits for.
+    wait_for("the claims' status written", lambda: all(
+        claims.condition(NODECLAIM, name, NODECLAIM.launched).get("reason") == "Launching" for name in names) or None)
+    for name in names:
+        claims.wait_condition(NODECLAIM, name, READY, "True", timeout_s=30)
+
+    for name in names:
+        claims.delete(NODECLAIM, name)
+    wait_for("three DELETEs at ARM", lambda: all(
+        sim.pools().get(name, {}).get("properties", {}).get("provisioningState") != "Succeeded" for name in names
+    ) or None, timeout_s=4.0)
+    assert sim.count_requests("agentpools.delete") == 0  # none answered yet
+    for name in names:
+        claims.wait_gone(NODECLAIM, name, timeout_s=30)
+    assert not set(names) & set(sim.pools())
+    assert sim.count_requests("agentpools.create") == sim.count_requests("agentpools.delete") == len(names)
+
+
+def test_a_claim_deleted_before_arm_answers_its_put_has_its_pool_deleted(
+    claims, start_sim, start_controller, unique_name
+):
+    sim = start_sim(write_answer_delay_s=4.0)
+    start_controller(sim)
+    claims.create(NODECLAIM, kaito_claim(NODECLAIM, unique_name))
+    wait_for("the PUT at ARM", lambda: unique_name in sim.pools() or None)
+    claims.delete(NODECLAIM, unique_name)
+    claims.wait_gone(NODECLAIM, unique_name, timeout_s=40)
+    assert unique_name not in sim.pools()
+    assert sim.count_requests("agentpools.create") == 1
+    # One DELETE, accepted: none was sent while the create still ran (AKS refuses those).
+    assert sim.count_requests("agentpools.delete") == sim.count_requests("agentpools.delete", status=202) == 1
 
 
 def test_many_claims_share_one_list_per_interval(claims, start_sim, start_controller, unique_name):

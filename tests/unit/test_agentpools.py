@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
 
-from gpu_provisioner.cloud.agentpools import _short_transient, _short_transient_unsent, arm_operation
+from gpu_provisioner.cloud.agentpools import (
+    _short_transient,
+    _short_transient_unsent,
+    arm_client_options,
+    arm_operation,
+)
+from gpu_provisioner.settings import Settings
 
 
 class _Response:
@@ -41,3 +47,10 @@ def test_compute_reads_have_their_own_operation_names():
     assert arm_operation("GET", f"{base}/skus?api-version=2021-07-01&$filter=x") == "skus.list"
     assert arm_operation("GET", f"{base}/locations/eastus/usages?api-version=2024-07-01") == "usages.list"
     assert arm_operation("GET", f"{base}/virtualMachines?api-version=1") == "other"
+
+
+def test_the_arm_client_keeps_a_connection_for_every_request_that_may_run_at_once():
+    settings = Settings.model_construct(arm_endpoint="https://management.azure.com", arm_writers=16, workers=8)
+    session = arm_client_options(settings)["session"]
+    # The ARM writers, the workers, the LIST and the SKU reads: more than the 10 of the SDK's own session.
+    assert session.get_adapter("https://management.azure.com")._pool_maxsize == 26

@@ -3,6 +3,9 @@ timeouts and backoffs are checked by moving time, never by sleeping."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -15,6 +18,7 @@ from gpu_provisioner.cloud.errors import QuotaExceededError
 from gpu_provisioner.cloud.inventory import PoolInventory
 from gpu_provisioner.lifecycle.base import Deps, NextLook, Reconciliation
 from gpu_provisioner.lifecycle.controller import ClaimLifecycle
+from gpu_provisioner.runtime.background import BackgroundCalls
 from gpu_provisioner.runtime.workqueue import WorkQueue
 from gpu_provisioner.sandbox import EXAMPLES
 from gpu_provisioner.settings import Settings
@@ -123,6 +127,14 @@ class Harness:
         return requeue
 
 
+def wait_until(condition: Callable[[], bool]) -> None:
+    """For a call on another thread: its end, not a time."""
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "the call did not end"
+        time.sleep(0.01)
+
+
 def kaito(api: ClaimApi, **metadata: Any) -> Claim:
     obj = yaml.safe_load((EXAMPLES / f"kaito-{api.name}.yaml").read_text())
     obj["metadata"].update({"uid": "uid-1", "resourceVersion": "1", "creationTimestamp": rfc3339(START),
@@ -223,6 +235,54 @@ def test_reap_deletes_the_pool_of_a_claim_deleted_despite_its_finalizer():
     assert harness.lifecycle.reap(claim.key) is None
     assert harness.pools.deletes == [claim.name]
     assert harness.lifecycle.reap(claim.key) is None and harness.pools.deletes == [claim.name]
+
+
+def test_a_claim_deleted_while_arm_has_not_answered_its_put_is_kept_until_the_pool_the_put_made_is_deleted():
+    """The PUT runs off the worker; the claim is deleted before ARM answers it, and a LIST meanwhile does not show the
+    pool yet (the PUT has not landed). Termination waits for the answer rather than take that LIST's word."""
+    harness = Harness()
+    woken: list[str] = []
+    harness.deps.arm_writes = BackgroundCalls(1, woken.append)
+    landing, create = threading.Event(), harness.pools.create
+    harness.pools.create = lambda name, body: landing.wait(10) and create(name, body)
+    claim = kaito(NODECLAIM)
+    harness.reconcile(claim)
+    assert harness.pools.puts == [] and woken == []
+    deleting = kaito(NODECLAIM, deletionTimestamp=rfc3339(START))
+    harness.list()
+    assert harness.reconcile(deleting) is None  # the PUT's answer wakes it
+    harness.list()  # begun after termination did, and still without the pool
+    harness.reconcile(deleting)
+    assert harness.kube.claim_patches == [] and harness.pools.deletes == []  # released now, the pool would leak
+
+    landing.set()
+    wait_until(lambda: woken == [claim.key])
+    harness.reconcile(deleting)  # the pool is Creating: AKS refuses a DELETE until it ends
+    pool = harness.pools.pools[claim.name]
+    harness.pools.pools[claim.name] = PoolState(claim.name, "Succeeded", pool.vm_size, pool.tags)
+    harness.list()
+    harness.reconcile(deleting)
+    wait_until(lambda: woken == [claim.key] * 2)
+    harness.reconcile(deleting)  # takes the DELETE's answer
+    assert harness.pools.deletes == [claim.name]
+    assert ("DeletingAgentPool", f"deleting agent pool {claim.name}") in harness.events.recorded
+    harness.list()
+    assert harness.reconcile(deleting) is None
+    assert harness.kube.claim_patches[-1]["metadata"]["finalizers"] == []
+
+
+def test_a_put_answered_off_the_worker_is_read_by_the_claims_next_pass():
+    harness = Harness()
+    woken: list[str] = []
+    harness.deps.arm_writes = BackgroundCalls(1, woken.append)
+    harness.pools.refuse = QuotaExceededError("Insufficient vcpu quota", "ErrCode_InsufficientVCPUQuota", 400)
+    claim = kaito(NODECLAIM)
+    harness.reconcile(claim)
+    wait_until(lambda: woken == [claim.key])
+    assert harness.reconcile(claim) == NextLook(60)
+    launched = Claim(NODECLAIM, claim.obj).condition(NODECLAIM.launched)
+    assert (launched["status"], launched["reason"]) == ("False", "QuotaExceeded")
+    assert harness.inventory.get(claim.name) is None  # the name taken for the PUT is free again
 
 
 def test_reap_leaves_a_pool_made_for_another_claim_of_that_name_alone():
