@@ -110,12 +110,15 @@ class Launch:
         if r.status.is_true(condition):
             return DONE
         writes = self.deps.arm_writes
-        if (write := writes.get(claim.key)) is not None and isinstance(write.context, _Put):
+        if (write := writes.get(claim.key)) is not None and isinstance(write.context, _Put | _FailedPool):
             if not write.ended:
                 # Its answer queues the claim again.
-                self._say_launching(r, write.context)
+                if isinstance(write.context, _Put):
+                    self._say_launching(r, write.context)
                 return WAITING
             writes.take(claim.key)
+            if isinstance(write.context, _FailedPool):
+                return self._failed_pool_deleted(r, write)
             if (refused := self._put_answered(r, write)) is not None:
                 return refused
         try:
@@ -297,10 +300,20 @@ class Launch:
         return DONE
 
     def _failed_pool(self, r: Reconciliation, request: PoolRequest, pool: PoolState) -> Outcome:
-        """The create LRO ended Failed: remember why, delete the pool, and try again (or the next size)."""
+        """The create LRO ended Failed: delete the pool (off the worker); its answer's pass goes on."""
+        failed = _FailedPool(request, pool)
+        self.deps.arm_writes.start(r.claim.key, lambda: self.deps.inventory.delete(pool), failed)
+        if answered := self.deps.arm_writes.take(r.claim.key):  # ARM_WRITERS=0: answered on this worker
+            return self._failed_pool_deleted(r, answered)
+        return WAITING
+
+    def _failed_pool_deleted(self, r: Reconciliation, answered: Call) -> Outcome:
+        """The failed pool is on its way out: remember why it failed, and try again (or the next size). A DELETE that
+        failed raises here: the pool is still Failed, and the retry deletes it again."""
+        request, pool = answered.context.request, answered.context.pool
+        answered.future.result()
         error = classify_code(pool.error_code, pool.error_message or f"agent pool {pool.name} provisioning failed")
         size = self.deps.catalogue.size(pool.vm_size)
-        self.deps.inventory.delete(pool)
         # Counted once the failed pool is on its way out, so that a retry after a failed DELETE does not count again.
         metrics.LAUNCHES.labels(kind=r.claim.api.kind, result=error.reason).inc()
         if isinstance(error, CapacityError) and size is not None:
@@ -361,6 +374,14 @@ class _Put:
     request: PoolRequest
     size: VmSize
     reservation: PoolState  # the pool name taken in the inventory for it
+
+
+@dataclass(frozen=True)
+class _FailedPool:
+    """The DELETE of a pool whose create failed, sent off the workers."""
+
+    request: PoolRequest
+    pool: PoolState
 
 
 def _may_have_landed(error: CloudError) -> bool:

@@ -285,6 +285,32 @@ def test_a_put_answered_off_the_worker_is_read_by_the_claims_next_pass():
     assert harness.inventory.get(claim.name) is None  # the name taken for the PUT is free again
 
 
+def test_the_delete_of_a_failed_pool_runs_off_the_worker_and_its_answer_moves_the_launch_on():
+    harness = Harness()
+    woken: list[str] = []
+    harness.deps.arm_writes = BackgroundCalls(1, woken.append)
+    claim = kaito(NODECLAIM)
+    harness.reconcile(claim)
+    wait_until(lambda: woken == [claim.key])
+    harness.reconcile(claim)  # the PUT's answer
+    pool = harness.pools.pools[claim.name]
+    harness.pools.pools[claim.name] = PoolState(claim.name, "Failed", pool.vm_size, pool.tags, "AllocationFailed",
+                                                "Allocation failed: no capacity for Standard_NC24ads_A100_v4")
+    harness.list()
+    answering, delete = threading.Event(), harness.pools.delete
+    harness.pools.delete = lambda name: answering.wait(10) and delete(name)
+    harness.reconcile(claim)  # sends the DELETE
+    harness.reconcile(claim)  # still on its way: no second DELETE, nothing said yet
+    assert harness.pools.deletes == [] and "AllocationFailed" not in harness.events.reasons()
+    answering.set()
+    wait_until(lambda: woken == [claim.key] * 2)
+    harness.reconcile(claim)
+    assert harness.pools.deletes == [claim.name]
+    assert harness.inventory.get(claim.name).provisioning_state == "Deleting"
+    launched = Claim(NODECLAIM, claim.obj).condition(NODECLAIM.launched)
+    assert (launched["status"], launched["reason"]) == ("False", "AllocationFailed")  # its only size
+
+
 def test_reap_leaves_a_pool_made_for_another_claim_of_that_name_alone():
     harness = Harness()
     claim = kaito(MACHINE)
