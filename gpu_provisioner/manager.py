@@ -90,6 +90,7 @@ class Manager:
                     node_observer=self.nodes.ours)
         self.events = EventRecorder(api_client, api_server_outage)
         arm_writes = BackgroundCalls(settings.arm_writers, self.queue.add, name="arm-writer")
+        metrics.ARM_WRITES_PENDING.set_function(arm_writes.pending)
         deps = Deps(settings, kube, self.pools, self.inventory, self.nodes, ClaimIndex(self.claim_informers),
                     self.events, catalogue=self.catalogue, claims_waiting=self.queue.busy, arm_writes=arm_writes)
         self.lifecycle = ClaimLifecycle(deps)

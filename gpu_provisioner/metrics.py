@@ -42,6 +42,10 @@ ARM_REQUEST_DURATION = Histogram(
     ["operation"], buckets=_ARM_BUCKETS,
 )
 
+ARM_WRITES_PENDING = Gauge(
+    "gpu_provisioner_arm_writes_pending",
+    "Agent-pool PUTs and DELETEs not yet answered by ARM, sent or waiting for an ARM writer",
+)
 RECONCILE_DURATION = Histogram("gpu_provisioner_reconcile_seconds", "Time spent in one reconcile", ["kind"])
 RECONCILE_ERRORS = Counter("gpu_provisioner_reconcile_errors_total", "Reconciles that failed", ["kind", "reason"])
 

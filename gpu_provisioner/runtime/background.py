@@ -71,6 +71,11 @@ class BackgroundCalls:
         with self._lock:
             return self._calls.get(key)
 
+    def pending(self) -> int:
+        """How many calls have not ended, running or waiting for a thread."""
+        with self._lock:
+            return sum(not entry.ended for entry in self._calls.values())
+
     def take(self, key: str) -> Call | None:
         """The ended call of `key`, which is then forgotten; None if it has none or it still runs."""
         with self._lock:

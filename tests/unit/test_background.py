@@ -25,7 +25,7 @@ def test_a_call_on_a_thread_is_taken_only_once_it_ended_and_its_end_wakes_the_ke
     answer = threading.Event()
     calls.start("k", lambda: answer.wait(10) and "accepted")
     assert calls.get("k") is not None and not calls.get("k").ended
-    assert calls.take("k") is None  # still running: nothing to take
+    assert calls.take("k") is None and calls.pending() == 1  # still running: nothing to take
     with pytest.raises(RuntimeError):
         calls.start("k", lambda: None)  # one call a key
     answer.set()
@@ -72,7 +72,7 @@ def test_no_more_calls_run_at_once_than_threads_and_every_call_ends():
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert len([thread for thread in threading.enumerate() if thread.name.startswith("bounded-")]) == 2
-    assert running[0] == 2
+    assert running[0] == 2 and calls.pending() == 6  # four wait for a thread
     release.set()
     assert all_ended.wait(10)
-    assert sorted(ended) == [f"k{index}" for index in range(6)] and running[0] == 6
+    assert sorted(ended) == [f"k{index}" for index in range(6)] and running[0] == 6 and calls.pending() == 0
