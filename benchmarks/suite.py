@@ -168,7 +168,8 @@ class Controller:
 
     def __init__(self, kubeconfig: Path, sim: AksSimulator, workdir: Path, name: str) -> None:
         self.health_port, self.metrics_port = free_port(), free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("ARM_", "AZURE_", "AKS_SIM_"))}
+        # The caller's Azure identity and endpoint are not the simulator's; the simulator's scenario is its own.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ARM_ENDPOINT", "AZURE_", "AKS_SIM_"))}
         env.update(sim.azure_environment(), KUBECONFIG=str(kubeconfig), CLAIM_APIS=CLAIM_API.name,
                    PYTHONOPTIMIZE="2",
                    POOL_REFRESH_INTERVAL_SECONDS=os.environ.get("POOL_REFRESH_INTERVAL_SECONDS", "10"),

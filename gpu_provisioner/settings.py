@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     ready_workers: int = Field(8, ge=0, validation_alias="READY_WORKERS")
     # Threads that send pool PUTs and DELETEs, so that no worker waits for ARM's answer to a write (a second or
     # more); 0: each is sent by the worker of its claim, which waits for the answer.
-    arm_writers: int = Field(16, ge=0, validation_alias="ARM_WRITERS")
+    arm_writers: int = Field(64, ge=0, validation_alias="ARM_WRITERS")
     launch_timeout_s: float = Field(300.0, gt=0, validation_alias="LAUNCH_TIMEOUT_SECONDS")
     registration_timeout_s: float = Field(
         900.0, gt=0, validation_alias="REGISTRATION_TIMEOUT_SECONDS"
