@@ -165,6 +165,7 @@ class Launch:
         # or the Node watch wakes us.
         if pool.provisioning_state != "Deleting":
             r.status.wait(condition, "Launching", _launching(pool.name, pool.vm_size, pool.provisioning_state))
+            r.defer_status()
         r.requeue(self.deps.inventory.interval_s * 3)
         return WAITING
 
@@ -208,6 +209,7 @@ class Launch:
         if answered := self.deps.arm_writes.take(claim.key):  # ARM_WRITERS=0: answered on this worker
             if (refused := self._put_answered(r, answered)) is not None:
                 return refused
+            self._say_launching(r, put, answered=True)
             r.requeue(inventory.interval_s * 3)
             return WAITING
         self._say_launching(r, put)
@@ -243,14 +245,14 @@ class Launch:
 
     def _put_answered(self, r: Reconciliation, answered: Call) -> Outcome | None:
         """ARM's answer to the PUT: what the claim waits for if it was not accepted, None if it was (the pool's
-        state is in the inventory by then)."""
+        state is in the inventory by then, and the pass goes on: the claim may turn Ready in it, if its node came
+        while its answer waited to be read)."""
         put: _Put = answered.context
         try:
             answered.future.result()
         except CloudError as error:
             return self._put_failed(r, put, error)
         claim, name = r.claim, put.request.name
-        self._say_launching(r, put, answered=True)
         self.deps.events.normal(claim.obj, "LaunchingAgentPool", f"creating agent pool {name} with {put.size.name}")
         log.info("agent pool create started", claim=claim.key, pool=name, vm_size=put.size.name)
         return None

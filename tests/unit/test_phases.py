@@ -285,6 +285,24 @@ def test_a_put_answered_off_the_worker_is_read_by_the_claims_next_pass():
     assert harness.inventory.get(claim.name) is None  # the name taken for the PUT is free again
 
 
+def test_a_pass_that_reads_the_puts_answer_and_finds_the_pool_up_holds_back_no_status_while_others_wait():
+    """The answer's own pass can come after the node did (a claim turning Ready is taken first): that pass goes on to
+    the later phases, and the claim's Ready must be written at once, not left for when no other claim waits."""
+    harness = Harness()
+    woken: list[str] = []
+    harness.deps.arm_writes = BackgroundCalls(1, woken.append)
+    claim = kaito(NODECLAIM)
+    harness.reconcile(claim)
+    wait_until(lambda: woken == [claim.key])
+    pool = harness.pools.pools[claim.name]
+    harness.pools.pools[claim.name] = PoolState(claim.name, "Succeeded", pool.vm_size, pool.tags)
+    harness.list()
+    r = Reconciliation(claim, harness.clock(), claims_waiting=True)
+    assert harness.lifecycle.launch.reconcile(r).done
+    assert r.status.is_true(NODECLAIM.launched) and not r.status_deferred
+    assert "LaunchingAgentPool" in harness.events.reasons()
+
+
 def test_the_delete_of_a_failed_pool_runs_off_the_worker_and_its_answer_moves_the_launch_on():
     harness = Harness()
     woken: list[str] = []
