@@ -1,8 +1,8 @@
 """Launch: one agent pool of one VM for the claim, trying the next listed size when one cannot be had.
 
-Owns the Launched condition (MachineLaunched for Machine). The PUT is started and left running; the
-pool's state comes back through the inventory's shared LIST, and the Node watch may say earlier that
-the node joined.
+Owns the Launched condition (MachineLaunched for Machine). The PUT goes out from an ARM writer, and the
+claim's next pass reads ARM's answer; the operation is left running, the pool's state comes back through the
+inventory's shared LIST, and the Node watch may say earlier that the node joined.
 """
 
 from __future__ import annotations

@@ -129,8 +129,8 @@ class Termination:
         inventory = self.deps.inventory
         if (write := self.deps.arm_writes.get(key)) is not None:
             if not write.ended:
-                # A PUT still on its way: the pool it makes is in the inventory once ARM answers (which queues the
-                # key again).
+                # A write still on its way (a PUT: its pool is in the inventory once ARM answers, which queues the key
+                # again).
                 return inventory.interval_s
             self.deps.arm_writes.take(key)
         if not inventory.synced:
