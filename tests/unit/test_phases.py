@@ -120,6 +120,18 @@ class Harness:
         self.list_clock[0] += 1
         self.inventory.refresh()
 
+    def writes_off_the_worker(self) -> list[str]:
+        """ARM writes on a thread of their own, as in production; returns the keys their answers woke, in order."""
+        woken: list[str] = []
+        self.deps.arm_writes = BackgroundCalls(1, woken.append)
+        return woken
+
+    def pool_becomes(self, claim: Claim, state: str, *error: str) -> None:
+        """ARM's pool of the claim reaches `state` (with an error code and message), and a LIST sees it."""
+        pool = self.pools.pools[claim.name]
+        self.pools.pools[claim.name] = PoolState(claim.name, state, pool.vm_size, pool.tags, *error)
+        self.list()
+
     def reconcile(self, claim: Claim) -> NextLook | None:
         requeue = self.lifecycle.reconcile(claim)
         if self.kube.statuses:
@@ -209,9 +221,7 @@ def test_termination_deletes_our_pool_and_says_so():
     harness = Harness()
     claim = kaito(NODECLAIM)
     harness.reconcile(claim)  # PUT
-    pool = harness.pools.pools[claim.name]
-    harness.pools.pools[claim.name] = PoolState(claim.name, "Succeeded", pool.vm_size, pool.tags)
-    harness.list()
+    harness.pool_becomes(claim, "Succeeded")
     claim.obj["metadata"]["deletionTimestamp"] = rfc3339(START)
     harness.reconcile(claim)
     assert harness.pools.deletes == [claim.name]
@@ -229,9 +239,7 @@ def test_reap_deletes_the_pool_of_a_claim_deleted_despite_its_finalizer():
     harness.reconcile(claim)  # PUT
     harness.lifecycle.claim_deleted(claim)  # the watch's DELETED, termination never ran
     assert harness.lifecycle.reap(claim.key) == NextLook(10.0)  # AKS refuses a DELETE while the create runs
-    pool = harness.pools.pools[claim.name]
-    harness.pools.pools[claim.name] = PoolState(claim.name, "Succeeded", pool.vm_size, pool.tags)
-    harness.list()
+    harness.pool_becomes(claim, "Succeeded")
     assert harness.lifecycle.reap(claim.key) is None
     assert harness.pools.deletes == [claim.name]
     assert harness.lifecycle.reap(claim.key) is None and harness.pools.deletes == [claim.name]
@@ -241,8 +249,7 @@ def test_a_claim_deleted_while_arm_has_not_answered_its_put_is_kept_until_the_po
     """The PUT runs off the worker; the claim is deleted before ARM answers it, and a LIST meanwhile does not show the
     pool yet (the PUT has not landed). Termination waits for the answer rather than take that LIST's word."""
     harness = Harness()
-    woken: list[str] = []
-    harness.deps.arm_writes = BackgroundCalls(1, woken.append)
+    woken = harness.writes_off_the_worker()
     landing, create = threading.Event(), harness.pools.create
     harness.pools.create = lambda name, body: landing.wait(10) and create(name, body)
     claim = kaito(NODECLAIM)
@@ -258,9 +265,7 @@ def test_a_claim_deleted_while_arm_has_not_answered_its_put_is_kept_until_the_po
     landing.set()
     wait_until(lambda: woken == [claim.key])
     harness.reconcile(deleting)  # the pool is Creating: AKS refuses a DELETE until it ends
-    pool = harness.pools.pools[claim.name]
-    harness.pools.pools[claim.name] = PoolState(claim.name, "Succeeded", pool.vm_size, pool.tags)
-    harness.list()
+    harness.pool_becomes(claim, "Succeeded")
     harness.reconcile(deleting)
     wait_until(lambda: woken == [claim.key] * 2)
     harness.reconcile(deleting)  # takes the DELETE's answer
@@ -273,8 +278,7 @@ def test_a_claim_deleted_while_arm_has_not_answered_its_put_is_kept_until_the_po
 
 def test_a_put_answered_off_the_worker_is_read_by_the_claims_next_pass():
     harness = Harness()
-    woken: list[str] = []
-    harness.deps.arm_writes = BackgroundCalls(1, woken.append)
+    woken = harness.writes_off_the_worker()
     harness.pools.refuse = QuotaExceededError("Insufficient vcpu quota", "ErrCode_InsufficientVCPUQuota", 400)
     claim = kaito(NODECLAIM)
     harness.reconcile(claim)
@@ -289,14 +293,11 @@ def test_a_pass_that_reads_the_puts_answer_and_finds_the_pool_up_holds_back_no_s
     """The answer's own pass can come after the node did (a claim turning Ready is taken first): that pass goes on to
     the later phases, and the claim's Ready must be written at once, not left for when no other claim waits."""
     harness = Harness()
-    woken: list[str] = []
-    harness.deps.arm_writes = BackgroundCalls(1, woken.append)
+    woken = harness.writes_off_the_worker()
     claim = kaito(NODECLAIM)
     harness.reconcile(claim)
     wait_until(lambda: woken == [claim.key])
-    pool = harness.pools.pools[claim.name]
-    harness.pools.pools[claim.name] = PoolState(claim.name, "Succeeded", pool.vm_size, pool.tags)
-    harness.list()
+    harness.pool_becomes(claim, "Succeeded")
     r = Reconciliation(claim, harness.clock(), claims_waiting=True)
     assert harness.lifecycle.launch.reconcile(r).done
     assert r.status.is_true(NODECLAIM.launched) and not r.status_deferred
@@ -305,16 +306,12 @@ def test_a_pass_that_reads_the_puts_answer_and_finds_the_pool_up_holds_back_no_s
 
 def test_the_delete_of_a_failed_pool_runs_off_the_worker_and_its_answer_moves_the_launch_on():
     harness = Harness()
-    woken: list[str] = []
-    harness.deps.arm_writes = BackgroundCalls(1, woken.append)
+    woken = harness.writes_off_the_worker()
     claim = kaito(NODECLAIM)
     harness.reconcile(claim)
     wait_until(lambda: woken == [claim.key])
     harness.reconcile(claim)  # the PUT's answer
-    pool = harness.pools.pools[claim.name]
-    harness.pools.pools[claim.name] = PoolState(claim.name, "Failed", pool.vm_size, pool.tags, "AllocationFailed",
-                                                "Allocation failed: no capacity for Standard_NC24ads_A100_v4")
-    harness.list()
+    harness.pool_becomes(claim, "Failed", "AllocationFailed", "Allocation failed: no capacity for the size")
     answering, delete = threading.Event(), harness.pools.delete
     harness.pools.delete = lambda name: answering.wait(10) and delete(name)
     harness.reconcile(claim)  # sends the DELETE
@@ -333,9 +330,7 @@ def test_reap_leaves_a_pool_made_for_another_claim_of_that_name_alone():
     harness = Harness()
     claim = kaito(MACHINE)
     harness.reconcile(claim)
-    pool = harness.pools.pools[claim.name]
-    harness.pools.pools[claim.name] = PoolState(claim.name, "Succeeded", pool.vm_size, pool.tags)
-    harness.list()
+    harness.pool_becomes(claim, "Succeeded")
     older = kaito(MACHINE, uid="uid-0")  # an earlier claim of the same name
     harness.lifecycle.claim_deleted(older)
     assert harness.lifecycle.reap(claim.key) is None and harness.pools.deletes == []
