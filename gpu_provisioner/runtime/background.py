@@ -59,7 +59,8 @@ class BackgroundCalls:
             else:
                 inline = False
                 self._todo.append(key)
-                if self._idle == 0 and self._threads < self._limit:
+                # More calls waiting than idle threads to take them (an idle thread counts as such until it wakes).
+                if len(self._todo) > self._idle and self._threads < self._limit:
                     self._threads += 1
                     threading.Thread(target=self._serve, name=f"{self._name}-{self._threads}", daemon=True).start()
                 self._lock.notify()

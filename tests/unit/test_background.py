@@ -76,3 +76,26 @@ def test_no_more_calls_run_at_once_than_threads_and_every_call_ends():
     release.set()
     assert all_ended.wait(10)
     assert sorted(ended) == [f"k{index}" for index in range(6)] and running[0] == 6 and calls.pending() == 0
+
+
+def test_calls_started_together_get_threads_of_their_own_while_one_thread_idles():
+    lock, running = threading.Lock(), [0]
+    release = threading.Event()
+    calls = BackgroundCalls(4, lambda key: None, name="warm")
+    calls.start("warm-up", lambda: None)
+    deadline = time.monotonic() + 10
+    while calls.take("warm-up") is None:  # one thread now waits for work
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+    def call() -> None:
+        with lock:
+            running[0] += 1
+        release.wait(10)
+
+    calls.start("a", call)
+    calls.start("b", call)  # before the idle thread took "a"
+    while running[0] < 2:
+        assert time.monotonic() < deadline, "the two calls did not run at once"
+        time.sleep(0.01)
+    release.set()
