@@ -41,6 +41,11 @@ log = structlog.get_logger(__name__)
 SYNC_POLL_S = 0.1
 CLAIM_METRICS_INTERVAL_S = 5.0
 STOP_S = 10.0  # the most a shutdown waits for work in hand
+# Writes that only tell of progress wait until no claim has come for this long (or at most IDLE_WAIT_MAX_S): in a
+# burst they would slow, in the API server, the writes that turn claims Ready; the pass that turns a claim Ready
+# writes its progress too.
+PROGRESS_QUIET_S = 0.5
+IDLE_WAIT_MAX_S = 10.0
 CLAIM_PHASES = ("Pending", "Launched", "Registered", "Initialized", "Ready", "Failed", "Terminating")
 
 
@@ -73,7 +78,7 @@ class Manager:
         self, settings: Settings, api_client: kubernetes.client.ApiClient, credential: TokenCredential | None = None
     ) -> None:
         self.settings = settings
-        self.queue = WorkQueue("claims")
+        self.queue = WorkQueue("claims", quiet_s=PROGRESS_QUIET_S, idle_wait_max_s=IDLE_WAIT_MAX_S)
         self.claim_informers: dict[str, Informer] = {
             name: Informer(api_client, Resource(GROUP, api.version, api.plural, api.kind), self._on_claim_event,
                            transform=without_managed_fields)
@@ -92,7 +97,7 @@ class Manager:
         arm_writes = BackgroundCalls(settings.arm_writers, self.queue.add, name="arm-writer")
         metrics.ARM_WRITES_PENDING.set_function(arm_writes.pending)
         deps = Deps(settings, kube, self.pools, self.inventory, self.nodes, ClaimIndex(self.claim_informers),
-                    self.events, catalogue=self.catalogue, claims_waiting=self.queue.busy, arm_writes=arm_writes)
+                    self.events, catalogue=self.catalogue, claims_waiting=self.queue.others_wait, arm_writes=arm_writes)
         self.lifecycle = ClaimLifecycle(deps)
         self.orphans = OrphanSweep(deps, self._claim_exists)
         self._stop = threading.Event()

@@ -63,8 +63,9 @@ class Deps:
     clock: Callable[[], datetime] = utc_now
     # The region's VM sizes and the pre-flight before a PUT; the default knows only the built-in table.
     catalogue: SizeCatalogue = field(default_factory=SizeCatalogue)
-    # Whether other claims wait for a worker now, for work someone waits for (see Reconciliation.defer_status).
-    claims_waiting: Callable[[], bool] = lambda: False
+    # For a pass over the claim of this key: whether other claims wait for a worker, or came moments ago, for work
+    # someone waits for (see Reconciliation.defer_status).
+    claims_waiting: Callable[[str], bool] = lambda key: False
     # Pool PUTs and DELETEs, by claim key, off the workers; by default each runs on the worker that starts it.
     arm_writes: BackgroundCalls = field(default_factory=lambda: BackgroundCalls(0, lambda key: None))
 
@@ -85,7 +86,8 @@ class Reconciliation:
 
     claim: Claim
     now: datetime
-    # Other claims waited for a worker when this pass began: what only tells of progress may wait (defer_status).
+    # Other claims waited for a worker, or came moments ago, when this pass began: what only tells of progress may
+    # wait (defer_status).
     claims_waiting: bool = False
     status: StatusWriter = field(init=False)
     requeue_after: list[float] = field(default_factory=list)

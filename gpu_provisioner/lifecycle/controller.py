@@ -54,7 +54,7 @@ class ClaimLifecycle:
             claim = Claim(claim.api, self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": metadata}))
             # Taken on: what Karpenter counts when its provisioner creates a nodeclaim.
             metrics.KARPENTER_NODECLAIMS_CREATED.labels(reason="provisioned", **karpenter_claim_labels(claim)).inc()
-        r = Reconciliation(claim, self.deps.clock(), self.deps.claims_waiting())
+        r = Reconciliation(claim, self.deps.clock(), self.deps.claims_waiting(claim.key))
         try:
             for index, phase in enumerate(self.phases):
                 if not phase.reconcile(r).done:

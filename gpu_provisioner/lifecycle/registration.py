@@ -73,8 +73,9 @@ class Registration:
         zone = node_labels.get(ZONE_LABEL)
         if zone and claim.labels.get(ZONE_LABEL) != zone:
             # Known once the node is there (the pool names no zone): the Zone printer column reads it, nothing waits
-            # for it. So it goes on in a pass after the one that registers the claim, when no other claim waits.
-            if r.status.is_true(condition):
+            # for it. So it goes on in a pass after the one that registers the claim, when no other claim waits (not
+            # in a pass that something else brought while others wait, such as a burst of deletions).
+            if r.status.is_true(condition) and not r.claims_waiting:
                 self.deps.kube.patch_claim(claim.api, claim.name, {"metadata": {"labels": {ZONE_LABEL: zone}}})
             else:
                 r.defer_until_idle()

@@ -105,6 +105,9 @@ def test_a_restart_with_ready_claims_writes_nothing(claims, kube_api, start_sim,
         claims.create(api, kaito_claim(api, name))
     for api, name in names.items():
         claims.wait_condition(api, name, READY, "True")
+    # Settled: what waits for a quiet queue (the zone label) is written too.
+    wait_for("the first controller's queue to settle",
+             lambda: (len(first.queue) == 0 and not first.queue.running_s()) or None)
     first.stop()
 
     def snapshot() -> dict:

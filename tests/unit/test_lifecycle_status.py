@@ -23,7 +23,7 @@ def test_status_from_earlier_phases_is_written_when_a_later_phase_raises():
     kube = RecordingKube()
     deps = SimpleNamespace(
         kube=kube, settings=SimpleNamespace(launch_timeout_s=300, registration_timeout_s=900), clock=utc_now,
-        claims_waiting=lambda: False,
+        claims_waiting=lambda key: False,
         inventory=SimpleNamespace(synced=True, get=lambda name: object()),
     )
     lifecycle = ClaimLifecycle(deps)
@@ -54,7 +54,7 @@ def _lifecycle_with(launch) -> tuple[ClaimLifecycle, RecordingKube]:
     kube = RecordingKube()
     deps = SimpleNamespace(
         kube=kube, settings=SimpleNamespace(launch_timeout_s=300, registration_timeout_s=900), clock=utc_now,
-        claims_waiting=lambda: False,
+        claims_waiting=lambda key: False,
         inventory=SimpleNamespace(synced=True, get=lambda name: None),
     )
     lifecycle = ClaimLifecycle(deps)

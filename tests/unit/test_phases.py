@@ -112,7 +112,7 @@ class Harness:
         self.deps = Deps(self.settings, self.kube, self.pools, self.inventory,
                          nodes or SimpleNamespace(nodes_for=lambda c: []),
                          SimpleNamespace(claim_exists=lambda c: True), self.events, clock=self.clock,
-                         claims_waiting=lambda: self.claims_waiting)
+                         claims_waiting=lambda key: self.claims_waiting)
         self.lifecycle = ClaimLifecycle(self.deps)
 
     def list(self) -> None:
@@ -373,7 +373,7 @@ def test_with_no_other_claim_waiting_the_pass_that_creates_a_pool_writes_its_sta
 def test_claims_left_for_when_the_queue_is_idle_do_not_hold_back_each_others_status():
     harness = Harness()
     queue = WorkQueue("t")
-    harness.deps.claims_waiting = queue.busy
+    harness.deps.claims_waiting = queue.others_wait
     claim = kaito(NODECLAIM)
     queue.add("nodeclaims/another", when_idle=True)  # its status held too: it waits for when idle, as this one
     look = harness.reconcile(claim)

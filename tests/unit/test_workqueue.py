@@ -129,11 +129,70 @@ def test_a_key_added_when_idle_waits_while_any_other_key_does_and_moves_up_when_
     queue.add("b")  # news of it: moves up to the plain lane
     assert len(queue) == 4
     assert [queue.get(0) for _ in range(2)] == ["d", "c"]
-    assert queue.busy()  # b, moved up
+    assert queue.others_wait("c")  # b, moved up
     assert queue.get(0) == "b"
-    assert len(queue) == 1 and not queue.busy()  # a waits for when idle: nothing else waits
+    assert len(queue) == 1 and not queue.others_wait("b")  # a waits for when idle: nothing else waits
     assert queue.get(0) == "a"
     assert queue.get(0) is None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_with_a_quiet_period_the_when_idle_lane_waits_until_no_key_has_come_for_that_long():
+    clock = Clock()
+    queue = WorkQueue("t", clock=clock, quiet_s=0.5, idle_wait_max_s=10)
+    queue.add("a", when_idle=True)
+    queue.add("b")
+    assert queue.get(0) == "b"
+    assert queue.others_wait("b")  # b itself came moments ago: a burst may be going on
+    queue.done("b")
+    assert queue.get(0) is None  # the queue is empty, but not quiet yet
+    clock.now += 0.4
+    queue.add("c")  # the burst goes on
+    assert queue.get(0) == "c"
+    queue.done("c")
+    clock.now += 0.4
+    assert queue.get(0) is None and queue.others_wait("c")
+    clock.now += 0.1
+    assert not queue.others_wait("c")
+    assert queue.get(0) == "a"
+
+
+def test_a_key_waits_in_the_when_idle_lane_at_most_idle_wait_max_s_however_often_keys_come():
+    clock = Clock()
+    queue = WorkQueue("t", clock=clock, quiet_s=0.5, idle_wait_max_s=2)
+    queue.add("a", when_idle=True)
+    for _ in range(7):  # a key every 0.3 s: never quiet
+        clock.now += 0.3
+        queue.add("b")
+        assert queue.get(0) == "b"
+        queue.done("b")
+    assert clock.now - 1000 == pytest.approx(2.1)
+    assert queue.get(0) == "a"
+    # Taken from the when-idle lane: the pass it was left to, which must not leave it to another.
+    assert not queue.others_wait("a")
+    queue.add("b")
+    assert queue.others_wait("b")
+    queue.done("a")
+    queue.add("a")
+    assert queue.get(0) == "b" and queue.get(0) == "a" and queue.others_wait("a")
+
+
+def test_a_worker_blocked_in_get_takes_a_when_idle_key_once_the_queue_is_quiet():
+    queue = WorkQueue("t", quiet_s=0.2)
+    queue.add("a", when_idle=True)
+    queue.add("b")
+    assert queue.get(0) == "b"
+    queue.done("b")
+    started = time.monotonic()
+    assert queue.get(2.0) == "a"  # woken in time by the quiet period's end, with nothing else added
+    assert time.monotonic() - started >= 0.15
 
 
 def test_a_key_held_by_a_worker_and_added_when_idle_then_plainly_comes_back_in_the_plain_lane():
