@@ -100,6 +100,9 @@ def _kubernetes_api_client(kubeconfig: Path | None, connections: int) -> kuberne
         client = kubernetes.client.ApiClient(configuration)
     else:
         client = _client_from_kubeconfig(kubeconfig, configuration)
+    # The environment's proxy for the API server, resolved once: the credentials' refresh hook sets the host again
+    # before every request, and the client would then read the whole environment again (4 % of the controller's CPU).
+    client.configuration.proxy = client.configuration.proxy
     client.user_agent = user_agent()
     return client
 
