@@ -268,7 +268,10 @@ class AgentPools:
         request = HttpRequest("GET", path, params={"api-version": api_version, **(query or {})})
         items: list[dict[str, Any]] = []
         while True:
-            response = self._client.send_request(request)
+            # Streamed, then read here: otherwise the pipeline's ContentDecodePolicy parses the JSON too, for nothing
+            # (a LIST of 1,000 pools is 2 MB, parsed twice).
+            response = self._client.send_request(request, stream=True)
+            response.read()
             if response.status_code != 200:
                 map_error(response.status_code, response, SDK_ERROR_MAP)
                 raise HttpResponseError(response=response, error_format=ARMErrorFormat)
