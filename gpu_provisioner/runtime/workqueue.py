@@ -192,8 +192,8 @@ class WorkQueue:
 
     def others_wait(self, key: str) -> bool:
         """For the worker holding `key`: whether it should leave what nobody waits for to a pass when idle, as other
-        keys wait in the first or the plain lane, or came less than `quiet_s` ago. Never for a key it took from the
-        when-idle lane: that pass is the one it was left to."""
+        keys wait in the first or the plain lane, or a key (this one too) came less than `quiet_s` ago, so a burst
+        may be under way. Never for a key it took from the when-idle lane: that pass is the one it was left to."""
         with self._cond:
             if key in self._taken_when_idle:
                 return False

@@ -26,5 +26,7 @@ def test_a_pool_list_parses_arms_json_once(start_sim, monkeypatch):
     pools = AgentPools(Settings.load()).list()
     assert sorted(pool.name for pool in pools) == ["gpua", "gpub"]
     assert all(pool.provisioning_state == "Succeeded" for pool in pools)
-    assert parsed_by_the_pipeline, "the token request goes through a pipeline that parses its answer"
     assert [url for url in parsed_by_the_pipeline if "/agentPools" in url] == []
+    # The hook sees what the pipeline parses: an SDK operation's answer is.
+    sdk(sim, monkeypatch).agent_pools.get(sim.resource_group, sim.cluster_name, "gpua")
+    assert [url for url in parsed_by_the_pipeline if "/agentPools/gpua" in url]
