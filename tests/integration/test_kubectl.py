@@ -39,10 +39,16 @@ def test_kubectl_get_shows_capacity_type_zone_and_image(
     machine, nodeclaim = unique_name, unique_name[:-1] + "n"
     claims.create_ready(MACHINE, kaito_claim(MACHINE, machine))
     claims.create_ready(NODECLAIM, kaito_claim(NODECLAIM, nodeclaim))
-    columns = printed_columns(kubectl(control_plane, "get", "nodeclaims", nodeclaim, "-o", "wide"))
+
+    def zone_filled(kind: str, name: str) -> dict[str, str] | None:
+        # The zone label waits for the controller's queue to be quiet (nothing waits for it): moments after Ready.
+        columns = printed_columns(kubectl(control_plane, "get", kind, name, "-o", "wide"))
+        return columns if columns["ZONE"] else None
+
+    columns = wait_for("the nodeclaim's ZONE column", lambda: zone_filled("nodeclaims", nodeclaim), timeout_s=30)
     assert columns["CAPACITY"] == "on-demand" and columns["ZONE"] == "0", columns
     assert columns["IMAGEID"] == NODE_IMAGE_VERSION and columns["TYPE"] == "Standard_NC24ads_A100_v4", columns
-    columns = printed_columns(kubectl(control_plane, "get", "machines", machine, "-o", "wide"))
+    columns = wait_for("the machine's ZONE column", lambda: zone_filled("machines", machine), timeout_s=30)
     assert columns["CAPACITY"] == "on-demand" and columns["ZONE"] == "0", columns
     # The node's zone is the claim's (Karpenter: the claim's labels are the node's).
     node = claims.node(claims.get(MACHINE, machine)["status"]["nodeName"])
