@@ -321,9 +321,12 @@ def follow(list_objects: Callable[..., Any], name_of: Callable[[dict[str, Any]],
 
 # the API server's record of the writes ----------------------------------------------------------
 
+# The controller's ServiceAccount, the chart's, as install_identities installs it.
+CONTROLLER_USER = "system:serviceaccount:gpu-provisioner:gpu-provisioner"
 # The writes to Nodes and claims, with when the API server received and answered each (its audit log): what part of
 # a claim's way to Ready the controller's writes spent in the API server, and when each claim came to exist (its
-# create answered) and was deleted (its DELETE answered).
+# create answered) and was deleted (its DELETE answered). And every request of the controller's but its watches:
+# what its claims cost the API server.
 AUDIT_POLICY = {
     "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived", "ResponseStarted", "Panic"],
     "rules": [
@@ -332,9 +335,12 @@ AUDIT_POLICY = {
             {"group": GROUP, "resources": [CLAIM_API.plural, f"{CLAIM_API.plural}/status"]}]},
         {"level": "Metadata", "verbs": ["create", "delete"], "resources": [
             {"group": GROUP, "resources": [CLAIM_API.plural]}]},
+        {"level": "Metadata", "users": [CONTROLLER_USER],
+         "verbs": ["get", "list", "create", "update", "patch", "delete"]},
         {"level": "None"},
     ],
 }
+READS = ("get", "list")
 # A write the controller made after its Node watch got an event may be logged as received a little before this
 # benchmark's own Node watch got the same event.
 SAME_EVENT_S = 0.05
@@ -366,11 +372,25 @@ def audited_writes(log: Path) -> list[Write]:
     writes = []
     for line in log.read_text().splitlines():
         event = json.loads(line)
+        if event.get("verb") in READS:
+            continue
         target = event.get("objectRef") or {}
         writes.append(Write(event.get("verb", ""), target.get("resource", ""), target.get("name", ""),
                             target.get("subresource", ""), event.get("userAgent", ""),
                             at(event["requestReceivedTimestamp"]), at(event["stageTimestamp"])))
     return writes
+
+
+def requests_of(log: Path, user: str) -> dict[str, int]:
+    """How many requests `user` made (its watches aside), by verb and resource, such as "patch nodeclaims/status"."""
+    counted: Counter[str] = Counter()
+    for line in log.read_text().splitlines():
+        event = json.loads(line)
+        if (event.get("user") or {}).get("username") == user:
+            target = event.get("objectRef") or {}
+            subresource = f"/{target['subresource']}" if target.get("subresource") else ""
+            counted[f"{event['verb']} {target.get('resource', '')}{subresource}"] += 1
+    return dict(sorted(counted.items()))
 
 
 def answered(writes: Iterable[Write], verb: str) -> dict[str, float]:
@@ -661,8 +681,12 @@ class Run:
     def finish(self, controller: Controller, load: LoadSampler) -> dict[str, Any]:
         arm = self.arm_requests()
         claims = len(self.created_at)
+        # The controller's Kubernetes requests in the whole run (in restart, both controllers').
+        kube = requests_of(self.plane.audit_log, CONTROLLER_USER)
         self.figures.update(
             arm_requests=arm, arm_requests_per_claim=round(sum(arm.values()) / max(claims, 1), 2),
+            controller_kubernetes_requests=kube,
+            controller_kubernetes_requests_per_claim=round(sum(kube.values()) / max(claims, 1), 2),
             controller=controller.figures(), machine=load.figures())
         return self.figures
 
@@ -707,6 +731,8 @@ def report(name: str, figures: dict[str, Any]) -> None:
             else:
                 print(f"{phase:>13} {key:<30} {shown(value) if isinstance(value, dict) and 'p50' in value else value}")
     print(f"ARM requests: {figures['arm_requests']} ({figures['arm_requests_per_claim']} a claim)")
+    print(f"the controller's Kubernetes requests: {figures['controller_kubernetes_requests']} "
+          f"({figures['controller_kubernetes_requests_per_claim']} a claim)")
     print(f"controller: {figures['controller']}; machine: {figures['machine']}")
     print(f"written to {path}")
 
@@ -809,9 +835,10 @@ def table() -> None:
           "| node GPU-ready -> claim Ready, p50 / p95 / p99 / max (its parts, p50 / p99: the Node's event reaching "
           "the controller, the API server's; the controller's own time, its queue and work; its writes in the API "
           "server; the claim's Ready reaching a watch, the API server's) "
-          "| all Ready | all deleted (the client's DELETEs) | ARM requests | controller peak RSS / CPU "
-          "| load average, mean / max | API server: most Node events held / watches it closed |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| all Ready | all deleted (the client's DELETEs) | ARM requests | the controller's Kubernetes requests "
+          "(watches aside) | controller peak RSS / CPU | load average, mean / max "
+          "| API server: most Node events held / watches it closed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         launch, deletion, machine = r["launch"], r["deletion"], r["machine"]
         controller = launch.get("controller", r["controller"])  # restart: the controller that made them Ready
@@ -829,6 +856,7 @@ def table() -> None:
               f"{_p50_p99(launch.get('ready_write_to_claim_ready_s'))}) | {launch['all_ready_s']:.1f} s "
               f"| {deletion['all_deleted_s']:.1f} s (client {deletion['deletes_sent_s']:.1f} s) "
               f"| {r['arm_requests_per_claim']} a claim ({arm}) "
+              f"| {r['controller_kubernetes_requests_per_claim']} a claim "
               f"| {controller['peak_rss_mib']:.0f} MiB / {controller['cpu_s']:.1f} s "
               f"| {machine['load_1m_mean']:.1f} / {machine['load_1m_max']:.1f} "
               f"| {machine['kube-apiserver_watch_backlog_max'].get('nodes', 0)} / "
