@@ -321,8 +321,9 @@ def follow(list_objects: Callable[..., Any], name_of: Callable[[dict[str, Any]],
 
 # the API server's record of the writes ----------------------------------------------------------
 
-# The controller's ServiceAccount, the chart's, as install_identities installs it.
-CONTROLLER_USER = "system:serviceaccount:gpu-provisioner:gpu-provisioner"
+# The controller's ServiceAccount: the chart's, installed by install_identities as release gpu-provisioner.
+CONTROLLER_NAMESPACE = CONTROLLER_ACCOUNT = "gpu-provisioner"
+CONTROLLER_USER = f"system:serviceaccount:{CONTROLLER_NAMESPACE}:{CONTROLLER_ACCOUNT}"
 # The writes to Nodes and claims, with when the API server received and answered each (its audit log): what part of
 # a claim's way to Ready the controller's writes spent in the API server, and when each claim came to exist (its
 # create answered) and was deleted (its DELETE answered). And every request of the controller's but its watches:
@@ -464,8 +465,8 @@ class Identities:
 def install_identities(plane: ControlPlane, directory: Path) -> Identities:
     """Installs the chart (its ServiceAccount, RBAC and FlowSchemas; no replica), and RBAC for the kubelets and
     Kaito's stand-in (what the simulator and this benchmark call)."""
-    subprocess.run([str(plane.tools.helm), "install", "gpu-provisioner", str(CHART), "--kubeconfig",
-                    str(plane.kubeconfig), "--namespace", "gpu-provisioner", "--create-namespace", "--skip-crds",
+    subprocess.run([str(plane.tools.helm), "install", CONTROLLER_ACCOUNT, str(CHART), "--kubeconfig",
+                    str(plane.kubeconfig), "--namespace", CONTROLLER_NAMESPACE, "--create-namespace", "--skip-crds",
                     "--set", "replicas=0", "--set", "leaderElection.enabled=false"],
                    check=True, capture_output=True, timeout=120)
     may = {"kubelet": ({"kind": "Group", "name": "system:nodes", "apiGroup": "rbac.authorization.k8s.io"}, [
@@ -484,8 +485,8 @@ def install_identities(plane: ControlPlane, directory: Path) -> Identities:
                 "metadata": {"name": name}, "subjects": [subject],
                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}})
     return Identities(
-        controller=plane.service_account_kubeconfig(directory / "controller.kubeconfig", "gpu-provisioner",
-                                                    "gpu-provisioner"),
+        controller=plane.service_account_kubeconfig(directory / "controller.kubeconfig", CONTROLLER_NAMESPACE,
+                                                    CONTROLLER_ACCOUNT),
         kubelet=plane.kubeconfig_as(directory / "kubelet.kubeconfig", KUBELET_USER, ["system:nodes"]),
         kaito=plane.service_account_kubeconfig(directory / "kaito.kubeconfig", KAITO_NAMESPACE, KAITO_ACCOUNT))
 
