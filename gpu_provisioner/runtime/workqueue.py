@@ -50,7 +50,6 @@ class WorkQueue:
         self._dirty: dict[str, int] = {}  # queued or parked (held by a worker, added again): its lane
         self._processing: set[str] = set()
         self._last_added_at = float("-inf")  # the last add to the first or the plain lane
-        self._idle_since: dict[str, float] = {}  # when each key in the when-idle lane was queued there
         self._taken_when_idle: set[str] = set()  # keys held by a worker that took them from the when-idle lane
         self._waiting: list[tuple[float, int, str]] = []  # (due, sequence, key) heap
         self._due: dict[str, float] = {}  # earliest due time per waiting key
@@ -91,14 +90,11 @@ class WorkQueue:
         self._last_added_at = self._clock()
         if key not in self._processing:
             self._lanes[self._dirty[key]].remove(key)  # a scan, but at most twice for a key between two hand-outs
-            self._idle_since.pop(key, None)
             self._queue_in(key, lane)
         self._dirty[key] = lane
 
     def _queue_in(self, key: str, lane: int) -> None:
         self._lanes[lane].append(key)
-        if lane == WHEN_IDLE:
-            self._idle_since[key] = self._clock()
         self._publish_depth()
         self._notify(lane)
 
@@ -147,7 +143,7 @@ class WorkQueue:
                 if lane := next((lane for lane in lanes if lane), None):
                     key = lane.popleft()
                     del self._dirty[key]
-                    if self._idle_since.pop(key, None) is not None:
+                    if lane is self._lanes[WHEN_IDLE]:
                         self._taken_when_idle.add(key)
                     self._processing.add(key)
                     now = self._clock()
@@ -211,7 +207,8 @@ class WorkQueue:
         now = self._clock()
         opens_in = self._last_added_at + self._quiet_s - now
         if opens_in > 0 and self._lanes[WHEN_IDLE]:
-            oldest = self._idle_since[self._lanes[WHEN_IDLE][0]]
+            # A key in this lane has been in no other since it was last handed out: it came when it was added.
+            oldest = self._added_at[self._lanes[WHEN_IDLE][0]]
             opens_in = min(opens_in, oldest + self._idle_wait_max_s - now)
         return opens_in
 
