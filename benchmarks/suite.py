@@ -6,6 +6,9 @@ Scenarios:
   big-cluster  the same among 5,000 foreign Nodes made like real AKS nodes (images, conditions, addresses).
   restart      1,000 Ready claims among 5,000 foreign Nodes, the controller restarted: time to /readyz and the
                writes it makes (ARM, claims, Nodes, Events); then all deleted.
+  floor        no controller: N claims (default 1,000) whose pools a stand-in PUTs on sight, writing nothing to
+               Kubernetes; the simulator's timing with only its own writes and the client's, what this machine
+               allows any controller.
 
 Each prints its figures and writes them to .artifacts/bench/<scenario>.json (or $BENCH_RESULTS/); `table`
 prints the README's table from those files. Times per claim are measured by a watch (not by polling lists),
@@ -21,6 +24,7 @@ import json
 import math
 import multiprocessing
 import os
+import queue
 import re
 import resource
 import statistics
@@ -38,18 +42,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import kubernetes
 import typer
 
-from gpu_provisioner.api.claims import CLAIM_APIS, GROUP, READY
-from gpu_provisioner.cloud.pool_request import MACHINE_TYPE_LABEL
+from gpu_provisioner.api.claims import CLAIM_APIS, GROUP, READY, Claim, rfc3339
+from gpu_provisioner.cloud.agentpools import AgentPools
+from gpu_provisioner.cloud.pool_request import MACHINE_TYPE_LABEL, build_pool_request
 from gpu_provisioner.devenv.controlplane import ControlPlane, die_with_parent, free_port, process_cpu_s
 from gpu_provisioner.devenv.tools import ensure_tools
 from gpu_provisioner.lifecycle.nodes import pool_of_node
 from gpu_provisioner.runtime import rest
 from gpu_provisioner.sandbox import kaito_claim
+from gpu_provisioner.settings import Settings
 from gpu_provisioner.sim import AksSimulator, Scenario, timeline
 
 RESULTS = Path(__file__).resolve().parents[1] / ".artifacts" / "bench"  # or $BENCH_RESULTS
@@ -225,6 +231,62 @@ class Controller:
         self.process.wait(timeout=30)
 
 
+class Launcher:
+    """`floor`'s stand-in for a controller, in a process of its own: it PUTs each claim's pool when it sees the claim
+    created, through this project's ARM door (the SDK's pipeline, as the controller sends it), and writes nothing to
+    Kubernetes (no finalizer, no status, no Node). It reads the claims as the controller's ServiceAccount."""
+
+    def __init__(self, kubeconfig: Path, sim: AksSimulator, workdir: Path) -> None:
+        self.log_path = workdir / "launcher.log"
+        context = multiprocessing.get_context("spawn")
+        opened: multiprocessing.Queue[tuple[str, str, float]] = context.Queue()
+        self.process = context.Process(target=launch_on_sight, daemon=True,
+                                       args=(sim.azure_environment(), str(kubeconfig), str(self.log_path), opened))
+        self.process.start()
+        opened.get(timeout=120)
+
+    def check_alive(self) -> None:
+        if not self.process.is_alive():
+            raise SystemExit(f"the launcher exited with code {self.process.exitcode}; log: {self.log_path}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+
+
+def launch_on_sight(environment: dict[str, str], kubeconfig: str, log_path: str,
+                    opened: multiprocessing.Queue[tuple[str, str, float]]) -> None:
+    """The Launcher's process: sends ("open", "", time) once its claim watch is open, then PUTs each new claim's pool
+    (the first size it lists), PARALLEL_WRITES at once, for ever."""
+    sys.stderr = open(log_path, "a", buffering=1)  # noqa: SIM115 - the process's own, until it ends
+    os.environ.update(environment)
+    pools = AgentPools(Settings())
+    custom = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(config_file=kubeconfig))
+    claims: dict[str, dict[str, Any]] = {}
+    seen: queue.SimpleQueue[tuple[str, str, float]] = queue.SimpleQueue()
+
+    def created(event_type: str, claim: dict[str, Any]) -> str | None:
+        if event_type != "ADDED":
+            return None
+        claims[claim["metadata"]["name"]] = claim  # before its name is queued
+        return "created"
+
+    def put(name: str) -> None:
+        try:
+            claim = Claim(CLAIM_API, claims[name])
+            request = build_pool_request(claim, created_at=rfc3339(claim.created or datetime.now(UTC)))
+            pools.create(name, request.body(request.vm_sizes[0]))
+        except Exception as error:  # the run then times out waiting for its node, and this says why
+            print(f"PUT of {name} failed: {error!r}", file=sys.stderr)
+
+    threading.Thread(target=follow, daemon=True, args=(
+        functools.partial(custom.list_cluster_custom_object, GROUP, CLAIM_API.version, CLAIM_API.plural),
+        lambda claim: claim["metadata"]["name"], created, seen)).start()
+    opened.put(seen.get())
+    with ThreadPoolExecutor(PARALLEL_WRITES) as writers:
+        while True:
+            writers.submit(put, seen.get()[1])
+
+
 # watching claims -----------------------------------------------------------------------------
 
 
@@ -253,7 +315,7 @@ class Watcher:
         for process in self._processes:
             process.terminate()
 
-    def wait(self, what: str, done: Callable[[], bool], timeout_s: float, controller: Controller) -> None:
+    def wait(self, what: str, done: Callable[[], bool], timeout_s: float, controller: Controller | Launcher) -> None:
         deadline = time.monotonic() + timeout_s
         with self._changed:
             while not done():
@@ -299,9 +361,12 @@ def watch_gpu_nodes(kubeconfig: str, events: multiprocessing.Queue[tuple[str, st
     follow(functools.partial(core.list_node, label_selector=MACHINE_TYPE_LABEL), pool_of_node, change, events)
 
 
+class Sink(Protocol):
+    def put(self, item: tuple[str, str, float]) -> None: ...
+
+
 def follow(list_objects: Callable[..., Any], name_of: Callable[[dict[str, Any]], str],
-           change: Callable[[str, dict[str, Any]], str | None],
-           events: multiprocessing.Queue[tuple[str, str, float]]) -> None:
+           change: Callable[[str, dict[str, Any]], str | None], events: Sink) -> None:
     """List, say the watch is open, then watch for ever: (change, name, time.monotonic() when seen) for each event
     that `change` names, the objects as the API server's JSON."""
     resource_version = json.loads(list_objects(_preload_content=False).data)["metadata"]["resourceVersion"]
@@ -600,8 +665,8 @@ class Run:
                           if r.operation not in ARM_OPERATIONS_NOT_COUNTED)
         return dict(sorted(counted.items()))
 
-    def burst(self, controller: Controller, claims: int) -> dict[str, Any]:
-        """Creates `claims` claims at once and waits until all are Ready; their figures."""
+    def create_claims(self, claims: int) -> list[str]:
+        """Creates `claims` claims at once (PARALLEL_WRITES at a time); their names."""
         names = [f"ws{index:09x}" for index in range(claims)]
 
         def create(name: str) -> None:
@@ -609,19 +674,52 @@ class Run:
             self._custom.create_cluster_custom_object(GROUP, CLAIM_API.version, CLAIM_API.plural,
                                                       kaito_claim(CLAIM_API, name))
 
-        first = time.monotonic()
         in_parallel(create, names)
+        return names
+
+    def burst(self, controller: Controller, claims: int) -> dict[str, Any]:
+        """Creates `claims` claims at once and waits until all are Ready; their figures."""
+        first = time.monotonic()
+        names = self.create_claims(claims)
         ready, gpu_seen = self.watcher.ready_at, self.watcher.gpu_seen_at
         self.watcher.wait("every claim Ready", lambda: all(n in ready and n in gpu_seen for n in names), 120 + claims,
                           controller)
+        writes = audited_writes(self.plane.audit_log)
+        created = answered(writes, "create")
+        return {
+            **self.launch_figures(names, created),
+            "gpu_ready_to_claim_ready_s": distribution(
+                ready[n] - self.sim.timeline()[n][timeline.GPUS_PUBLISHED].at for n in names),
+            "node_event_to_claim_ready_s": distribution(ready[n] - gpu_seen[n] for n in names),
+            **split_controller_part(names, gpu_seen, ready, writes),
+            "created_to_claim_ready_s": distribution(ready[n] - created[n] for n in names),
+            "all_ready_s": round(max(ready[n] for n in names) - first, 2),
+            "arm_requests_until_ready": self.arm_requests(),
+        }
+
+    def floor(self, launcher: Launcher, claims: int) -> dict[str, Any]:
+        """Creates `claims` claims at once and waits until every one's node is GPU-ready; their figures."""
+        first = time.monotonic()
+        names = self.create_claims(claims)
+        gpu_seen = self.watcher.gpu_seen_at
+        self.watcher.wait("every claim's node GPU-ready", lambda: all(n in gpu_seen for n in names), 120 + claims,
+                          launcher)
+        return {
+            **self.launch_figures(names, answered(audited_writes(self.plane.audit_log), "create")),
+            "all_gpu_ready_s": round(max(gpu_seen[n] for n in names) - first, 2),
+            "arm_requests_until_gpu_ready": self.arm_requests(),
+        }
+
+    def launch_figures(self, names: list[str], created: dict[str, float]) -> dict[str, Any]:
+        """From each claim's create (`created`: answered) to its node GPU-ready and that Node's event seen: the
+        client's part, the launch's (the controller's, or the floor's stand-in), the simulator's, the API server's."""
         steps = self.sim.timeline()
         s = self.sim.scenario
         nominal = s.create_delay_s + s.node_join_delay_s + s.node_ready_delay_s + s.gpu_publish_delay_s
         up = [timeline.CREATED, timeline.NODE_JOINED, timeline.NODE_READY, timeline.GPUS_PUBLISHED]
-        writes = audited_writes(self.plane.audit_log)
-        created = answered(writes, "create")
+        gpu_seen = self.watcher.gpu_seen_at
         return {
-            "claims": claims,
+            "claims": len(names),
             # The client's part (Kaito's): its create sent -> answered; the claim exists from the answer on.
             "create_answered_s": distribution(created[n] - self.created_at[n] for n in names),
             "created_to_put_s": distribution(steps[n][timeline.PUT].at - created[n] for n in names),
@@ -632,17 +730,10 @@ class Run:
             "simulator_lag_by_step_s": {step: distribution(steps[n][step].lag_s for n in names) for step in up},
             # Of that lag, the simulator's own (its steps due but not started); the rest waited for the API server.
             "simulator_own_lag_s": distribution(steps[n][step].own_lag_s for n in names for step in up),
-            "gpu_ready_to_claim_ready_s": distribution(
-                ready[n] - steps[n][timeline.GPUS_PUBLISHED].at for n in names),
-            # Of that, the API server's: from the simulator's Node write answered to its watch event seen (by the
-            # controller as by this watcher); then the controller's: that event seen -> the claim Ready seen.
+            # The API server's: from the simulator's Node write answered to its watch event seen (by the controller
+            # as by this watcher). In a burst, the controller's follows: that event seen -> the claim Ready seen.
             "gpu_ready_to_node_event_s": distribution(
                 gpu_seen[n] - steps[n][timeline.GPUS_PUBLISHED].at for n in names),
-            "node_event_to_claim_ready_s": distribution(ready[n] - gpu_seen[n] for n in names),
-            **split_controller_part(names, gpu_seen, ready, writes),
-            "created_to_claim_ready_s": distribution(ready[n] - created[n] for n in names),
-            "all_ready_s": round(max(ready[n] for n in names) - first, 2),
-            "arm_requests_until_ready": self.arm_requests(),
         }
 
     def delete_all(self, controller: Controller) -> dict[str, Any]:
@@ -679,16 +770,18 @@ class Run:
             "arm_requests_deleting": self.arm_requests(requests_before),
         }
 
-    def finish(self, controller: Controller, load: LoadSampler) -> dict[str, Any]:
+    def finish(self, load: LoadSampler, controller: Controller | None = None) -> dict[str, Any]:
         arm = self.arm_requests()
         claims = len(self.created_at)
-        # The controller's Kubernetes requests in the whole run (in restart, both controllers').
-        kube = requests_of(self.plane.audit_log, CONTROLLER_USER)
-        self.figures.update(
-            arm_requests=arm, arm_requests_per_claim=round(sum(arm.values()) / max(claims, 1), 2),
-            controller_kubernetes_requests=kube,
-            controller_kubernetes_requests_per_claim=round(sum(kube.values()) / max(claims, 1), 2),
-            controller=controller.figures(), machine=load.figures())
+        self.figures.update(arm_requests=arm, arm_requests_per_claim=round(sum(arm.values()) / max(claims, 1), 2))
+        if controller is not None:
+            # The controller's Kubernetes requests in the whole run (in restart, both controllers').
+            kube = requests_of(self.plane.audit_log, CONTROLLER_USER)
+            self.figures.update(
+                controller_kubernetes_requests=kube,
+                controller_kubernetes_requests_per_claim=round(sum(kube.values()) / max(claims, 1), 2),
+                controller=controller.figures())
+        self.figures.update(machine=load.figures())
         return self.figures
 
 
@@ -732,9 +825,11 @@ def report(name: str, figures: dict[str, Any]) -> None:
             else:
                 print(f"{phase:>13} {key:<30} {shown(value) if isinstance(value, dict) and 'p50' in value else value}")
     print(f"ARM requests: {figures['arm_requests']} ({figures['arm_requests_per_claim']} a claim)")
-    print(f"the controller's Kubernetes requests: {figures['controller_kubernetes_requests']} "
-          f"({figures['controller_kubernetes_requests_per_claim']} a claim)")
-    print(f"controller: {figures['controller']}; machine: {figures['machine']}")
+    if "controller" in figures:
+        print(f"the controller's Kubernetes requests: {figures['controller_kubernetes_requests']} "
+              f"({figures['controller_kubernetes_requests_per_claim']} a claim)")
+        print(f"controller: {figures['controller']}")
+    print(f"machine: {figures['machine']}")
     print(f"written to {path}")
 
 
@@ -748,7 +843,7 @@ def measure_burst(name: str, claims: int, foreign_nodes: int) -> None:
             run.figures["launch"] = {"controller_ready_s": round(controller.seconds_to_ready(), 2),
                                      **run.burst(controller, claims)}
             run.figures["deletion"] = run.delete_all(controller)
-            figures = run.finish(controller, load)
+            figures = run.finish(load, controller)
         finally:
             controller.stop()
     report(name, figures)
@@ -795,10 +890,25 @@ def restart(claims: Annotated[int, typer.Option(help="Ready claims when the cont
                     "arm_requests": run.arm_requests(requests_before),
                     **objects_written_since(client, mark), "controller": controller.figures()}
                 run.figures["deletion"] = run.delete_all(controller)
-                figures = run.finish(controller, load)
+                figures = run.finish(load, controller)
             finally:
                 controller.stop()
     report("restart", figures)
+
+
+@app.command()
+def floor(claims: Annotated[int, typer.Option(help="How many claims at once.")] = 1000) -> None:
+    """No controller: a stand-in PUTs each claim's pool on sight and writes nothing to Kubernetes. The simulator's
+    timing with only its own writes and the client's in the API server: what this machine allows any controller."""
+    name = f"floor-{claims}"
+    with running(name) as (run, load):
+        launcher = Launcher(run.identities.controller, run.sim, run.workdir)
+        try:
+            run.figures["launch"] = run.floor(launcher, claims)
+            figures = run.finish(load)
+        finally:
+            launcher.stop()
+    report(name, figures)
 
 
 def objects_written_since(client: kubernetes.client.ApiClient, resource_version: int) -> dict[str, int]:
@@ -831,6 +941,8 @@ def table() -> None:
     results = sorted((json.loads(path.read_text()) for path in results_dir().glob("*.json")),
                      key=lambda r: (order.get(r["scenario"].split("-")[0], order.get(r["scenario"], 9)),
                                     r["launch"]["claims"]))
+    floors = [r for r in results if "controller" not in r]
+    results = [r for r in results if "controller" in r]
     print("| scenario (UTC) | claims, foreign Nodes | claim created (its create answered) -> PUT, p50 / p95 "
           "| PUT -> node GPU-ready (simulator, scheduled 3.5 s), p50 / p95 / max "
           "| node GPU-ready -> claim Ready, p50 / p95 / p99 / max (its parts, p50 / p99: the Node's event reaching "
@@ -873,6 +985,28 @@ def table() -> None:
                   f"{after['claims_written']}, Nodes written {after['nodes_written']}, Events "
                   f"{after['events_written']}; controller peak RSS {after['controller']['peak_rss_mib']:.0f} MiB, "
                   f"CPU {after['controller']['cpu_s']:.1f} s")
+
+
+    if floors:
+        print("\n| floor: no controller (UTC) | claims | claim created (its create answered) -> PUT, p50 / p95 "
+              "| PUT -> node GPU-ready (simulator, scheduled 3.5 s), p50 / p95 / max | node GPU-ready -> its Node's "
+              "event, p50 / p99 | all GPU-ready | load average, mean / max | API server: CPU, requests, a request "
+              "| API server: most Node events held / watches it closed |")
+        print("|---|---|---|---|---|---|---|---|---|")
+    for r in floors:
+        launch, machine = r["launch"], r["machine"]
+        up, nominal = launch["put_to_gpu_ready_s"], launch["put_to_gpu_ready_nominal_s"]
+        print(f"| {r['scenario']} ({r['date'][11:16]}) | {launch['claims']} "
+              f"| {launch['created_to_put_s']['p50']:.2f} / {launch['created_to_put_s']['p95']:.2f} s "
+              f"| {up['p50']:.2f} / {up['p95']:.2f} / {up['max']:.2f} s (lag {up['p50'] - nominal:.2f} / "
+              f"{up['p95'] - nominal:.2f} / {up['max'] - nominal:.2f} s; its own p95 "
+              f"{launch['simulator_own_lag_s']['p95']:.2f} s) "
+              f"| {_p50_p99(launch['gpu_ready_to_node_event_s'])} | {launch['all_gpu_ready_s']:.1f} s "
+              f"| {machine['load_1m_mean']:.1f} / {machine['load_1m_max']:.1f} "
+              f"| {machine['kube-apiserver_cpu_s']:.1f} s, {machine['kube-apiserver_requests']}, "
+              f"{machine['kube-apiserver_cpu_ms_a_request']:.1f} ms "
+              f"| {machine['kube-apiserver_watch_backlog_max'].get('nodes', 0)} / "
+              f"{sum(machine['kube-apiserver_watches_closed'].values())} |")
 
 
 def _p50_p99(distribution: dict[str, float] | None) -> str:
