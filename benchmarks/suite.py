@@ -6,14 +6,14 @@ Scenarios:
   big-cluster  the same among 5,000 foreign Nodes made like real AKS nodes (images, conditions, addresses).
   restart      1,000 Ready claims among 5,000 foreign Nodes, the controller restarted: time to /readyz and the
                writes it makes (ARM, claims, Nodes, Events); then all deleted.
-  floor        no controller: N claims (default 1,000) whose pools a stand-in PUTs on sight, writing nothing to
+  floor        no controller: N claims (default 200) whose pools a stand-in PUTs on sight, writing nothing to
                Kubernetes; the simulator's timing with only its own writes and the client's, what this machine
                allows any controller.
 
 Each prints its figures and writes them to .artifacts/bench/<scenario>.json (or $BENCH_RESULTS/); `table`
 prints the README's table from those files. Times per claim are measured by a watch (not by polling lists),
 the simulator's part from its own timeline: when each step was due under the scenario and when it happened.
-Run: `make bench` (all three), `make bench ARGS="burst --claims 1000"`, `make bench ARGS=table`.
+Run: `make bench` (all four), `make bench ARGS="burst --claims 1000"`, `make bench ARGS=table`.
 """
 
 from __future__ import annotations
@@ -897,7 +897,7 @@ def restart(claims: Annotated[int, typer.Option(help="Ready claims when the cont
 
 
 @app.command()
-def floor(claims: Annotated[int, typer.Option(help="How many claims at once.")] = 1000) -> None:
+def floor(claims: Annotated[int, typer.Option(help="How many claims at once.")] = 200) -> None:
     """No controller: a stand-in PUTs each claim's pool on sight and writes nothing to Kubernetes. The simulator's
     timing with only its own writes and the client's in the API server: what this machine allows any controller."""
     name = f"floor-{claims}"
@@ -925,10 +925,11 @@ def objects_written_since(client: kubernetes.client.ApiClient, resource_version:
 
 @app.command("all")
 def all_scenarios() -> None:
-    """burst (200), big-cluster and restart with their defaults."""
+    """burst (200), big-cluster, restart and floor (200) with their defaults."""
     burst()
     big_cluster()
     restart()
+    floor()
 
 
 # the README's tables -------------------------------------------------------------------------
