@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     workers: int = Field(8, ge=1, validation_alias="WORKERS")
     # Besides `workers`: these take only claims whose Node just let them turn Ready, so that what Kaito waits for
     # never waits behind other work (with ARM_WRITERS=0, launches and deletions holding a worker for ARM's answer).
-    ready_workers: int = Field(8, ge=0, validation_alias="READY_WORKERS")
+    ready_workers: int = Field(4, ge=0, validation_alias="READY_WORKERS")
     # Threads that send pool PUTs and DELETEs, so that no worker waits for ARM's answer to a write (a second or
     # more); 0: each is sent by the worker of its claim, which waits for the answer.
     arm_writers: int = Field(64, ge=0, validation_alias="ARM_WRITERS")
