@@ -5,7 +5,7 @@ then release the claim's finalizer. Nothing is released before the cloud confirm
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -94,6 +94,8 @@ class _Progress:
     gone_after: float
     # the claim's pool was ours to delete (DeletingAgentPool said so; no Terminated Event repeats it)
     pool_deleted: bool = False
+    # uids of the Nodes deleted: the cache shows one until its deletion is watched, and it is not drained again
+    nodes_deleted: set[str] = field(default_factory=set)
 
 
 class Termination:
@@ -178,7 +180,12 @@ class Termination:
         pool_is_ours = pool is not None and pool.managed and pool.claim_key in ("", claim.key)
         # A pool of the claim's name made by someone else (AgentPoolNameTaken) keeps its nodes.
         drained: list[tuple[dict[str, Any], bool]] = []
+        with self._lock:
+            progress = self._progress.get(claim.uid)
+        deleted = progress.nodes_deleted if progress else set()
         for node in self.deps.nodes.nodes_for(claim):
+            if node["metadata"].get("uid") in deleted:
+                continue
             if pool_is_ours or _belongs_to(claim, node):
                 try:
                     wait, node, released = self._drain(r, node)
@@ -317,17 +324,20 @@ class Termination:
         """Delete a drained Node, and let it go if it still has gpu-provisioner's finalizer (someone else deleted it
         first). `released`: the drain let it go."""
         kube, name = self.deps.kube, node["metadata"]["name"]
+        gone = self._progress_of(claim).nodes_deleted
         try:
             if TERMINATION_FINALIZER in (node["metadata"].get("finalizers") or []):
                 kube.patch_node(name, RELEASE_NODE)
                 released = True
-            # The cache may still show a Node this controller deleted a moment ago: only a DELETE that found it
-            # counts.
+            # The cache may still show a Node deleted a moment ago (by someone else too): only a DELETE that found
+            # it counts.
             deleted = not node["metadata"].get("deletionTimestamp") and kube.delete_node(name)
         except ApiException as error:
             if error.status == 404:  # gone since the cache saw it
+                gone.add(node["metadata"].get("uid"))
                 return
             raise
+        gone.add(node["metadata"].get("uid"))
         if released or deleted:
             # Counted once: a Node already deleted and released is only waited for.
             metrics.KARPENTER_NODES_TERMINATED.labels(nodepool=karpenter_nodepool(claim)).inc()

@@ -378,3 +378,45 @@ def test_claims_left_for_when_the_queue_is_idle_do_not_hold_back_each_others_sta
     queue.add("nodeclaims/another", when_idle=True)  # its status held too: it waits for when idle, as this one
     look = harness.reconcile(claim)
     assert look is not None and not look.when_idle and len(harness.kube.statuses) == 1
+
+
+class NodeKube(Kube):
+    """Kube with one Node, as the Node cache shows it: a write's answer at once, a deletion only once watched."""
+
+    def __init__(self, node_name: str) -> None:
+        super().__init__()
+        self.node: dict[str, Any] = {"metadata": {"name": node_name, "uid": "node-uid", "finalizers": [
+            TERMINATION_FINALIZER]}, "spec": {}}
+        self.pod_lists = 0
+        self.node_deletes = 0
+
+    def patch_node(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        metadata, spec = self.node["metadata"], self.node["spec"]
+        if "$deleteFromPrimitiveList/finalizers" in patch.get("metadata", {}):
+            metadata["finalizers"] = []
+        spec.update(patch.get("spec") or {})
+        return self.node
+
+    def pods_on_node(self, name: str) -> list[dict[str, Any]]:
+        self.pod_lists += 1
+        return []
+
+    def delete_node(self, name: str) -> bool:
+        self.node_deletes += 1
+        return self.node_deletes == 1  # the API server has it no more after the first
+
+
+def test_a_node_termination_deleted_is_not_drained_or_deleted_again_while_the_cache_still_shows_it():
+    kube = NodeKube("aks-ws-vmss000000")
+    harness = Harness(kube=kube, nodes=SimpleNamespace(nodes_for=lambda c: [kube.node]))
+    claim = kaito(NODECLAIM)
+    harness.reconcile(claim)  # PUT
+    harness.pool_becomes(claim, "Succeeded")
+    claim.obj["metadata"]["deletionTimestamp"] = rfc3339(START)
+    harness.reconcile(claim)  # drained, the pool's DELETE sent, the Node deleted
+    assert (kube.pod_lists, kube.node_deletes, harness.pools.deletes) == (1, 1, [claim.name])
+    harness.reconcile(claim)  # woken again before the Node's deletion is watched: the pool is not gone yet
+    assert (kube.pod_lists, kube.node_deletes) == (1, 1)
+    harness.list()  # the pool is gone
+    assert harness.reconcile(claim) is None  # released
+    assert harness.kube.claim_patches[-1]["metadata"]["finalizers"] == []
