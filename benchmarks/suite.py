@@ -986,8 +986,6 @@ def table() -> None:
                   f"{after['claims_written']}, Nodes written {after['nodes_written']}, Events "
                   f"{after['events_written']}; controller peak RSS {after['controller']['peak_rss_mib']:.0f} MiB, "
                   f"CPU {after['controller']['cpu_s']:.1f} s")
-
-
     if floors:
         print("\n| floor: no controller (UTC) | claims | claim created (its create answered) -> PUT, p50 / p95 "
               "| PUT -> node GPU-ready (simulator, scheduled 3.5 s), p50 / p95 / max | node GPU-ready -> its Node's "
