@@ -432,12 +432,23 @@ class Write:
         return node["pool"] if node else self.name
 
 
+def audit_events(log: Path) -> list[dict[str, Any]]:
+    """The API server's audit events so far, one a line; a line it is still writing is waited for (a second at
+    most), not read in half."""
+    text = log.read_text()
+    for _ in range(10):
+        if text.endswith("\n") or not text:
+            break
+        time.sleep(0.1)
+        text = log.read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
 def audited_writes(log: Path) -> list[Write]:
     wall_to_monotonic = time.time() - time.monotonic()
     at = lambda stamp: datetime.fromisoformat(stamp).timestamp() - wall_to_monotonic  # noqa: E731
     writes = []
-    for line in log.read_text().splitlines():
-        event = json.loads(line)
+    for event in audit_events(log):
         if event.get("verb") in READS:
             continue
         target = event.get("objectRef") or {}
@@ -450,8 +461,7 @@ def audited_writes(log: Path) -> list[Write]:
 def requests_of(log: Path, user: str) -> dict[str, int]:
     """How many requests `user` made (its watches aside), by verb and resource, such as "patch nodeclaims/status"."""
     counted: Counter[str] = Counter()
-    for line in log.read_text().splitlines():
-        event = json.loads(line)
+    for event in audit_events(log):
         if (event.get("user") or {}).get("username") == user:
             target = event.get("objectRef") or {}
             subresource = f"/{target['subresource']}" if target.get("subresource") else ""
