@@ -47,6 +47,9 @@ def test_node_cache_follows_add_modify_delete(kube_api, unique_name):
         assert next_for(events, unique_name) == "MODIFIED"
         assert informer.get(unique_name)["metadata"]["labels"]["step"] == "2"
         assert informer.get(unique_name)["kind"] == "Node"
+        metadata = "metadata"  # interned by the compiler, as its identifier-like constants are
+        # The cache keeps the interned string, not the copy the JSON parse made (shared_strings).
+        assert any(key is metadata for key in informer.get(unique_name))
         core.delete_node(unique_name)
         assert next_for(events, unique_name) == "DELETED"
         assert informer.get(unique_name) is None
