@@ -444,6 +444,18 @@ def audit_events(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+def wait_for_audit_lines(log: Path, quiet_s: float = 0.3, most_s: float = 2.0) -> None:
+    """Until the audit log has not grown for `quiet_s` (`most_s` at most). The API server writes a request's line
+    once it has answered: a claim released by a PATCH is seen gone by the watch before that PATCH's line is there."""
+    deadline = time.monotonic() + most_s
+    size = log.stat().st_size
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        if (grown := log.stat().st_size) == size:
+            return
+        size = grown
+
+
 def audited_writes(log: Path) -> list[Write]:
     wall_to_monotonic = time.time() - time.monotonic()
     at = lambda stamp: datetime.fromisoformat(stamp).timestamp() - wall_to_monotonic  # noqa: E731
@@ -786,6 +798,7 @@ class Run:
         self.figures.update(arm_requests=arm, arm_requests_per_claim=round(sum(arm.values()) / max(claims, 1), 2))
         if controller is not None:
             # The controller's Kubernetes requests in the whole run (in restart, both controllers').
+            wait_for_audit_lines(self.plane.audit_log)
             kube = requests_of(self.plane.audit_log, CONTROLLER_USER)
             self.figures.update(
                 controller_kubernetes_requests=kube,
