@@ -259,8 +259,7 @@ def launch_on_sight(environment: dict[str, str], kubeconfig: str, log_path: str,
     (the first size it lists), PARALLEL_WRITES at once, for ever."""
     sys.stderr = open(log_path, "a", buffering=1)  # noqa: SIM115 - the process's own, until it ends
     os.environ.update(environment)
-    pools = AgentPools(Settings())
-    custom = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(config_file=kubeconfig))
+    pools = AgentPools(Settings.load())
     claims: dict[str, dict[str, Any]] = {}
     seen: queue.SimpleQueue[tuple[str, str, float]] = queue.SimpleQueue()
 
@@ -278,9 +277,7 @@ def launch_on_sight(environment: dict[str, str], kubeconfig: str, log_path: str,
         except Exception as error:  # the run then times out waiting for its node, and this says why
             print(f"PUT of {name} failed: {error!r}", file=sys.stderr)
 
-    threading.Thread(target=follow, daemon=True, args=(
-        functools.partial(custom.list_cluster_custom_object, GROUP, CLAIM_API.version, CLAIM_API.plural),
-        lambda claim: claim["metadata"]["name"], created, seen)).start()
+    threading.Thread(target=follow_claims, args=(kubeconfig, created, seen), daemon=True).start()
     opened.put(seen.get())
     with ThreadPoolExecutor(PARALLEL_WRITES) as writers:
         while True:
@@ -335,7 +332,6 @@ class Watcher:
 
 def watch_claims(kubeconfig: str, events: multiprocessing.Queue[tuple[str, str, float]]) -> None:
     """In its own process: sends ("ready" | "gone", claim name, time.monotonic() when seen) for each claim."""
-    custom = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(config_file=kubeconfig))
 
     def change(event_type: str, claim: dict[str, Any]) -> str | None:
         if event_type == "DELETED":
@@ -343,6 +339,12 @@ def watch_claims(kubeconfig: str, events: multiprocessing.Queue[tuple[str, str, 
         conditions = (claim.get("status") or {}).get("conditions") or []
         return "ready" if any(c["type"] == READY and c["status"] == "True" for c in conditions) else None
 
+    follow_claims(kubeconfig, change, events)
+
+
+def follow_claims(kubeconfig: str, change: Callable[[str, dict[str, Any]], str | None], events: Sink) -> None:
+    """`follow` the claims, by name."""
+    custom = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(config_file=kubeconfig))
     follow(functools.partial(custom.list_cluster_custom_object, GROUP, CLAIM_API.version, CLAIM_API.plural),
            lambda claim: claim["metadata"]["name"], change, events)
 
