@@ -8,7 +8,8 @@ Scenarios:
                writes it makes (ARM, claims, Nodes, Events); then all deleted.
   floor        no controller: N claims (default 200) whose pools a stand-in PUTs on sight, writing nothing to
                Kubernetes; the simulator's timing with only its own writes and the client's, what this machine
-               allows any controller.
+               allows any controller. With --writes the stand-in also makes the writes the contract asks of any
+               controller (finalizer, Node, Ready status), as soon as it can: what this machine allows Ready.
 
 Each prints its figures and writes them to .artifacts/bench/<scenario>.json (or $BENCH_RESULTS/); `table`
 prints the README's table from those files. Times per claim are measured by a watch (not by polling lists),
@@ -47,13 +48,24 @@ from typing import Annotated, Any, Protocol
 import kubernetes
 import typer
 
-from gpu_provisioner.api.claims import CLAIM_APIS, GROUP, READY, Claim, rfc3339
+from gpu_provisioner.api.claims import (
+    CLAIM_APIS,
+    GROUP,
+    INITIALIZED_LABEL,
+    READY,
+    REGISTERED_LABEL,
+    TERMINATION_FINALIZER,
+    Claim,
+    StatusWriter,
+    rfc3339,
+)
 from gpu_provisioner.cloud.agentpools import AgentPools
 from gpu_provisioner.cloud.pool_request import MACHINE_TYPE_LABEL, build_pool_request
 from gpu_provisioner.devenv.controlplane import ControlPlane, die_with_parent, free_port, process_cpu_s
 from gpu_provisioner.devenv.tools import ensure_tools
 from gpu_provisioner.lifecycle.nodes import pool_of_node
 from gpu_provisioner.runtime import rest
+from gpu_provisioner.runtime.rest import MERGE_PATCH, STRATEGIC_MERGE_PATCH
 from gpu_provisioner.sandbox import kaito_claim
 from gpu_provisioner.settings import Settings
 from gpu_provisioner.sim import AksSimulator, Scenario, timeline
@@ -63,6 +75,9 @@ CHART = Path(__file__).resolve().parents[1] / "charts" / "gpu-provisioner"
 CLAIM_API = CLAIM_APIS["nodeclaim"]
 ARM_OPERATIONS_NOT_COUNTED = ("token", "openid-configuration")
 PARALLEL_WRITES = 8  # client threads creating or deleting objects at once
+# The floor's stand-in writes as many at once as the API server takes (its seats queue the rest), so that no claim
+# waits for a writer.
+FLOOR_WRITERS = 64
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 
 
@@ -233,17 +248,22 @@ class Controller:
 
 class Launcher:
     """`floor`'s stand-in for a controller, in a process of its own: it PUTs each claim's pool when it sees the claim
-    created, through this project's ARM door (the SDK's pipeline, as the controller sends it), and writes nothing to
-    Kubernetes (no finalizer, no status, no Node). It reads the claims as the controller's ServiceAccount."""
+    created, through this project's ARM door (the SDK's pipeline, as the controller sends it). Without `writes` it
+    writes nothing to Kubernetes; with them, the least the contract asks of any controller, each as soon as it can:
+    the claim's finalizer before its PUT, and once its Node is Ready with its GPUs, one Node write (the registered
+    and initialized labels, the finalizer, the owner) and one status write (every condition True). It reads and
+    writes as the controller's ServiceAccount."""
 
-    def __init__(self, kubeconfig: Path, sim: AksSimulator, workdir: Path) -> None:
+    def __init__(self, kubeconfig: Path, sim: AksSimulator, workdir: Path, writes: bool) -> None:
         self.log_path = workdir / "launcher.log"
         context = multiprocessing.get_context("spawn")
         opened: multiprocessing.Queue[tuple[str, str, float]] = context.Queue()
-        self.process = context.Process(target=launch_on_sight, daemon=True,
-                                       args=(sim.azure_environment(), str(kubeconfig), str(self.log_path), opened))
+        self.process = context.Process(
+            target=launch_on_sight, daemon=True,
+            args=(sim.azure_environment(), str(kubeconfig), str(self.log_path), opened, writes))
         self.process.start()
-        opened.get(timeout=120)
+        for _ in range(2 if writes else 1):
+            opened.get(timeout=120)
 
     def check_alive(self) -> None:
         if not self.process.is_alive():
@@ -254,13 +274,16 @@ class Launcher:
 
 
 def launch_on_sight(environment: dict[str, str], kubeconfig: str, log_path: str,
-                    opened: multiprocessing.Queue[tuple[str, str, float]]) -> None:
-    """The Launcher's process: sends ("open", "", time) once its claim watch is open, then PUTs each new claim's pool
-    (the first size it lists), PARALLEL_WRITES at once, for ever."""
+                    opened: multiprocessing.Queue[tuple[str, str, float]], writes: bool) -> None:
+    """The Launcher's process: sends ("open", "", time) once each of its watches is open, then PUTs each new claim's
+    pool (the first size it lists) and, with `writes`, makes the contract's writes; FLOOR_WRITERS at once, for ever."""
     sys.stderr = open(log_path, "a", buffering=1)  # noqa: SIM115 - the process's own, until it ends
     os.environ.update(environment)
     pools = AgentPools(Settings.load())
+    kube = kubernetes.config.new_client_from_config(config_file=kubeconfig)
+    kube.user_agent = "gpu-provisioner/floor"  # its writes are counted as the controller's would be
     claims: dict[str, dict[str, Any]] = {}
+    nodes: dict[str, dict[str, Any]] = {}
     seen: queue.SimpleQueue[tuple[str, str, float]] = queue.SimpleQueue()
 
     def created(event_type: str, claim: dict[str, Any]) -> str | None:
@@ -269,19 +292,54 @@ def launch_on_sight(environment: dict[str, str], kubeconfig: str, log_path: str,
         claims[claim["metadata"]["name"]] = claim  # before its name is queued
         return "created"
 
-    def put(name: str) -> None:
+    def gpus_up(event_type: str, node: dict[str, Any]) -> str | None:
+        if gpu_ready(event_type, node) is None or pool_of_node(node) in nodes:
+            return None
+        nodes[pool_of_node(node)] = node
+        return "gpu"
+
+    def launch(name: str) -> None:
+        claim = Claim(CLAIM_API, claims[name])
+        if writes:
+            rest.call(kube, "PATCH", claim_path(name), content_type=MERGE_PATCH, body={"metadata": {
+                "finalizers": [TERMINATION_FINALIZER], "resourceVersion": claim.metadata["resourceVersion"]}})
+        request = build_pool_request(claim, created_at=rfc3339(claim.created or datetime.now(UTC)))
+        pools.create(name, request.body(request.vm_sizes[0]))
+
+    def make_ready(name: str) -> None:
+        claim, node = Claim(CLAIM_API, claims[name]), nodes[name]
+        owner = {"apiVersion": CLAIM_API.api_version, "kind": CLAIM_API.kind, "name": name, "uid": claim.uid}
+        rest.call(kube, "PATCH", f"/api/v1/nodes/{node['metadata']['name']}", content_type=STRATEGIC_MERGE_PATCH,
+                  body={"metadata": {"labels": {REGISTERED_LABEL: "true", INITIALIZED_LABEL: "true"},
+                                     "finalizers": [TERMINATION_FINALIZER], "ownerReferences": [owner]}})
+        status = StatusWriter(claim, datetime.now(UTC))
+        for phase in CLAIM_API.phases:
+            status.set(phase, "True", phase)
+        status.status.update(providerID=node["spec"]["providerID"], nodeName=node["metadata"]["name"],
+                             capacity=node["status"]["capacity"], allocatable=node["status"]["allocatable"])
+        rest.call(kube, "PATCH", f"{claim_path(name)}/status", body={"status": status.render()},
+                  content_type=MERGE_PATCH)
+
+    def attempt(action: Callable[[str], None], name: str) -> None:
         try:
-            claim = Claim(CLAIM_API, claims[name])
-            request = build_pool_request(claim, created_at=rfc3339(claim.created or datetime.now(UTC)))
-            pools.create(name, request.body(request.vm_sizes[0]))
-        except Exception as error:  # the run then times out waiting for its node, and this says why
-            print(f"PUT of {name} failed: {error!r}", file=sys.stderr)
+            action(name)
+        except Exception as error:  # the run then times out waiting for this claim, and this says why
+            print(f"{action.__name__} of {name} failed: {error!r}", file=sys.stderr)
 
     threading.Thread(target=follow_claims, args=(kubeconfig, created, seen), daemon=True).start()
-    opened.put(seen.get())
-    with ThreadPoolExecutor(PARALLEL_WRITES) as writers:
+    if writes:
+        threading.Thread(target=follow_gpu_nodes, args=(kubeconfig, gpus_up, seen), daemon=True).start()
+    with ThreadPoolExecutor(FLOOR_WRITERS) as writers:
         while True:
-            writers.submit(put, seen.get()[1])
+            what, name, _ = seen.get()
+            if what == "open":
+                opened.put((what, name, time.monotonic()))
+            else:
+                writers.submit(attempt, launch if what == "created" else make_ready, name)
+
+
+def claim_path(name: str) -> str:
+    return f"/apis/{GROUP}/{CLAIM_API.version}/{CLAIM_API.plural}/{name}"
 
 
 # watching claims -----------------------------------------------------------------------------
@@ -352,14 +410,20 @@ def follow_claims(kubeconfig: str, change: Callable[[str, dict[str, Any]], str |
 def watch_gpu_nodes(kubeconfig: str, events: multiprocessing.Queue[tuple[str, str, float]]) -> None:
     """In its own process: sends ("gpu", agent pool (= claim) name, time.monotonic() when seen) for each Node of a
     claim's pool that is Ready with its GPUs allocatable."""
+    follow_gpu_nodes(kubeconfig, gpu_ready, events)
+
+
+def gpu_ready(event_type: str, node: dict[str, Any]) -> str | None:
+    """"gpu" for a Node event that shows it Ready with its GPUs allocatable."""
+    status = node.get("status") or {}
+    ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions") or [])
+    gpus = (status.get("allocatable") or {}).get("nvidia.com/gpu", "0")
+    return "gpu" if event_type != "DELETED" and ready and gpus != "0" else None
+
+
+def follow_gpu_nodes(kubeconfig: str, change: Callable[[str, dict[str, Any]], str | None], events: Sink) -> None:
+    """`follow` the Nodes of claims' pools, by pool."""
     core = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(config_file=kubeconfig))
-
-    def change(event_type: str, node: dict[str, Any]) -> str | None:
-        status = node.get("status") or {}
-        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions") or [])
-        gpus = (status.get("allocatable") or {}).get("nvidia.com/gpu", "0")
-        return "gpu" if event_type != "DELETED" and ready and gpus != "0" else None
-
     follow(functools.partial(core.list_node, label_selector=MACHINE_TYPE_LABEL), pool_of_node, change, events)
 
 
@@ -704,10 +768,29 @@ class Run:
     def burst(self, controller: Controller, claims: int) -> dict[str, Any]:
         """Creates `claims` claims at once and waits until all are Ready; their figures."""
         first = time.monotonic()
+        return self.ready_figures(self.create_claims(claims), first, controller)
+
+    def floor(self, launcher: Launcher, claims: int, writes: bool) -> dict[str, Any]:
+        """Creates `claims` claims at once and waits until every one's node is GPU-ready (and with the stand-in's
+        `writes`, every claim Ready); their figures."""
+        first = time.monotonic()
         names = self.create_claims(claims)
+        if writes:
+            return self.ready_figures(names, first, launcher)
+        gpu_seen = self.watcher.gpu_seen_at
+        self.watcher.wait("every claim's node GPU-ready", lambda: all(n in gpu_seen for n in names), 120 + claims,
+                          launcher)
+        return {
+            **self.launch_figures(names, answered(audited_writes(self.plane.audit_log), "create")),
+            "all_gpu_ready_s": round(max(gpu_seen[n] for n in names) - first, 2),
+            "arm_requests_until_gpu_ready": self.arm_requests(),
+        }
+
+    def ready_figures(self, names: list[str], first: float, controller: Controller | Launcher) -> dict[str, Any]:
+        """Waits until the claims `names`, created from `first` on, are all Ready; their figures."""
         ready, gpu_seen = self.watcher.ready_at, self.watcher.gpu_seen_at
-        self.watcher.wait("every claim Ready", lambda: all(n in ready and n in gpu_seen for n in names), 120 + claims,
-                          controller)
+        self.watcher.wait("every claim Ready", lambda: all(n in ready and n in gpu_seen for n in names),
+                          120 + len(names), controller)
         writes = audited_writes(self.plane.audit_log)
         created = answered(writes, "create")
         return {
@@ -719,19 +802,6 @@ class Run:
             "created_to_claim_ready_s": distribution(ready[n] - created[n] for n in names),
             "all_ready_s": round(max(ready[n] for n in names) - first, 2),
             "arm_requests_until_ready": self.arm_requests(),
-        }
-
-    def floor(self, launcher: Launcher, claims: int) -> dict[str, Any]:
-        """Creates `claims` claims at once and waits until every one's node is GPU-ready; their figures."""
-        first = time.monotonic()
-        names = self.create_claims(claims)
-        gpu_seen = self.watcher.gpu_seen_at
-        self.watcher.wait("every claim's node GPU-ready", lambda: all(n in gpu_seen for n in names), 120 + claims,
-                          launcher)
-        return {
-            **self.launch_figures(names, answered(audited_writes(self.plane.audit_log), "create")),
-            "all_gpu_ready_s": round(max(gpu_seen[n] for n in names) - first, 2),
-            "arm_requests_until_gpu_ready": self.arm_requests(),
         }
 
     def launch_figures(self, names: list[str], created: dict[str, float]) -> dict[str, Any]:
@@ -922,14 +992,18 @@ def restart(claims: Annotated[int, typer.Option(help="Ready claims when the cont
 
 
 @app.command()
-def floor(claims: Annotated[int, typer.Option(help="How many claims at once.")] = 200) -> None:
+def floor(claims: Annotated[int, typer.Option(help="How many claims at once.")] = 200,
+          writes: Annotated[bool, typer.Option(help="Make the contract's writes too, and wait for Ready.")] = False,
+          ) -> None:
     """No controller: a stand-in PUTs each claim's pool on sight and writes nothing to Kubernetes. The simulator's
-    timing with only its own writes and the client's in the API server: what this machine allows any controller."""
-    name = f"floor-{claims}"
+    timing with only its own writes and the client's in the API server: what this machine allows any controller.
+    With --writes it also makes the contract's writes (finalizer, Node, Ready status) at once: what this machine
+    allows Ready."""
+    name = f"floor-{claims}{'-writes' if writes else ''}"
     with running(name) as (run, load):
-        launcher = Launcher(run.identities.controller, run.sim, run.workdir)
+        launcher = Launcher(run.identities.controller, run.sim, run.workdir, writes)
         try:
-            run.figures["launch"] = run.floor(launcher, claims)
+            run.figures["launch"] = run.floor(launcher, claims, writes)
             figures = run.finish(load)
         finally:
             launcher.stop()
@@ -950,11 +1024,13 @@ def objects_written_since(client: kubernetes.client.ApiClient, resource_version:
 
 @app.command("all")
 def all_scenarios() -> None:
-    """burst (200), big-cluster, restart and floor (200) with their defaults."""
+    """burst (200), big-cluster, restart and floor (200, without and with the contract's writes) with their
+    defaults."""
     burst()
     big_cluster()
     restart()
     floor()
+    floor(writes=True)
 
 
 # the README's tables -------------------------------------------------------------------------
@@ -1014,18 +1090,25 @@ def table() -> None:
     if floors:
         print("\n| floor: no controller (UTC) | claims | claim created (its create answered) -> PUT, p50 / p95 "
               "| PUT -> node GPU-ready (simulator, scheduled 3.5 s), p50 / p95 / max | node GPU-ready -> its Node's "
-              "event, p50 / p99 | all GPU-ready | load average, mean / max | API server: CPU, requests, a request "
+              "event, p50 / p99 | with the contract's writes: node GPU-ready -> claim Ready, p50 / p95 / p99 / max "
+              "(the stand-in's own time, p50 / p99; its writes in the API server) | all GPU-ready (all Ready) "
+              "| load average, mean / max | API server: CPU, requests, a request "
               "| API server: most Node events held / watches it closed |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|")
     for r in floors:
         launch, machine = r["launch"], r["machine"]
         up, nominal = launch["put_to_gpu_ready_s"], launch["put_to_gpu_ready_nominal_s"]
+        ready = "-"
+        if "gpu_ready_to_claim_ready_s" in launch:
+            ready = (f"{shown(launch['gpu_ready_to_claim_ready_s'])} (own {_p50_p99(launch.get('controller_own_s'))}; "
+                     f"writes {_p50_p99(launch.get('controller_writes_in_api_server_s'))})")
+        done = f"{launch['all_ready_s']:.1f} s" if "all_ready_s" in launch else f"{launch['all_gpu_ready_s']:.1f} s"
         print(f"| {r['scenario']} ({r['date'][11:16]}) | {launch['claims']} "
               f"| {launch['created_to_put_s']['p50']:.2f} / {launch['created_to_put_s']['p95']:.2f} s "
               f"| {up['p50']:.2f} / {up['p95']:.2f} / {up['max']:.2f} s (lag {up['p50'] - nominal:.2f} / "
               f"{up['p95'] - nominal:.2f} / {up['max'] - nominal:.2f} s; its own p95 "
               f"{launch['simulator_own_lag_s']['p95']:.2f} s) "
-              f"| {_p50_p99(launch['gpu_ready_to_node_event_s'])} | {launch['all_gpu_ready_s']:.1f} s "
+              f"| {_p50_p99(launch['gpu_ready_to_node_event_s'])} | {ready} | {done} "
               f"| {machine['load_1m_mean']:.1f} / {machine['load_1m_max']:.1f} "
               f"| {machine['kube-apiserver_cpu_s']:.1f} s, {machine['kube-apiserver_requests']}, "
               f"{machine['kube-apiserver_cpu_ms_a_request']:.1f} ms "
