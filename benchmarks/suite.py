@@ -28,11 +28,11 @@ import os
 import queue
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
 import time
 import urllib.request
@@ -883,7 +883,10 @@ class Run:
 @contextmanager
 def running(scenario: str, foreign_nodes: int = 0) -> Iterator[tuple[Run, LoadSampler]]:
     compile_as_the_image_does()
-    workdir = Path(tempfile.mkdtemp(prefix=f"gpu-provisioner-bench-{scenario}-"))
+    # Beside the results, the last run's of each scenario only (its logs and kubeconfigs): runs do not pile up in /tmp.
+    workdir = results_dir() / "logs" / scenario
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
     seats = api_server_seats()
     with ControlPlane(ensure_tools(), audit_policy=AUDIT_POLICY, seats=seats) as plane:
         identities = install_identities(plane, workdir)
@@ -900,7 +903,7 @@ def running(scenario: str, foreign_nodes: int = 0) -> Iterator[tuple[Run, LoadSa
                     yield run, load
             finally:
                 run.watcher.stop()
-                print(f"controller logs in {workdir}", file=sys.stderr)
+                print(f"logs in {workdir}", file=sys.stderr)
 
 
 def results_dir() -> Path:

@@ -40,10 +40,26 @@ _prctl = ctypes.CDLL(None, use_errno=True).prctl
 _PR_SET_PDEATHSIG = 1
 
 
+# The process about to fork, noted before every fork: a child compares it with its parent after asking for the
+# signal, since a parent that died in between sends none.
+_forking_pid = 0
+
+
+def _note_forking_pid() -> None:
+    global _forking_pid
+    _forking_pid = os.getpid()
+
+
+os.register_at_fork(before=_note_forking_pid)
+
+
 def die_with_parent() -> None:
     """preexec_fn for local processes (etcd, kube-apiserver, a controller): the kernel sends them SIGTERM
-    when the process that started them dies, even by SIGKILL, so nothing outlives a killed sandbox or test run."""
+    when the process that started them dies, even by SIGKILL, so nothing outlives a killed sandbox or test run.
+    A child whose parent died before it could ask exits at once."""
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != _forking_pid:
+        os._exit(1)
 
 
 class ControlPlaneError(RuntimeError):
