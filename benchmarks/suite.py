@@ -65,6 +65,7 @@ from gpu_provisioner.devenv.controlplane import ControlPlane, die_with_parent, f
 from gpu_provisioner.devenv.tools import ensure_tools
 from gpu_provisioner.lifecycle.nodes import pool_of_node
 from gpu_provisioner.runtime import rest
+from gpu_provisioner.runtime.kube import claim_path
 from gpu_provisioner.runtime.rest import MERGE_PATCH, STRATEGIC_MERGE_PATCH
 from gpu_provisioner.sandbox import kaito_claim
 from gpu_provisioner.settings import Settings
@@ -301,7 +302,7 @@ def launch_on_sight(environment: dict[str, str], kubeconfig: str, log_path: str,
     def launch(name: str) -> None:
         claim = Claim(CLAIM_API, claims[name])
         if writes:
-            rest.call(kube, "PATCH", claim_path(name), content_type=MERGE_PATCH, body={"metadata": {
+            rest.call(kube, "PATCH", claim_path(CLAIM_API, name), content_type=MERGE_PATCH, body={"metadata": {
                 "finalizers": [TERMINATION_FINALIZER], "resourceVersion": claim.metadata["resourceVersion"]}})
         request = build_pool_request(claim, created_at=rfc3339(claim.created or datetime.now(UTC)))
         pools.create(name, request.body(request.vm_sizes[0]))
@@ -317,7 +318,7 @@ def launch_on_sight(environment: dict[str, str], kubeconfig: str, log_path: str,
             status.set(phase, "True", phase)
         status.status.update(providerID=node["spec"]["providerID"], nodeName=node["metadata"]["name"],
                              capacity=node["status"]["capacity"], allocatable=node["status"]["allocatable"])
-        rest.call(kube, "PATCH", f"{claim_path(name)}/status", body={"status": status.render()},
+        rest.call(kube, "PATCH", f"{claim_path(CLAIM_API, name)}/status", body={"status": status.render()},
                   content_type=MERGE_PATCH)
 
     def attempt(action: Callable[[str], None], name: str) -> None:
@@ -336,10 +337,6 @@ def launch_on_sight(environment: dict[str, str], kubeconfig: str, log_path: str,
                 opened.put((what, name, time.monotonic()))
             else:
                 writers.submit(attempt, launch if what == "created" else make_ready, name)
-
-
-def claim_path(name: str) -> str:
-    return f"/apis/{GROUP}/{CLAIM_API.version}/{CLAIM_API.plural}/{name}"
 
 
 # watching claims -----------------------------------------------------------------------------
@@ -414,7 +411,7 @@ def watch_gpu_nodes(kubeconfig: str, events: multiprocessing.Queue[tuple[str, st
 
 
 def gpu_ready(event_type: str, node: dict[str, Any]) -> str | None:
-    """"gpu" for a Node event that shows it Ready with its GPUs allocatable."""
+    """A Node event's change: "gpu" if it shows the Node Ready with its GPUs allocatable."""
     status = node.get("status") or {}
     ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions") or [])
     gpus = (status.get("allocatable") or {}).get("nvidia.com/gpu", "0")

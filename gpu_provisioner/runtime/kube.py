@@ -77,14 +77,14 @@ class Kube:
     # claims -----------------------------------------------------------------------------------
 
     def patch_claim(self, api: ClaimApi, name: str, patch: Object) -> Object:
-        return self._write(self._claim_observer(api), name, _claim_path(api, name), patch, MERGE_PATCH)
+        return self._write(self._claim_observer(api), name, claim_path(api, name), patch, MERGE_PATCH)
 
     def patch_claim_status(self, api: ClaimApi, name: str, status: Object) -> Object:
-        return self._write(self._claim_observer(api), name, f"{_claim_path(api, name)}/status", {"status": status},
+        return self._write(self._claim_observer(api), name, f"{claim_path(api, name)}/status", {"status": status},
                            MERGE_PATCH)
 
     def delete_claim(self, api: ClaimApi, name: str) -> None:
-        self._call("DELETE", _claim_path(api, name), missing_ok=True)
+        self._call("DELETE", claim_path(api, name), missing_ok=True)
 
     # nodes ------------------------------------------------------------------------------------
 
@@ -113,5 +113,5 @@ class Kube:
                    body={"apiVersion": "policy/v1", "kind": "Eviction", "metadata": metadata}, missing_ok=True)
 
 
-def _claim_path(api: ClaimApi, name: str) -> str:
+def claim_path(api: ClaimApi, name: str) -> str:
     return f"/apis/{GROUP}/{api.version}/{api.plural}/{name}"
