@@ -35,7 +35,10 @@ ABSENT_RECHECK_S = 30.0
 METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1, application/json"
 METADATA_WATCH = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1, application/json"
 MAX_BACKOFF_S = 30.0
-LIST_PAGE_SIZE = 500
+# Objects a relist page asks for: the page's text and its parse are held at once, so pages of whole objects (claims,
+# GPU Nodes: several kilobytes each) are kept small; metadata-only objects are a fraction of that.
+LIST_PAGE_SIZE = 100
+METADATA_LIST_PAGE_SIZE = 500
 # Strings this long or shorter are interned in cached objects: names, label keys and values, times, reasons.
 SHARED_STRING_MAX = 64
 
@@ -263,7 +266,8 @@ class Informer:
 
     def _relist(self) -> str:
         fresh: dict[str, Object] = {}
-        query: list[tuple[str, Any]] = [("limit", LIST_PAGE_SIZE)]
+        page_size = METADATA_LIST_PAGE_SIZE if self._metadata_only else LIST_PAGE_SIZE
+        query: list[tuple[str, Any]] = [("limit", page_size)]
         while True:
             page = json.loads(self._request(query, 60, METADATA_LIST).read())
             for item in page.get("items") or []:
@@ -271,7 +275,7 @@ class Informer:
             token = page["metadata"].get("continue")
             if not token:
                 break
-            query = [("limit", LIST_PAGE_SIZE), ("continue", token)]
+            query = [("limit", page_size), ("continue", token)]
         with self._lock:
             previous, self._cache = self._cache, {}
             for index in self._indices.values():

@@ -13,6 +13,7 @@ import pytest
 from gpu_provisioner.api.claims import NODECLAIM, Claim
 from gpu_provisioner.cloud.pool_request import MACHINE_TYPE_LABEL
 from gpu_provisioner.lifecycle.nodes import NodeCache
+from gpu_provisioner.runtime import informer as informer_module
 from gpu_provisioner.runtime.informer import NODES, Informer, Resource, _Gone
 from gpu_provisioner.runtime.kube import Kube
 from tests.integration.harness import Claims, kaito_claim, wait_for
@@ -85,6 +86,30 @@ def test_relist_after_410_reports_what_was_deleted_during_the_gap(kube_api, uniq
     informer._relist()
     assert next_for(events, unique_name) == "DELETED"
     assert informer.get(unique_name) is None
+
+
+@pytest.mark.parametrize("metadata_only", [False, True])
+def test_a_relist_reads_every_page(kube_api, unique_name, monkeypatch, metadata_only):
+    """Lists are read a page at a time (whole objects in smaller pages than metadata): every page is read."""
+    monkeypatch.setattr(informer_module, "LIST_PAGE_SIZE", 2)
+    monkeypatch.setattr(informer_module, "METADATA_LIST_PAGE_SIZE", 2)
+    core = kubernetes.client.CoreV1Api(kube_api)
+    names = [f"{unique_name}-{index}" for index in range(5)]
+    for name in names:
+        core.create_node({"apiVersion": "v1", "kind": "Node",
+                          "metadata": {"name": name, "labels": {"page": unique_name}}})
+    informer = Informer(kube_api, NODES, lambda kind, obj: None, label_selector=f"page={unique_name}",
+                        metadata_only=metadata_only)
+    pages = []
+    request = informer._request
+    monkeypatch.setattr(informer, "_request", lambda query, *args: pages.append(dict(query)) or request(query, *args))
+    try:
+        informer._relist()
+        assert sorted(informer.get(name)["metadata"]["name"] for name in names) == names
+        assert len(pages) == 3 and all(page["limit"] == 2 for page in pages) and "continue" in pages[-1]
+    finally:
+        for name in names:
+            core.delete_node(name)
 
 
 def test_a_dropped_watch_connection_loses_no_event(kube_api, unique_name):
