@@ -101,11 +101,40 @@ def shown(figure: dict[str, float] | None) -> str:
     return " / ".join(f"{figure[k]:.2f}" for k in ("p50", "p95", "p99", "max")) + " s"
 
 
+def machine_cpu_s() -> tuple[float, float]:
+    """This machine's CPU time so far, over all its cores: (busy, all) seconds, from /proc/stat."""
+    user, nice, system, idle, iowait, irq, softirq, steal = (
+        int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    ticks = os.sysconf("SC_CLK_TCK")
+    busy = user + nice + system + irq + softirq + steal  # guest time is counted in user's
+    return busy / ticks, (busy + idle + iowait) / ticks
+
+
+@dataclass(frozen=True)
+class Moment:
+    """A point of a run: the monotonic clock and the machine's CPU time then."""
+
+    at: float
+    cpu_s: tuple[float, float]
+
+    @classmethod
+    def now(cls) -> Moment:
+        return cls(time.monotonic(), machine_cpu_s())
+
+    def busy_cores_since(self) -> float:
+        """How many of the machine's cores were busy from this moment to now, on average: the load of a wave too
+        short for the 1-minute load average to show."""
+        busy, all_s = machine_cpu_s()
+        return round((busy - self.cpu_s[0]) / max(all_s - self.cpu_s[1], 1e-9) * (os.cpu_count() or 1), 2)
+
+
 class LoadSampler:
-    """The machine's 1-minute load average, every second while a scenario runs, and the CPU its parts used."""
+    """The machine's 1-minute load average and its busy cores, every second while a scenario runs, and the CPU its
+    parts used."""
 
     def __init__(self, plane: ControlPlane) -> None:
         self.samples: list[float] = []
+        self.busy_cores: list[float] = []  # each second's
         self._plane = plane
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -123,10 +152,13 @@ class LoadSampler:
         self._thread.join()
 
     def _run(self) -> None:
+        second = Moment.now()
         while True:
             self.samples.append(os.getloadavg()[0])
             if self._stop.wait(1):
                 return
+            self.busy_cores.append(second.busy_cores_since())
+            second = Moment.now()
 
     def figures(self) -> dict[str, Any]:
         plane = {f"{name}_cpu_s": round(used - self._plane_cpu_at_start.get(name, 0.0), 2)
@@ -136,6 +168,8 @@ class LoadSampler:
         # What a request costs it on average, its watch events to every watcher included.
         plane["kube-apiserver_cpu_ms_a_request"] = round(plane["kube-apiserver_cpu_s"] * 1000 / max(requests, 1), 2)
         return {"cpus": os.cpu_count(), "simulator_process_cpu_s": round(_own_cpu_s() - self._cpu_at_start, 2), **plane,
+                "busy_cores_mean": round(statistics.fmean(self.busy_cores or [0.0]), 2),
+                "busy_cores_max": max(self.busy_cores or [0.0]),
                 "load_1m_mean": round(statistics.fmean(self.samples), 2),
                 "load_1m_max": round(max(self.samples), 2), "load_at_end": [round(x, 2) for x in os.getloadavg()],
                 **self._api_server_strain()}
@@ -764,13 +798,13 @@ class Run:
 
     def burst(self, controller: Controller, claims: int) -> dict[str, Any]:
         """Creates `claims` claims at once and waits until all are Ready; their figures."""
-        first = time.monotonic()
+        first = Moment.now()
         return self.ready_figures(self.create_claims(claims), first, controller)
 
     def floor(self, launcher: Launcher, claims: int, writes: bool) -> dict[str, Any]:
         """Creates `claims` claims at once and waits until every one's node is GPU-ready (and with the stand-in's
         `writes`, every claim Ready); their figures."""
-        first = time.monotonic()
+        first = Moment.now()
         names = self.create_claims(claims)
         if writes:
             return self.ready_figures(names, first, launcher)
@@ -778,26 +812,30 @@ class Run:
         self.watcher.wait("every claim's node GPU-ready", lambda: all(n in gpu_seen for n in names), 120 + claims,
                           launcher)
         return {
+            "busy_cores": first.busy_cores_since(),
             **self.launch_figures(names, answered(audited_writes(self.plane.audit_log), "create")),
-            "all_gpu_ready_s": round(max(gpu_seen[n] for n in names) - first, 2),
+            "all_gpu_ready_s": round(max(gpu_seen[n] for n in names) - first.at, 2),
             "arm_requests_until_gpu_ready": self.arm_requests(),
         }
 
-    def ready_figures(self, names: list[str], first: float, controller: Controller | Launcher) -> dict[str, Any]:
+    def ready_figures(self, names: list[str], first: Moment, controller: Controller | Launcher) -> dict[str, Any]:
         """Waits until the claims `names`, created from `first` on, are all Ready; their figures."""
         ready, gpu_seen = self.watcher.ready_at, self.watcher.gpu_seen_at
         self.watcher.wait("every claim Ready", lambda: all(n in ready and n in gpu_seen for n in names),
                           120 + len(names), controller)
+        # The machine's cores busy from the first create until every claim was Ready.
+        busy_cores = first.busy_cores_since()
         writes = audited_writes(self.plane.audit_log)
         created = answered(writes, "create")
         return {
+            "busy_cores": busy_cores,
             **self.launch_figures(names, created),
             "gpu_ready_to_claim_ready_s": distribution(
                 ready[n] - self.sim.timeline()[n][timeline.GPUS_PUBLISHED].at for n in names),
             "node_event_to_claim_ready_s": distribution(ready[n] - gpu_seen[n] for n in names),
             **split_controller_part(names, gpu_seen, ready, writes),
             "created_to_claim_ready_s": distribution(ready[n] - created[n] for n in names),
-            "all_ready_s": round(max(ready[n] for n in names) - first, 2),
+            "all_ready_s": round(max(ready[n] for n in names) - first.at, 2),
             "arm_requests_until_ready": self.arm_requests(),
         }
 
@@ -1051,7 +1089,7 @@ def table() -> None:
           "the controller, the API server's; the controller's own time, its queue and work; its writes in the API "
           "server; the claim's Ready reaching a watch, the API server's) "
           "| all Ready | all deleted (the client's DELETEs) | ARM requests | the controller's Kubernetes requests "
-          "(watches aside) | controller peak RSS / CPU | load average, mean / max "
+          f"(watches aside) | controller peak RSS / CPU | {LOAD_HEADING} "
           "| API server: most Node events held / watches it closed |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -1073,7 +1111,7 @@ def table() -> None:
               f"| {r['arm_requests_per_claim']} a claim ({arm}) "
               f"| {r['controller_kubernetes_requests_per_claim']} a claim "
               f"| {controller['peak_rss_mib']:.0f} MiB / {controller['cpu_s']:.1f} s "
-              f"| {machine['load_1m_mean']:.1f} / {machine['load_1m_max']:.1f} "
+              f"| {_load(launch, machine)} "
               f"| {machine['kube-apiserver_watch_backlog_max'].get('nodes', 0)} / "
               f"{sum(machine['kube-apiserver_watches_closed'].values())} |")
     for r in results:
@@ -1092,7 +1130,7 @@ def table() -> None:
               "| PUT -> node GPU-ready (simulator, scheduled 3.5 s), p50 / p95 / max | node GPU-ready -> its Node's "
               "event, p50 / p99 | with the contract's writes: node GPU-ready -> claim Ready, p50 / p95 / p99 / max "
               "(the stand-in's own time, p50 / p99; its writes in the API server) | all GPU-ready (all Ready) "
-              "| load average, mean / max | API server: CPU, requests, a request "
+              f"| {LOAD_HEADING} | API server: CPU, requests, a request "
               "| API server: most Node events held / watches it closed |")
         print("|---|---|---|---|---|---|---|---|---|---|")
     for r in floors:
@@ -1109,11 +1147,20 @@ def table() -> None:
               f"{up['p95'] - nominal:.2f} / {up['max'] - nominal:.2f} s; its own p95 "
               f"{launch['simulator_own_lag_s']['p95']:.2f} s) "
               f"| {_p50_p99(launch['gpu_ready_to_node_event_s'])} | {ready} | {done} "
-              f"| {machine['load_1m_mean']:.1f} / {machine['load_1m_max']:.1f} "
+              f"| {_load(launch, machine)} "
               f"| {machine['kube-apiserver_cpu_s']:.1f} s, {machine['kube-apiserver_requests']}, "
               f"{machine['kube-apiserver_cpu_ms_a_request']:.1f} ms "
               f"| {machine['kube-apiserver_watch_backlog_max'].get('nodes', 0)} / "
               f"{sum(machine['kube-apiserver_watches_closed'].values())} |")
+
+
+LOAD_HEADING = ("the machine: busy cores from the first create to all Ready (all GPU-ready) / in its busiest second; "
+                "load average, mean / max")
+
+
+def _load(launch: dict[str, Any], machine: dict[str, Any]) -> str:
+    busy = f"{launch['busy_cores']:.2f} / {machine['busy_cores_max']:.2f}" if "busy_cores" in launch else "-"
+    return f"{busy}; {machine['load_1m_mean']:.1f} / {machine['load_1m_max']:.1f}"
 
 
 def _p50_p99(distribution: dict[str, float] | None) -> str:

@@ -35,6 +35,10 @@ REPO_CRDS = Path(__file__).resolve().parents[2] / "crds"
 ADMIN_USER = "gpu-provisioner-admin"
 _READY_TIMEOUT_S = 90.0
 _STOP_GRACE_S = 15.0
+# etcd and the API server collect garbage when their heap has grown by this much (Go's default: 100 %). They share
+# this machine's two cores with everything they serve; at 400 the API server spent 15-20 % less CPU a request in a
+# 200-claim burst (2.2-2.3 ms instead of 2.7), for memory that is plentiful here. GOGC in the environment wins.
+_GO_GC_PERCENT = 400
 # Resolved in the parent: a child between fork and exec must not touch the dynamic loader.
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
 _PR_SET_PDEATHSIG = 1
@@ -174,7 +178,7 @@ class ControlPlane:
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child process
         # A new session so the whole process group can be signalled and none is left behind.
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=die_with_parent)
+                                preexec_fn=die_with_parent, env={"GOGC": str(_GO_GC_PERCENT)} | os.environ)
         log.close()
         self._processes.append((name, proc))
         return proc
