@@ -35,10 +35,6 @@ REPO_CRDS = Path(__file__).resolve().parents[2] / "crds"
 ADMIN_USER = "gpu-provisioner-admin"
 _READY_TIMEOUT_S = 90.0
 _STOP_GRACE_S = 15.0
-# etcd and the API server collect garbage when their heap has grown by this much (Go's default: 100 %). They share
-# this machine's two cores with everything they serve; at 400 the API server spent 15-20 % less CPU a request in a
-# 200-claim burst (2.2-2.3 ms instead of 2.7), for memory that is plentiful here. GOGC in the environment wins.
-_GO_GC_PERCENT = 400
 # Resolved in the parent: a child between fork and exec must not touch the dynamic loader.
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
 _PR_SET_PDEATHSIG = 1
@@ -101,6 +97,12 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_peak_rss_mib(pid: int) -> float:
+    """The most memory a running process has held resident so far, in MiB (from /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return round(next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024, 1)
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -120,15 +122,19 @@ class ControlPlane:
     """
 
     def __init__(self, tools: Toolset, crds_dir: Path | None = REPO_CRDS,
-                 audit_policy: dict[str, Any] | None = None, seats: tuple[int, int] | None = None) -> None:
+                 audit_policy: dict[str, Any] | None = None, seats: tuple[int, int] | None = None,
+                 go_gc_percent: int | None = None) -> None:
         """`audit_policy`: an audit.k8s.io/v1 Policy; the API server then logs the requests it selects to
         `audit_log`, one JSON event a line, with when each was received and answered (microseconds).
         `seats`: the requests the API server runs at once, (read-only, mutating); its priority and fairness divides
-        them among priority levels and queues the rest. None: its defaults (400, 200)."""
+        them among priority levels and queues the rest. None: its defaults (400, 200).
+        `go_gc_percent`: etcd and the API server collect garbage when their heap has grown by this much (GOGC; None:
+        Go's default, 100 %): more trades memory for CPU."""
         self.tools = tools
         self.crds_dir = crds_dir
         self.audit_policy = audit_policy
         self.seats = seats
+        self.go_gc_percent = go_gc_percent
         self.workdir = Path(tempfile.mkdtemp(prefix="gpu-provisioner-cp-"))
         self.log_dir = self.workdir / "logs"
         self.log_dir.mkdir()
@@ -172,13 +178,18 @@ class ControlPlane:
         """CPU seconds used so far by each of the control plane's processes (etcd, kube-apiserver)."""
         return {name: round(process_cpu_s(proc.pid), 2) for name, proc in self._processes}
 
+    def peak_rss_mib(self) -> dict[str, float]:
+        """The most memory each of the control plane's processes has held resident so far."""
+        return {name: process_peak_rss_mib(proc.pid) for name, proc in self._processes}
+
     # processes -------------------------------------------------------------------------------
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child process
         # A new session so the whole process group can be signalled and none is left behind.
+        env = None if self.go_gc_percent is None else {**os.environ, "GOGC": str(self.go_gc_percent)}
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=die_with_parent, env={"GOGC": str(_GO_GC_PERCENT)} | os.environ)
+                                preexec_fn=die_with_parent, env=env)
         log.close()
         self._processes.append((name, proc))
         return proc

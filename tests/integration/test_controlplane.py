@@ -233,9 +233,11 @@ def test_devenv_tools_reuses_the_cached_build_and_names_each_binary(control_plan
     assert "cached kubernetes v1.33.13" in result.stderr and "building" not in result.stderr
 
 
-def test_stop_can_keep_the_server_logs(control_plane: ControlPlane, tmp_path):
-    plane = ControlPlane(control_plane.tools, crds_dir=None)
+def test_stop_can_keep_the_server_logs_and_go_gc_percent_reaches_both_servers(control_plane: ControlPlane, tmp_path):
+    plane = ControlPlane(control_plane.tools, crds_dir=None, go_gc_percent=400)
     plane.start()
+    environments = [Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0") for _, proc in plane._processes]
     plane.stop(keep_logs_in=tmp_path / "logs")
+    assert len(environments) == 2 and all(b"GOGC=400" in environment for environment in environments)
     assert (tmp_path / "logs" / "kube-apiserver.log").stat().st_size > 0
     assert (tmp_path / "logs" / "etcd.log").exists() and not plane.workdir.exists()
