@@ -511,8 +511,8 @@ AUDIT_POLICY = {
     ],
 }
 # The control plane shares this machine's two cores with all it serves, unlike an AKS cluster's. Its garbage collected
-# at 400 % heap growth, the API server spent 12-20 % less CPU a request (200-claim burst: 2.2-2.3 ms instead of 2.7,
-# three interleaved runs each; restart, one run each: 2.5 instead of 2.8) for a peak of 2.9 GiB instead of 1.3 in
+# at 400 % heap growth, the API server spent 13-21 % less CPU a request (200-claim burst: 2.2-2.3 ms instead of 2.7,
+# three interleaved runs each; restart, one run each: 2.5 instead of 2.8) for a peak of 2.8 GiB instead of 1.3 in
 # the restart scenario: memory is plentiful here, cores are not.
 API_SERVER_GOGC = 400
 READS = ("get", "list")
