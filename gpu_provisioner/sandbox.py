@@ -49,9 +49,15 @@ class ClaimProgress:
     conditions: dict[str, dict[str, Any]] = field(default_factory=dict)
     gone: bool = False
 
-    def waiting_for(self) -> str:
-        ready = self.conditions.get(READY, {})
-        return f"{ready.get('reason', 'no status yet')}: {ready.get('message', '')}"
+    def waiting_for(self, api: ClaimApi) -> str:
+        """The reason and message of the first phase not True, as Kaito shows them (a NodeClaim's Ready only lists
+        the phases)."""
+        if not self.conditions:
+            return "no status yet"
+        if self.conditions.get(READY, {}).get("status") == "True":
+            return ""
+        phase = next((c for t in api.phases if (c := self.conditions.get(t, {})).get("status") != "True"), {})
+        return f"{phase.get('reason', '')}: {phase.get('message', '')}"
 
     def failure(self, api: ClaimApi) -> str | None:
         """Why this claim cannot become Ready on its own, or None while it still may."""
@@ -231,7 +237,8 @@ class Sandbox:
                 if all(READY in p.reached for p in self.progress.values()):
                     return None
                 time.sleep(POLL_S)
-        waiting = "; ".join(f"{p.name}: {p.waiting_for()}" for p in self.progress.values() if READY not in p.reached)
+        waiting = "; ".join(f"{p.name}: {p.waiting_for(self.api)}" for p in self.progress.values()
+                            if READY not in p.reached)
         return f"claims not Ready after {self.timeout_s:.0f}s ({waiting})"
 
     def _poll(self, custom: kubernetes.client.CustomObjectsApi) -> None:
@@ -261,9 +268,7 @@ class Sandbox:
                 seconds = progress.reached.get(stage)
                 cells.append(f"[green]True[/green] {seconds:.1f}s" if seconds is not None
                              else condition.get("status", "-"))
-            ready = progress.conditions.get(READY, {})
-            note = f"{ready.get('reason', '')}: {ready.get('message', '')}" if ready.get("status") != "True" else ""
-            table.add_row(progress.name, *cells, note)
+            table.add_row(progress.name, *cells, progress.waiting_for(self.api))
         return table
 
     def _summary(self, core: kubernetes.client.CoreV1Api, custom: kubernetes.client.CustomObjectsApi,

@@ -246,8 +246,11 @@ def split_key(key: str) -> tuple[ClaimApi, str]:
 class StatusWriter:
     """Builds the next status of a claim: conditions keep their transition time unless the status flips.
 
-    Ready is derived: True when the three phase conditions are; otherwise it repeats the reason and
-    message of the first phase that is not True, which is what Kaito copies into the Workspace.
+    Ready is derived, as each API's Karpenter derives its root condition: True when the three phase conditions are.
+    Otherwise a Machine's repeats the reason and message of the first phase that is not True (karpenter-core v0.29's
+    knative conditions copy a failing phase's); a NodeClaim's says UnhealthyDependents (False, a phase False) or
+    ReconcilingDependents (Unknown) and lists the phases not True, the latest changed first (Karpenter v1's
+    operatorpkg). Kaito v0.12 reads the phases' reasons, not Ready's.
     """
 
     def __init__(self, claim: Claim, now: datetime) -> None:
@@ -288,12 +291,18 @@ class StatusWriter:
         for phase in api.phases:
             if phase not in self._conditions:
                 self.wait(phase, AWAITING_RECONCILIATION, "object is awaiting reconciliation")
-        blocking = next((self._conditions[p] for p in api.phases if not self.is_true(p)), None)
-        if blocking is None:
+        blocking = [self._conditions[p] for p in api.phases if not self.is_true(p)]
+        if not blocking:
             self.set(READY, "True", READY, "")
+        elif api.metav1_conditions:
+            failed = any(c["status"] == "False" for c in blocking)
+            latest_first = sorted(blocking, key=lambda c: c.get("lastTransitionTime") or "", reverse=True)
+            self.set(READY, "False" if failed else "Unknown",
+                     "UnhealthyDependents" if failed else "ReconcilingDependents",
+                     ", ".join(f"{c['type']}={c['status']}" for c in latest_first))
         else:
-            status = "False" if blocking["status"] == "False" else "Unknown"
-            self.set(READY, status, blocking["reason"], blocking["message"])
+            first = blocking[0]
+            self.set(READY, "False" if first["status"] == "False" else "Unknown", first["reason"], first["message"])
         order = [*api.phases, READY]
         conditions = sorted(
             self._conditions.values(), key=lambda c: order.index(c["type"]) if c["type"] in order else len(order)
