@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     quota_refresh_interval_s: float = Field(60.0, gt=0, validation_alias="QUOTA_REFRESH_INTERVAL_SECONDS")
     # A registered claim whose Node is not Ready with its GPUs within this time is deleted (Kaito makes a new one).
     initialization_timeout_s: float = Field(900.0, gt=0, validation_alias="INITIALIZATION_TIMEOUT_SECONDS")
-    # GPU node repair: a Ready claim whose Node stays NotReady/Unknown, or whose GPUs stay at 0 allocatable, for
+    # GPU node repair: a Ready claim whose Node stays NotReady/Unknown, or short of its GPUs (allocatable), for
     # the toleration is deleted; never while more than the share of the managed nodes is unhealthy (Karpenter's 20%).
     node_repair_enabled: bool = Field(True, validation_alias="NODE_REPAIR_ENABLED")
     node_repair_toleration_s: float = Field(600.0, gt=0, validation_alias="NODE_REPAIR_TOLERATION_SECONDS")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from kubernetes.utils.quantity import parse_quantity
@@ -36,10 +37,14 @@ def node_is_ready(node: dict[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
+def allocatable_of(node: dict[str, Any], resource: str) -> Decimal:
+    """How much of `resource` the Node has allocatable (0 when it lists none)."""
+    return parse_quantity(((node.get("status") or {}).get("allocatable") or {}).get(resource, 0))
+
+
 def offers(node: dict[str, Any], resource: str, amount: Any) -> bool:
     """Whether the Node's allocatable has at least `amount` of `resource`."""
-    allocatable = (node.get("status") or {}).get("allocatable") or {}
-    return parse_quantity(allocatable.get(resource, 0)) >= parse_quantity(amount)
+    return allocatable_of(node, resource) >= parse_quantity(amount)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """GPU node repair: a Ready claim whose Node stays unhealthy is deleted, so that Kaito makes a new one.
 
-Unhealthy: the Node's Ready condition is False or Unknown, or the GPUs of a GPU size are 0 allocatable (a
-driver or device-plugin failure, an Xid error). After the toleration the claim is deleted, as Karpenter's
+Unhealthy: the Node's Ready condition is False or Unknown, or fewer of a GPU size's GPUs are allocatable than the
+size has (a driver or device-plugin failure, an Xid error, a GPU fallen off the bus): a Kaito workload sized to
+the node's GPUs cannot run on part of them. After the toleration the claim is deleted, as Karpenter's
 node repair does; termination then drains the Node and deletes it and the agent pool. Held back while:
 - more of the managed nodes are unhealthy than the configured share allows (Karpenter: 20% of a node pool,
   rounded up as a PodDisruptionBudget's percentage is): a fault that wide is not one replacing nodes fixes;
@@ -12,7 +13,7 @@ node repair does; termination then drains the Node and deletes it and the agent 
 Since when a Node is unhealthy must survive a restart of the controller and a change of leader:
 - NotReady / Unknown: the Ready condition's lastTransitionTime, written by the kubelet or the node lifecycle
   controller, as Karpenter reads it.
-- GPUs gone: the Node has no time for it, so the first time this controller saw them at 0 is written on the
+- GPUs gone: the Node has no time for it, so the first time this controller saw some gone is written on the
   Node (annotation GPU_UNAVAILABLE_SINCE) and removed once they are back. A restart neither resets nor
   backdates it; GPUs lost while no replica ran count from when one is back (late, never early).
 """
@@ -37,7 +38,7 @@ from gpu_provisioner.api.claims import (
 )
 from gpu_provisioner.cloud.agentpools import IN_PROGRESS
 from gpu_provisioner.lifecycle.base import Deps, Reconciliation
-from gpu_provisioner.lifecycle.initialization import SizeOf, offers
+from gpu_provisioner.lifecycle.initialization import SizeOf, allocatable_of, offers
 
 log = structlog.get_logger(__name__)
 GPU_UNAVAILABLE_SINCE = "gpu-provisioner.kaito.sh/gpus-unavailable-since"
@@ -59,11 +60,15 @@ def _ready_condition(node: dict[str, Any]) -> dict[str, Any]:
 
 
 def unavailable_gpus(node: dict[str, Any], size_of: SizeOf) -> str:
-    """The GPU resource of the Node's size when none of it is allocatable, else ""."""
+    """What of the Node's size's GPUs is not allocatable (such as "no allocatable nvidia.com/gpu" or "3 of 4
+    nvidia.com/gpu allocatable"), or "" when all are."""
     size = size_of((node["metadata"].get("labels") or {}).get(INSTANCE_TYPE_LABEL, ""))
-    if size is None or not size.is_gpu:
+    if size is None or not size.is_gpu or offers(node, size.gpu_resource, size.gpu_count):
         return ""
-    return "" if offers(node, size.gpu_resource, 1) else size.gpu_resource
+    allocatable = allocatable_of(node, size.gpu_resource)
+    if allocatable <= 0:
+        return f"no allocatable {size.gpu_resource}"
+    return f"{allocatable:g} of {size.gpu_count} {size.gpu_resource} allocatable"
 
 
 def is_unhealthy(node: dict[str, Any], size_of: SizeOf) -> bool:
@@ -86,11 +91,11 @@ def problems(node: dict[str, Any], size_of: SizeOf) -> list[Problem]:
     if ready.get("status") in ("False", "Unknown") and ready_since is not None:
         why = ready.get("reason") or "no reason given"
         found.append(Problem("NodeNotReady", ready_since, f"node {name} is Ready={ready['status']} ({why})"))
-    resource = unavailable_gpus(node, size_of)
+    gpus = unavailable_gpus(node, size_of)
     gpus_since = gpus_noted_unavailable_since(node)
-    if resource and gpus_since is not None:
-        found.append(Problem("GPUUnavailable", gpus_since, f"node {name} has no allocatable {resource} (GPU driver, "
-                             "device plugin or GPU failure)"))
+    if gpus and gpus_since is not None:
+        found.append(Problem("GPUUnavailable", gpus_since, f"node {name} has {gpus} (GPU driver, device plugin or "
+                             "GPU failure)"))
     return found
 
 

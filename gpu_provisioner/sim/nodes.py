@@ -145,12 +145,12 @@ class NodeMaterialiser:
 
     # failures of a node in service, as the kubelet and the node lifecycle controller report them ---------
 
-    def lose_gpus(self, node_name: str) -> None:
-        """The device plugin reports every GPU unhealthy (an Xid error, a driver crash): allocatable drops to
-        0, capacity stays."""
+    def lose_gpus(self, node_name: str, remaining: int = 0) -> None:
+        """The device plugin reports the GPUs but `remaining` unhealthy (an Xid error, a driver crash, a GPU fallen
+        off the bus): allocatable drops to `remaining`, capacity stays."""
         size = lookup(self._core.read_node(node_name).metadata.labels["node.kubernetes.io/instance-type"])
         if size is not None and size.is_gpu:
-            self._patch_status(node_name, {"allocatable": {size.gpu_resource: "0"}})
+            self._patch_status(node_name, {"allocatable": {size.gpu_resource: str(remaining)}})
 
     def lose_node(self, node_name: str, status: str = "Unknown", since: str | None = None) -> None:
         """The Node's Ready turns `status`: Unknown is what the node lifecycle controller writes when the kubelet

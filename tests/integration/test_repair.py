@@ -93,6 +93,22 @@ def test_a_serving_node_whose_gpus_vanish_is_replaced_after_the_toleration(
     assert {api: repairs(api.kind, "GPUUnavailable") - before[api] for api in names} == {MACHINE: 1, NODECLAIM: 1}
 
 
+def test_a_serving_node_that_lost_one_of_its_gpus_is_replaced_after_the_toleration(
+    claims, start_sim, start_controller, unique_name
+):
+    sim = start_sim()
+    start_controller(sim, node_repair_toleration_s=3, node_repair_max_unhealthy_percent=100)
+    claim = kaito_claim(NODECLAIM, unique_name, instance_types=["Standard_NC96ads_A100_v4"])  # 4 GPUs
+    node_name = claims.create_ready(NODECLAIM, claim)["status"]["nodeName"]
+    sim.kubelet.lose_gpus(node_name, remaining=3)
+    [noticed] = wait_for("a NodeUnhealthy event", lambda: claims.event_messages(unique_name, "NodeUnhealthy"))
+    assert f"node {node_name} has 3 of 4 nvidia.com/gpu allocatable" in noticed
+    claims.wait_gone(NODECLAIM, unique_name, timeout_s=30)
+    [repaired] = claims.event_messages(unique_name, "NodeRepair")
+    assert f"node {node_name} has 3 of 4 nvidia.com/gpu allocatable" in repaired and "longer than 3s" in repaired
+    wait_for("the pool to be deleted", lambda: unique_name not in sim.pools())
+
+
 def test_no_repair_while_more_than_the_share_of_nodes_is_unhealthy(claims, start_sim, start_controller, unique_name):
     sim = start_sim()
     start_controller(sim, node_repair_toleration_s=3)  # at most 20% of the managed nodes, rounded up: 1 of 5

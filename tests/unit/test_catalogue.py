@@ -131,6 +131,9 @@ def test_a_gpu_size_only_the_live_catalogue_knows_is_initialized_only_with_its_g
     node = {"metadata": {"name": "n1", "labels": {INSTANCE_TYPE_LABEL: "Standard_ND999_v9"}},
             "status": {"conditions": [{"type": "Ready", "status": "True"}], "allocatable": {"cpu": "95"}}}
     assert awaited(claim, node, sizes.size).reason == "ResourceNotRegistered"
-    assert unavailable_gpus(node, sizes.size) == GPU_RESOURCE
+    assert unavailable_gpus(node, sizes.size) == f"no allocatable {GPU_RESOURCE}"
+    node["status"]["allocatable"][GPU_RESOURCE] = "7"  # initialization waits for all of them; repair counts them
+    assert "want 8, node has 7" in awaited(claim, node, sizes.size).message
+    assert unavailable_gpus(node, sizes.size) == f"7 of 8 {GPU_RESOURCE} allocatable"
     node["status"]["allocatable"][GPU_RESOURCE] = "8"
     assert awaited(claim, node, sizes.size) is None and unavailable_gpus(node, sizes.size) == ""

@@ -56,11 +56,11 @@ class Nodes:
         self.patches: list[dict[str, Any]] = []
 
     def add(self, pool: str, ready: str = "True", since: datetime = START, gpus: str = "1",
-            taints: list[dict[str, str]] | None = None) -> dict[str, Any]:
+            taints: list[dict[str, str]] | None = None, size: str = SIZE) -> dict[str, Any]:
         name = f"aks-{pool}-vmss000000"
         self.nodes[name] = {
             "metadata": {"name": name, "resourceVersion": "1", "annotations": {},
-                         "labels": {"agentpool": pool, "node.kubernetes.io/instance-type": SIZE,
+                         "labels": {"agentpool": pool, "node.kubernetes.io/instance-type": size,
                                     "karpenter.sh/registered": "true", "karpenter.sh/initialized": "true"}},
             "spec": {"providerID": f"azure:///{name}", "taints": taints or []},
             "status": {"allocatable": {"cpu": "24", "nvidia.com/gpu": gpus},
@@ -204,6 +204,20 @@ def test_gpu_loss_is_noted_on_the_node_so_a_restart_neither_resets_nor_backdates
     assert fleet.kube.deleted_claims == ["ws1"]
     [repaired] = messages(fleet, "NodeRepair")
     assert "has no allocatable nvidia.com/gpu" in repaired and "since 2026-11-26T12:03:20Z" in repaired
+
+
+def test_a_node_with_some_of_its_gpus_lost_is_unhealthy_and_replaced_after_the_toleration():
+    fleet = Fleet()
+    claim = fleet.claim(NODECLAIM, "ws1")
+    node = fleet.nodes.add("ws1", gpus="3", size="Standard_NC96ads_A100_v4")  # 4 GPUs: one fell off the bus
+    fleet.at(10)
+    assert fleet.reconcile_fresh(claim).after_s == pytest.approx(600)
+    assert node["metadata"]["annotations"][GPU_UNAVAILABLE_SINCE] == rfc3339(START + timedelta(seconds=10))
+    [unhealthy] = messages(fleet, "NodeUnhealthy")
+    assert unhealthy.startswith("node aks-ws1-vmss000000 has 3 of 4 nvidia.com/gpu allocatable (GPU driver")
+    fleet.at(610)
+    fleet.reconcile(claim)
+    assert fleet.kube.deleted_claims == ["ws1"]
 
 
 @pytest.mark.parametrize(("nodes", "percent", "allowed"), [
