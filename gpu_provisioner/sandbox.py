@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from gpu_provisioner.cloud.errors import INSUFFICIENT_CAPACITY_PHRASE
 from gpu_provisioner.devenv.controlplane import REPO_CRDS, ControlPlane, die_with_parent, free_port, install_crds
 from gpu_provisioner.devenv.tools import ensure_tools
 from gpu_provisioner.lifecycle.launch import CLAIM_REFUSALS
+from gpu_provisioner.signals import wait_for_interrupt
 from gpu_provisioner.sim import AksSimulator, Scenario
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -91,7 +91,26 @@ def kaito_claim(api: ClaimApi, name: str, instance_types: list[str] | None = Non
     return manifest
 
 
+# Ctrl-C, `kill` (and CI timeouts), a closed terminal: each tears down as Ctrl-C does, nothing may outlive the sandbox.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_signals() -> None:
+    """From now on each of STOP_SIGNALS interrupts what runs, as Ctrl-C does."""
+    for sig in STOP_SIGNALS[1:]:
+        signal.signal(sig, _interrupt)
+
+
+def wait_until_stopped() -> None:
+    """Until one of STOP_SIGNALS comes; then out as an interrupt at any other moment goes. Woken through the
+    interpreter's wakeup fd, not by a handler raising inside Event.wait: under signals in quick succession (a closed
+    terminal's SIGHUP and a SIGTERM) that wait's lock was left released, and the sandbox ended in a traceback
+    ("release unlocked lock") instead of saying it was interrupted."""
+    wait_for_interrupt(STOP_SIGNALS)
     raise KeyboardInterrupt
 
 
@@ -114,9 +133,7 @@ class Sandbox:
     # the whole run -------------------------------------------------------------------------------
 
     def run(self, exit_when_ready: bool) -> int:
-        # `kill`, CI timeouts and a closed terminal tear down as Ctrl-C does: nothing may outlive the sandbox.
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _interrupt)
+        stop_on_signals()
         with self._environment() as (kubeconfig_path, metrics_port, controller):
             api_client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig_path))
             custom = kubernetes.client.CustomObjectsApi(api_client)
@@ -146,12 +163,12 @@ class Sandbox:
                     # Up until Ctrl-C either way: a failed claim is left as it is for kubectl to show.
                     self.console.print(f"{headline} Ctrl-C deletes the claims and tears everything down.")
                     self.console.file.flush()  # so an interrupt never lands in the middle of a write
-                    threading.Event().wait()
+                    wait_until_stopped()
             except KeyboardInterrupt:
                 self.console.print("interrupted")
             finally:
                 # A second Ctrl-C must not cut the teardown short and leave pools or processes behind.
-                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                for sig in STOP_SIGNALS:
                     signal.signal(sig, signal.SIG_IGN)
                 if controller.poll() is None:
                     self._delete_claims(custom)

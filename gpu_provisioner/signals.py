@@ -6,8 +6,8 @@ import signal
 import socket
 
 
-def wait_for_interrupt() -> None:
-    """Block until SIGINT or SIGTERM.
+def wait_for_interrupt(signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
+    """Block until one of `signals` (SIGINT or SIGTERM) comes.
 
     The handlers do nothing; the signal itself wakes this wait, through the interpreter's wakeup fd. A handler
     that took a lock (such as Event.set) deadlocked against itself when a second signal came while the first
@@ -16,7 +16,7 @@ def wait_for_interrupt() -> None:
     waker.setblocking(False)
     previous_fd = signal.set_wakeup_fd(waker.fileno())
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in signals:
             signal.signal(sig, lambda *_: None)
         woken.recv(1)
     finally:

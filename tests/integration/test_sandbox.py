@@ -52,7 +52,11 @@ def test_sandbox_exits_non_zero_with_the_reason_when_capacity_is_missing():
     assert INSUFFICIENT_CAPACITY_PHRASE in output.replace("\n", " ")
 
 
-def test_ctrl_c_deletes_the_claims_then_tears_everything_down():
+@pytest.mark.parametrize(("signals", "apart_s"), [
+    ((signal.SIGINT, signal.SIGINT), 0.5),  # an impatient user presses Ctrl-C twice: teardown must still finish
+    ((signal.SIGHUP, signal.SIGTERM), 0.0),  # a closed terminal, and a supervisor's stop at once
+], ids=["ctrl-c-twice", "terminal-closed"])
+def test_ctrl_c_deletes_the_claims_then_tears_everything_down(signals, apart_s):
     before = {p.name for p in Path(tempfile.gettempdir()).glob("gpu-provisioner-*")}
     process = subprocess.Popen(
         [sys.executable, "-m", "gpu_provisioner", "sandbox", "--api", "nodeclaim"],
@@ -64,17 +68,17 @@ def test_ctrl_c_deletes_the_claims_then_tears_everything_down():
         for line in process.stdout:
             output.append(line)
             if "Ctrl-C deletes the claims" in line and len([o for o in output if "Ctrl-C deletes the" in o]) == 1:
-                # As a terminal does: the whole foreground process group gets it.
-                os.killpg(process.pid, signal.SIGINT)
-                # An impatient user presses it twice: teardown must still finish.
-                time.sleep(0.5)
-                os.killpg(process.pid, signal.SIGINT)
+                # As a terminal does: the whole foreground process group gets them.
+                for index, sig in enumerate(signals):
+                    time.sleep(apart_s if index else 0)
+                    os.killpg(process.pid, sig)
         process.wait(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
     text = "".join(output)
     assert process.returncode == 0, text
+    assert "interrupted" in text and "Traceback" not in text
     assert text.index("deleting the claims") < text.index("claims, nodes and agent pools deleted")
     assert {p.name for p in Path(tempfile.gettempdir()).glob("gpu-provisioner-*")} <= before
 
