@@ -100,9 +100,10 @@ def _interrupt(*_: object) -> None:
 
 
 def stop_on_signals() -> None:
-    """From now on each of STOP_SIGNALS interrupts what runs, as Ctrl-C does."""
-    for sig in STOP_SIGNALS[1:]:
-        signal.signal(sig, _interrupt)
+    """From now on each of STOP_SIGNALS interrupts what runs, as Ctrl-C does (SIGINT by Python's default)."""
+    for sig in STOP_SIGNALS:
+        if sig != signal.SIGINT:
+            signal.signal(sig, _interrupt)
 
 
 def wait_until_stopped() -> None:
