@@ -3,24 +3,58 @@ sandbox says it was interrupted."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
 import sys
 
-# Says "waiting" once wait_for_interrupt's handlers are in place (a signal before that has its default effect).
-WAITER = """
+
+def waiter_program(watched: str, body: str) -> str:
+    """A program that says "waiting" once the handler of `watched` (a signal's name) is set by the code under test
+    (a signal before that has its default effect), then runs `body`."""
+    return f"""
 import signal, threading, time
-from gpu_provisioner.signals import wait_for_interrupt
 
 def announce():
-    while signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    while signal.getsignal(signal.{watched}) is signal.SIG_DFL:
         time.sleep(0.001)
     print("waiting", flush=True)
 
 threading.Thread(target=announce, daemon=True).start()
+{body}"""
+
+
+WAITER = waiter_program("SIGTERM", """
+from gpu_provisioner.signals import wait_for_interrupt
 wait_for_interrupt()
-"""
+""")
+# The sandbox's wait for Ctrl-C once its claims are Ready, with its handlers; exits 0 when it was interrupted.
+SANDBOX_WAITER = waiter_program("SIGHUP", """
+from gpu_provisioner.sandbox import STOP_SIGNALS, stop_on_signals, wait_until_stopped
+stop_on_signals()
+try:
+    wait_until_stopped()
+except KeyboardInterrupt:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+""")
+
+
+def waiting(program: str) -> subprocess.Popen[str]:
+    waiter = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    assert waiter.stdout.readline().strip() == "waiting"
+    return waiter
+
+
+def burst(pid: int, *signals: signal.Signals) -> None:
+    """2,000 signals, `signals` in turn, as fast as they go, until the process is gone."""
+    for sig in itertools.islice(itertools.cycle(signals), 2000):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
 
 
 def test_a_burst_of_sigterms_ends_the_wait_every_time():
@@ -28,13 +62,8 @@ def test_a_burst_of_sigterms_ends_the_wait_every_time():
     # under such bursts a few waits in a hundred never ended (how many depends on the timing).
     stuck = 0
     for _ in range(100):
-        waiter = subprocess.Popen([sys.executable, "-c", WAITER], stdout=subprocess.PIPE, text=True)
-        assert waiter.stdout.readline().strip() == "waiting"
-        for _ in range(2000):
-            try:
-                os.kill(waiter.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                break
+        waiter = waiting(WAITER)
+        burst(waiter.pid, signal.SIGTERM)
         try:
             waiter.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -45,30 +74,9 @@ def test_a_burst_of_sigterms_ends_the_wait_every_time():
 
 
 def test_one_ctrl_c_ends_the_wait():
-    waiter = subprocess.Popen([sys.executable, "-c", WAITER], stdout=subprocess.PIPE, text=True)
-    assert waiter.stdout.readline().strip() == "waiting"
+    waiter = waiting(WAITER)
     waiter.send_signal(signal.SIGINT)
     assert waiter.wait(timeout=10) == 0
-
-
-# The sandbox's wait for Ctrl-C once its claims are Ready, with its handlers; exits 0 when it was interrupted.
-SANDBOX_WAITER = """
-import signal, sys, threading, time
-from gpu_provisioner.sandbox import STOP_SIGNALS, stop_on_signals, wait_until_stopped
-
-def announce():
-    while signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
-        time.sleep(0.001)
-    print("waiting", flush=True)
-
-threading.Thread(target=announce, daemon=True).start()
-stop_on_signals()
-try:
-    wait_until_stopped()
-except KeyboardInterrupt:
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-"""
 
 
 def test_the_sandbox_says_it_was_interrupted_however_many_signals_come_at_once():
@@ -76,13 +84,7 @@ def test_the_sandbox_says_it_was_interrupted_however_many_signals_come_at_once()
     # ended in "RuntimeError: release unlocked lock" under such a burst, and the sandbox with a traceback.
     endings = []
     for _ in range(20):
-        waiter = subprocess.Popen([sys.executable, "-c", SANDBOX_WAITER], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-        assert waiter.stdout.readline().strip() == "waiting"
-        for n in range(2000):
-            try:
-                os.kill(waiter.pid, signal.SIGHUP if n % 2 else signal.SIGTERM)
-            except ProcessLookupError:
-                break
+        waiter = waiting(SANDBOX_WAITER)
+        burst(waiter.pid, signal.SIGTERM, signal.SIGHUP)
         endings.append((waiter.wait(timeout=10), waiter.stderr.read()))
     assert endings == [(0, "")] * 20
