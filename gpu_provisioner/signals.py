@@ -7,7 +7,7 @@ import socket
 
 
 def wait_for_interrupt(signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
-    """Block until one of `signals` (SIGINT or SIGTERM) comes.
+    """Block until one of `signals` comes (by default SIGINT or SIGTERM).
 
     The handlers do nothing; the signal itself wakes this wait, through the interpreter's wakeup fd. A handler
     that took a lock (such as Event.set) deadlocked against itself when a second signal came while the first
