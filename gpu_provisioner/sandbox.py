@@ -95,15 +95,30 @@ def kaito_claim(api: ClaimApi, name: str, instance_types: list[str] | None = Non
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def ignore_stop_signals() -> None:
+    """SIG_IGN, which (unlike a Python handler) stays through the interpreter's exit: a late SIGTERM must not turn a
+    finished teardown's exit code into 143."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _swallow(*_: object) -> None:
+    pass
+
+
 def _interrupt(*_: object) -> None:
+    # Only the first stops: a terminal's SIGHUP and a SIGTERM come together, and a second interrupt landing in the
+    # first one's `except` escaped it (exit 130, "interrupted" never said). The rest are swallowed, not SIG_IGN: one
+    # already pending when its handler became SIG_IGN makes Python print "Signal 15 ignored due to race condition".
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _swallow)
     raise KeyboardInterrupt
 
 
 def stop_on_signals() -> None:
-    """From now on each of STOP_SIGNALS interrupts what runs, as Ctrl-C does (SIGINT by Python's default)."""
+    """From now on the first of STOP_SIGNALS interrupts what runs, as Ctrl-C does, and the rest are ignored."""
     for sig in STOP_SIGNALS:
-        if sig != signal.SIGINT:
-            signal.signal(sig, _interrupt)
+        signal.signal(sig, _interrupt)
 
 
 def wait_until_stopped() -> None:
@@ -168,9 +183,8 @@ class Sandbox:
             except KeyboardInterrupt:
                 self.console.print("interrupted")
             finally:
-                # A second Ctrl-C must not cut the teardown short and leave pools or processes behind.
-                for sig in STOP_SIGNALS:
-                    signal.signal(sig, signal.SIG_IGN)
+                # A Ctrl-C must not cut the teardown short and leave pools or processes behind.
+                ignore_stop_signals()
                 if controller.poll() is None:
                     self._delete_claims(custom)
                 api_client.close()

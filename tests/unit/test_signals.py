@@ -29,16 +29,25 @@ WAITER = waiter_program("SIGTERM", """
 from gpu_provisioner.signals import wait_for_interrupt
 wait_for_interrupt()
 """)
-# The sandbox's wait for Ctrl-C once its claims are Ready, with its handlers; exits 0 when it was interrupted.
-SANDBOX_WAITER = waiter_program("SIGHUP", """
-from gpu_provisioner.sandbox import STOP_SIGNALS, stop_on_signals, wait_until_stopped
+
+
+def sandbox_waiter(before_the_wait: str = "pass") -> str:
+    """The sandbox's wait for Ctrl-C once its claims are Ready, with its handlers: says "interrupted" when it was,
+    as the sandbox does, and exits 0."""
+    return f"""
+from gpu_provisioner.sandbox import ignore_stop_signals, stop_on_signals, wait_until_stopped
 stop_on_signals()
 try:
+    {before_the_wait}
     wait_until_stopped()
 except KeyboardInterrupt:
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-""")
+    print("interrupted")
+finally:
+    ignore_stop_signals()
+"""
+
+
+SANDBOX_WAITER = waiter_program("SIGHUP", sandbox_waiter())
 
 
 def waiting(program: str) -> subprocess.Popen[str]:
@@ -86,5 +95,24 @@ def test_the_sandbox_says_it_was_interrupted_however_many_signals_come_at_once()
     for _ in range(20):
         waiter = waiting(SANDBOX_WAITER)
         burst(waiter.pid, signal.SIGTERM, signal.SIGHUP)
-        endings.append((waiter.wait(timeout=10), waiter.stderr.read()))
-    assert endings == [(0, "")] * 20
+        endings.append((waiter.wait(timeout=10), waiter.stdout.read(), waiter.stderr.read()))
+    assert endings == [(0, "interrupted\n", "")] * 20
+
+
+def test_signals_that_arrive_together_before_the_wait_stop_the_sandbox_once():
+    # SIGHUP and SIGTERM pending together when the wait begins: the first handler's interrupt was caught, the
+    # second one's landed in that `except` and escaped it (the sandbox exited 130 without saying "interrupted").
+    # One thread, blocking both until they are pending: a signal for the process goes to any thread not blocking it.
+    program = """
+import signal, sys
+together = {signal.SIGHUP, signal.SIGTERM}
+signal.pthread_sigmask(signal.SIG_BLOCK, together)
+""" + sandbox_waiter('print("waiting", flush=True); sys.stdin.readline(); '
+                     'signal.pthread_sigmask(signal.SIG_UNBLOCK, together)')
+    waiter = subprocess.Popen([sys.executable, "-c", program], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    assert waiter.stdout.readline().strip() == "waiting"
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        os.kill(waiter.pid, sig)
+    out, err = waiter.communicate("go\n", timeout=10)
+    assert (waiter.returncode, out, err) == (0, "interrupted\n", "")
