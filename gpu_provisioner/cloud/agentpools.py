@@ -35,9 +35,18 @@ from azure.mgmt.core.exceptions import ARMErrorFormat
 from tenacity import retry, retry_if_exception, stop_after_attempt
 
 from gpu_provisioner import metrics
-from gpu_provisioner.api.claims import parse_time
+from gpu_provisioner.api.claims import KAITO_OWNER_LABELS, Claim, parse_time, rfc3339
 from gpu_provisioner.cloud.errors import NotFoundError, PoolBusyError, ThrottledError, TransientError, classify
-from gpu_provisioner.cloud.pool_request import CLAIM_TAG, CLAIM_UID_TAG, CREATED_TAG, MANAGED_TAG, MANAGED_VALUE
+from gpu_provisioner.cloud.pool_request import (
+    CLAIM_TAG,
+    CLAIM_UID_TAG,
+    CREATED_TAG,
+    CREATION_LABEL,
+    MACHINE_TYPE_LABEL,
+    MANAGED_TAG,
+    MANAGED_VALUE,
+    creation_label,
+)
 from gpu_provisioner.settings import Settings
 from gpu_provisioner.version import user_agent
 
@@ -61,6 +70,7 @@ class PoolState:
     tags: dict[str, str] = field(default_factory=dict)
     error_code: str = ""
     error_message: str = ""
+    node_labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_arm(cls, body: Mapping[str, Any]) -> PoolState:
@@ -73,6 +83,7 @@ class PoolState:
             tags=dict(properties.get("tags") or {}),
             error_code=error.get("code", ""),
             error_message=error.get("message", ""),
+            node_labels=dict(properties.get("nodeLabels") or {}),
         )
 
     @property
@@ -95,6 +106,22 @@ class PoolState:
     @property
     def created_at(self) -> datetime | None:
         return parse_time(self.tags.get(CREATED_TAG))
+
+    def made_by_go_provisioner_for(self, claim: Claim) -> bool:
+        """Whether the Go gpu-provisioner (v0.2-v0.4) made this pool for `claim` before this controller replaced it:
+        deleting the claim must then delete the pool, or its GPU VM runs on. That controller tags nothing; it marks a
+        pool by the node labels it copied from the claim, from v0.3 (NodeClaims) on with the claim's creation time.
+        A v0.2 pool (Machines) has no such time: the claim's providerID, written at its launch, names the pool's scale
+        set instead. A pool of another claim of the same name, or of another workspace, is not this claim's."""
+        labels = self.node_labels
+        if self.managed or self.name != claim.name or MACHINE_TYPE_LABEL not in labels:
+            return False
+        owners = {key: value for key, value in claim.labels.items() if key.startswith(KAITO_OWNER_LABELS)}
+        if not owners or any(labels.get(key) != value for key, value in owners.items()):
+            return False
+        if CREATION_LABEL in labels:
+            return claim.created is not None and labels[CREATION_LABEL] == creation_label(rfc3339(claim.created))
+        return f"/virtualmachinescalesets/aks-{self.name}-" in claim.provider_id.lower()
 
 
 @dataclass(frozen=True)

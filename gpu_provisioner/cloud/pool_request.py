@@ -33,6 +33,8 @@ CLAIM_UID_TAG = "kaito-claim-uid"
 CREATED_TAG = "kaito-created-at"
 # On every node of a pool gpu-provisioner makes ("gpu" or "cpu"), as the Go gpu-provisioner labels them.
 MACHINE_TYPE_LABEL = "kaito.sh/machine-type"
+# The claim's creation time, on every node of its pool (the Go gpu-provisioner's label, from its v0.3).
+CREATION_LABEL = "kaito.sh/creation-timestamp"
 
 # Label domains owned by AKS and the kubelet: AKS refuses them in nodeLabels, and a claim must not be
 # able to overwrite them on a Node (node-restriction.kubernetes.io is the one domain meant for users).
@@ -216,9 +218,13 @@ def _node_labels(claim: Claim, sizes: tuple[VmSize, ...], created_at: str) -> di
     labels = {key: value for key, value in claim.labels.items() if not is_reserved_label(key)}
     labels.setdefault(pool_key, pool_value)
     labels[MACHINE_TYPE_LABEL] = "gpu" if all(s.is_gpu for s in sizes) else "cpu"
-    # Label values may not hold ':'; the Go provisioner used the same dashed form.
-    labels["kaito.sh/creation-timestamp"] = created_at.replace(":", "-")
+    labels[CREATION_LABEL] = creation_label(created_at)
     return labels
+
+
+def creation_label(created_at: str) -> str:
+    """An RFC 3339 time as a label value, which may not hold ':' (the Go gpu-provisioner's dashed form)."""
+    return created_at.replace(":", "-")
 
 
 def _taint_string(taint: dict[str, Any]) -> str:

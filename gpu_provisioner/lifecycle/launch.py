@@ -146,7 +146,7 @@ class Launch:
                 r.requeue(inventory.interval_s)
             return WAITING
         pool = inventory.get(claim.name)
-        if pool is not None and not pool.managed:
+        if pool is not None and not pool.managed and not pool.made_by_go_provisioner_for(claim):
             self._fail(r, "AgentPoolNameTaken", f"agent pool {claim.name} exists and was not made by gpu-provisioner; "
                        "it is left alone: rename the workspace or delete that pool")
             return WAITING

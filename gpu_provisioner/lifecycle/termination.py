@@ -139,7 +139,9 @@ class Termination:
             inventory.request_refresh()
             return min(inventory.interval_s, 1.0)
         pool = inventory.get(claim.name)
-        if pool is None or not pool.managed or pool.claim_uid != claim.uid or pool.provisioning_state == "Deleting":
+        made_for_it = pool is not None and ((pool.managed and pool.claim_uid == claim.uid)
+                                            or pool.made_by_go_provisioner_for(claim))
+        if not made_for_it or pool.provisioning_state == "Deleting":
             with self._lock:
                 self._vanished.pop(key, None)
             return None
@@ -177,7 +179,8 @@ class Termination:
                 return WAITING
         inventory = self.deps.inventory
         pool = inventory.get(claim.name)
-        pool_is_ours = pool is not None and pool.managed and pool.claim_key in ("", claim.key)
+        pool_is_ours = pool is not None and ((pool.managed and pool.claim_key in ("", claim.key))
+                                             or pool.made_by_go_provisioner_for(claim))
         # A pool of the claim's name made by someone else (AgentPoolNameTaken) keeps its nodes.
         drained: list[tuple[dict[str, Any], bool]] = []
         with self._lock:

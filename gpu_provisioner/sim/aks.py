@@ -228,12 +228,13 @@ class Aks:
             self.timeline.record(cluster, pool.name, timeline.DELETE, received, received)
             return pool.operation
 
-    def seed_pool(self, cluster: str, name: str, vm_size: str, tags: dict[str, str]) -> dict[str, Any]:
+    def seed_pool(self, cluster: str, name: str, vm_size: str, tags: dict[str, str],
+                  node_labels: dict[str, str]) -> dict[str, Any]:
         """A pool already Succeeded, as if made earlier (by us before a restart, or by someone else)."""
         with self.lock:
             properties = {
                 "count": 1, "vmSize": vm_size, "osType": "Linux", "osSKU": "Ubuntu", "mode": "User",
-                "type": "VirtualMachineScaleSets", "tags": tags, "nodeLabels": {}, "nodeTaints": [],
+                "type": "VirtualMachineScaleSets", "tags": tags, "nodeLabels": node_labels, "nodeTaints": [],
                 "provisioningState": "Succeeded", "powerState": {"code": "Running"},
                 "orchestratorVersion": ORCHESTRATOR_VERSION, "nodeImageVersion": NODE_IMAGE_VERSION,
             }

@@ -175,8 +175,8 @@ class AksSimulator:
         self.aks.set_cluster_power(cluster, power)
 
     def seed_pool(self, name: str, vm_size: str = "Standard_NC6s_v3", tags: dict[str, str] | None = None,
-                  cluster: str | None = None) -> dict[str, Any]:
-        return self.aks.seed_pool(cluster or self.cluster_name, name, vm_size, tags or {})
+                  cluster: str | None = None, node_labels: dict[str, str] | None = None) -> dict[str, Any]:
+        return self.aks.seed_pool(cluster or self.cluster_name, name, vm_size, tags or {}, node_labels or {})
 
     # request handling -------------------------------------------------------------------------
 

@@ -149,6 +149,17 @@ def karpenter_machine(name: str) -> dict[str, Any]:
     return manifest
 
 
+def go_provisioner_node_labels(api: ClaimApi, claim: dict[str, Any]) -> dict[str, str]:
+    """The node labels the Go gpu-provisioner put on the pool it made for `claim` (a claim the API server holds):
+    the claim's labels, its provisioner's or node pool's, the machine type, and from its v0.3 (NodeClaims) on the
+    claim's creation time. It tagged nothing."""
+    labels = {**claim["metadata"].get("labels", {}), api.pool_label[0]: api.pool_label[1],
+              "kaito.sh/machine-type": "gpu"}
+    if api is NODECLAIM:
+        labels["kaito.sh/creation-timestamp"] = claim["metadata"]["creationTimestamp"].replace(":", "-")
+    return labels
+
+
 def refused_by_the_api_server(log: str) -> bool:
     """Whether a controller log shows a 403 or Forbidden (not the digits 403 inside a timestamp)."""
     return "Forbidden" in log or re.search(r"(?<![\d.])403(?!\d)", log) is not None

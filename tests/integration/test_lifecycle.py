@@ -21,7 +21,7 @@ from gpu_provisioner.api.claims import (
 from gpu_provisioner.cloud.errors import INSUFFICIENT_CAPACITY_PHRASE
 from gpu_provisioner.cloud.pool_request import MANAGED_TAG
 from gpu_provisioner.lifecycle import launch, termination
-from tests.integration.harness import kaito_claim, wait_for
+from tests.integration.harness import go_provisioner_node_labels, kaito_claim, wait_for
 
 APIS = [MACHINE, NODECLAIM]
 
@@ -172,6 +172,62 @@ def test_a_pool_of_the_claims_name_made_by_someone_else_is_never_touched(
     assert pool_writes(sim) == 0 and unique_name in sim.pools()
     kept = claims.node(node.metadata.name)
     assert kept is not None and not kept.spec.unschedulable and kept.metadata.deletion_timestamp is None
+
+
+def _claim_with_a_go_provisioner_pool(api, claims, sim, name: str):
+    """A claim with the finalizer Karpenter's core puts on, and the pool (up, its node joined: returned) that the Go
+    gpu-provisioner made for it before gpu-provisioner replaced it."""
+    manifest = kaito_claim(api, name)
+    manifest["metadata"]["finalizers"] = [TERMINATION_FINALIZER]
+    claim = claims.create(api, manifest)
+    size = Claim(api, claim).requirement_values(INSTANCE_TYPE_LABEL)[0]
+    sim.seed_pool(name, vm_size=size, node_labels=go_provisioner_node_labels(api, claim))
+    node = wait_for("the pool's node", lambda: next(
+        (n for n in claims.core.list_node().items if n.metadata.labels.get("agentpool") == name), None))
+    return node
+
+
+@pytest.mark.parametrize("api", APIS, ids=lambda a: a.kind)
+def test_deleting_a_claim_the_go_provisioner_launched_deletes_its_pool(
+    api, claims, start_sim, start_controller, unique_name
+):
+    # Replacing the Go gpu-provisioner must not leave the GPU VMs it made running once their claims go.
+    sim = start_sim()
+    node = _claim_with_a_go_provisioner_pool(api, claims, sim, unique_name)
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    claims.custom.patch_cluster_custom_object_status(GROUP, api.version, api.plural, unique_name, {"status": {
+        "providerID": node.spec.provider_id, "nodeName": node.metadata.name,
+        "conditions": [{"type": t, "status": "True", "reason": t, "message": "", "lastTransitionTime": now}
+                       for t in (*api.phases, READY)]}})
+    start_controller(sim)
+    # Taken over as it stands: once the controller has listed the pools and looked at the claim, still Ready.
+    wait_for("the controller's pool LIST", lambda: sim.count_requests("agentpools.list") >= 1)
+    time.sleep(1)
+    assert {c["type"]: c["status"] for c in claims.get(api, unique_name)["status"]["conditions"]} == {
+        api.launched: "True", api.registered: "True", api.initialized: "True", READY: "True"}
+
+    claims.delete(api, unique_name)
+    claims.wait_gone(api, unique_name)
+    assert unique_name not in sim.pools()
+    assert sim.count_requests("agentpools.create") == 0 and sim.count_requests("agentpools.delete") == 1
+    assert claims.event_messages(unique_name, "DeletingAgentPool") == [f"deleting agent pool {unique_name}"]
+    wait_for("the node deleted", lambda: claims.node(node.metadata.name) is None)
+
+
+def test_a_claim_the_go_provisioner_was_launching_gets_its_pool_without_a_second_one(
+    claims, start_sim, start_controller, unique_name
+):
+    # The Go gpu-provisioner made the pool, then was replaced before it wrote the claim's status.
+    sim = start_sim()
+    node = _claim_with_a_go_provisioner_pool(NODECLAIM, claims, sim, unique_name)
+    start_controller(sim)
+
+    claims.wait_condition(NODECLAIM, unique_name, READY, "True")
+    assert claims.get(NODECLAIM, unique_name)["status"]["providerID"] == node.spec.provider_id
+    assert sim.count_requests("agentpools.create") == 0 and list(sim.pools()) == [unique_name]
+    claims.delete(NODECLAIM, unique_name)
+    claims.wait_gone(NODECLAIM, unique_name)
+    assert unique_name not in sim.pools()
 
 
 @pytest.mark.parametrize("preflight", [True, False], ids=["preflight", "aks-judges"])
