@@ -20,7 +20,9 @@ from gpu_provisioner import metrics
 from gpu_provisioner.api.claims import utc_now
 
 log = structlog.get_logger(__name__)
-LEASE_NAME = "gpu-provisioner-leader"
+# The Go gpu-provisioner's (every release of its chart): replacing it, a replica waits until its leader lets go,
+# so that the two never reconcile at once.
+LEASE_NAME = "gpu-provisioner-leader-election"
 
 
 def _micro_time(moment: datetime) -> str:

@@ -96,3 +96,38 @@ def test_standby_leaves_a_skewed_holder_alone_while_it_renews(claims, kube_api, 
     assert time.monotonic() - stopped_at >= LEASE_S - 0.5  # a full lease duration on the standby's clock
     claims.wait_condition(NODECLAIM, unique_name, READY, "True", timeout_s=60)
     assert sim.count_requests("agentpools.create") == 1
+
+
+def test_a_replica_takes_over_at_once_when_the_go_gpu_provisioner_lets_go_of_its_lease(
+    claims, kube_api, start_sim, controller_process, unique_name
+):
+    # Replacing the Go gpu-provisioner by this chart: its leader (controller-runtime's elector) holds the Lease its
+    # chart names until its pod stops, and then releases it as client-go does.
+    go_lease = "gpu-provisioner-leader-election"
+    sim = start_sim()
+    namespace = f"gp-{unique_name}"
+    kubernetes.client.CoreV1Api(kube_api).create_namespace({"metadata": {"name": namespace}})
+    coordination = kubernetes.client.CoordinationV1Api(kube_api)
+    go_lease_s = 15
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    coordination.create_namespaced_lease(namespace, {"metadata": {"name": go_lease}, "spec": {
+        "holderIdentity": "gpu-provisioner-6f7d8c9b5d-k2x7q_0b6c1c8e-5b1e-4d1a-9f0e-2f4b7c3d9e11",
+        "leaseDurationSeconds": go_lease_s, "acquireTime": now, "renewTime": now, "leaseTransitions": 3}})
+    controller_process(sim, POD_NAME="replacement", LEADER_ELECT="true", LEASE_DURATION_SECONDS=str(LEASE_S),
+                       POD_NAMESPACE=namespace)
+    claims.create(NODECLAIM, kaito_claim(NODECLAIM, unique_name))
+    time.sleep(LEASE_S)  # longer than its own lease duration: the holder's, written in the Lease, counts
+    assert sim.count_requests("agentpools.create") == 0
+
+    lease = coordination.read_namespaced_lease(go_lease, namespace)
+    released = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    coordination.replace_namespaced_lease(go_lease, namespace, {
+        "metadata": {"name": go_lease, "resourceVersion": lease.metadata.resource_version},
+        "spec": {"holderIdentity": "", "leaseDurationSeconds": 1, "acquireTime": released, "renewTime": released,
+                 "leaseTransitions": 3}})
+    released_at = time.monotonic()
+    wait_for("the replacement to hold the Lease", lambda: coordination.read_namespaced_lease(
+        go_lease, namespace).spec.holder_identity == "replacement", timeout_s=go_lease_s)
+    assert time.monotonic() - released_at < go_lease_s / 2  # not the old holder's lease duration waited out
+    claims.wait_condition(NODECLAIM, unique_name, READY, "True", timeout_s=60)
+    assert sim.count_requests("agentpools.create") == 1
