@@ -13,7 +13,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import requests
@@ -35,17 +35,17 @@ from azure.mgmt.core.exceptions import ARMErrorFormat
 from tenacity import retry, retry_if_exception, stop_after_attempt
 
 from gpu_provisioner import metrics
-from gpu_provisioner.api.claims import KAITO_OWNER_LABELS, Claim, parse_time, rfc3339
+from gpu_provisioner.api.claims import KAITO_OWNER_LABELS, NODECLAIM, Claim, claim_key, parse_time
 from gpu_provisioner.cloud.errors import NotFoundError, PoolBusyError, ThrottledError, TransientError, classify
 from gpu_provisioner.cloud.pool_request import (
     CLAIM_TAG,
     CLAIM_UID_TAG,
     CREATED_TAG,
     CREATION_LABEL,
+    CREATION_LABEL_FORMAT,
     MACHINE_TYPE_LABEL,
     MANAGED_TAG,
     MANAGED_VALUE,
-    creation_label,
 )
 from gpu_provisioner.settings import Settings
 from gpu_provisioner.version import user_agent
@@ -107,20 +107,48 @@ class PoolState:
     def created_at(self) -> datetime | None:
         return parse_time(self.tags.get(CREATED_TAG))
 
-    def made_by_go_provisioner_for(self, claim: Claim) -> bool:
-        """Whether the Go gpu-provisioner (v0.2-v0.4) made this pool for `claim` before this controller replaced it:
-        deleting the claim must then delete the pool, or its GPU VM runs on. That controller tags nothing; it marks a
-        pool by the node labels it copied from the claim, from v0.3 (NodeClaims) on with the claim's creation time.
-        A v0.2 pool (Machines) has no such time: the claim's providerID, written at its launch, names the pool's scale
-        set instead. A pool of another claim of the same name, or of another workspace, is not this claim's."""
+    @property
+    def made_by_go_provisioner(self) -> bool:
+        """Marked as the Go gpu-provisioner (v0.2-v0.4) marks the pools it makes, which it does not tag: by its machine
+        type label and the Kaito object's label (copied from the claim) among the node labels."""
         labels = self.node_labels
-        if self.managed or self.name != claim.name or MACHINE_TYPE_LABEL not in labels:
+        return not self.managed and MACHINE_TYPE_LABEL in labels and any(key in labels for key in KAITO_OWNER_LABELS)
+
+    @property
+    def go_provisioner_created_at(self) -> datetime | None:
+        """When the claim was created that the Go gpu-provisioner made this pool for (its v0.3 on: Machines' have no
+        such time), from the node labels."""
+        try:
+            created = datetime.strptime(self.node_labels.get(CREATION_LABEL, ""), CREATION_LABEL_FORMAT)
+        except ValueError:
+            return None
+        return created.replace(tzinfo=UTC)
+
+    @property
+    def made_for(self) -> tuple[str, datetime] | None:
+        """The key of the claim this pool was made for, and when: by our tags, or by the node labels with which the Go
+        gpu-provisioner's own garbage collection told its pools of NodeClaims; None for any other pool."""
+        if self.managed:
+            return (self.claim_key, self.created_at) if self.created_at is not None else None
+        created = self.go_provisioner_created_at
+        if not self.made_by_go_provisioner or NODECLAIM.pool_label[0] not in self.node_labels or created is None:
+            return None
+        return claim_key(NODECLAIM, self.name), created
+
+    def made_by_go_provisioner_for(self, claim: Claim) -> bool:
+        """Whether the Go gpu-provisioner made this pool for `claim` before this controller replaced it: deleting the
+        claim must then delete the pool, or its GPU VM runs on. Its pools carry the node labels it copied from the
+        claim, from v0.3 (NodeClaims) on with the claim's creation time. A v0.2 pool (Machines) has no such time: the
+        claim's providerID, written at its launch, names the pool's scale set instead. A pool of another claim of the
+        same name, or of another workspace, is not this claim's."""
+        labels = self.node_labels
+        if not self.made_by_go_provisioner or self.name != claim.name:
             return False
         owners = {key: value for key, value in claim.labels.items() if key.startswith(KAITO_OWNER_LABELS)}
         if not owners or any(labels.get(key) != value for key, value in owners.items()):
             return False
         if CREATION_LABEL in labels:
-            return claim.created is not None and labels[CREATION_LABEL] == creation_label(rfc3339(claim.created))
+            return (created := self.go_provisioner_created_at) is not None and created == claim.created
         return f"/virtualmachinescalesets/aks-{self.name}-" in claim.provider_id.lower()
 
 

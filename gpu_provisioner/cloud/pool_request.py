@@ -33,8 +33,10 @@ CLAIM_UID_TAG = "kaito-claim-uid"
 CREATED_TAG = "kaito-created-at"
 # On every node of a pool gpu-provisioner makes ("gpu" or "cpu"), as the Go gpu-provisioner labels them.
 MACHINE_TYPE_LABEL = "kaito.sh/machine-type"
-# The claim's creation time, on every node of its pool (the Go gpu-provisioner's label, from its v0.3).
+# The claim's creation time, on every node of its pool (the Go gpu-provisioner's label, from its v0.3), in its layout:
+# RFC 3339 with '-' for ':', which a label value may not hold.
 CREATION_LABEL = "kaito.sh/creation-timestamp"
+CREATION_LABEL_FORMAT = "%Y-%m-%dT%H-%M-%SZ"
 
 # Label domains owned by AKS and the kubelet: AKS refuses them in nodeLabels, and a claim must not be
 # able to overwrite them on a Node (node-restriction.kubernetes.io is the one domain meant for users).
@@ -223,7 +225,7 @@ def _node_labels(claim: Claim, sizes: tuple[VmSize, ...], created_at: str) -> di
 
 
 def creation_label(created_at: str) -> str:
-    """An RFC 3339 time as a label value, which may not hold ':' (the Go gpu-provisioner's dashed form)."""
+    """An RFC 3339 time (whole seconds, UTC) in CREATION_LABEL_FORMAT."""
     return created_at.replace(":", "-")
 
 

@@ -1,6 +1,8 @@
-"""Orphan sweep: pools tagged as ours whose claim is gone, and older than a grace period, are deleted.
+"""Orphan sweep: pools made for a claim that is gone, older than a grace period, are deleted: those tagged as ours,
+and those the Go gpu-provisioner made for NodeClaims (its own garbage collection deleted them; replaced, it no longer
+does).
 
-Pools without our tag are never touched, nor pools of a claim API this controller does not watch.
+No other pool is ever touched, nor a pool of a claim API this controller does not watch.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ class OrphanSweep:
         deleted = []
         for pool in self.deps.inventory.all():
             # A pool still being created refuses a DELETE: it is deleted on a later sweep.
-            if not pool.managed or pool.operation_running or pool.created_at is None:
+            if (made_for := pool.made_for) is None or pool.operation_running:
                 continue
-            if self.claim_exists(pool.claim_key) is not False:
+            claim, created_at = made_for
+            if self.claim_exists(claim) is not False:
                 continue
-            if (now - pool.created_at).total_seconds() < self.deps.settings.orphan_grace_s:
+            if (now - created_at).total_seconds() < self.deps.settings.orphan_grace_s:
                 continue
             try:
                 self.deps.inventory.delete(pool)
@@ -40,6 +43,7 @@ class OrphanSweep:
                 log.warning("orphaned agent pool not deleted", pool=pool.name, error=error.describe())
                 continue
             metrics.ORPHANS_DELETED.inc()
-            log.warning("deleting orphaned agent pool", pool=pool.name, claim=pool.claim_key, vm_size=pool.vm_size)
+            log.warning("deleting orphaned agent pool", pool=pool.name, claim=claim, vm_size=pool.vm_size,
+                        made_by="gpu-provisioner" if pool.managed else "the Go gpu-provisioner")
             deleted.append(pool.name)
         return deleted

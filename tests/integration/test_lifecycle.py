@@ -537,13 +537,20 @@ def test_termination_grace_period_bounds_a_blocked_drain(claims, start_sim, star
 def test_orphan_sweep_deletes_only_our_pools_without_claims(claims, start_sim, start_controller, unique_name):
     sim = start_sim()
     orphan, foreign = f"{unique_name[:8]}o", f"{unique_name[:8]}f"
+    go_orphan, go_machine = f"{unique_name[:8]}g", f"{unique_name[:8]}m"
     sim.seed_pool(orphan, vm_size="Standard_NC6s_v3", tags={
         MANAGED_TAG: "managed", "kaito-claim": f"machines/{orphan}", "kaito-created-at": "2026-01-01T00:00:00Z",
     })
     sim.seed_pool(foreign, vm_size="Standard_NC6s_v3", tags={"team": "research"})
+    # Made by the Go gpu-provisioner for claims that are gone: for a NodeClaim (its own sweep deleted those), and
+    # for a Machine (v0.2, which had none: nothing tells when it was made).
+    gone = {"metadata": {"labels": {"kaito.sh/workspace": "gone", "kaito.sh/workspacenamespace": "default"},
+                         "creationTimestamp": "2026-01-01T00:00:00Z"}}
+    sim.seed_pool(go_orphan, node_labels=go_provisioner_node_labels(NODECLAIM, gone))
+    sim.seed_pool(go_machine, node_labels=go_provisioner_node_labels(MACHINE, gone))
     start_controller(sim, orphan_sweep_interval_s=1, orphan_grace_s=60)
-    wait_for("the orphaned pool to be deleted", lambda: orphan not in sim.pools(), timeout_s=30)
-    assert foreign in sim.pools()
+    wait_for("the orphaned pools to be deleted", lambda: not {orphan, go_orphan} & set(sim.pools()), timeout_s=30)
+    assert {foreign, go_machine} <= set(sim.pools())
 
 
 def test_throttled_arm_still_gets_the_claim_ready(claims, start_sim, start_controller, unique_name):

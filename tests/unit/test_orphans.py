@@ -50,3 +50,22 @@ def test_old_orphans_are_deleted_and_everything_else_is_left_alone():
 def test_a_pool_that_refuses_its_delete_does_not_stop_the_sweep():
     deleted, sent, _ = sweep([ours("stuck"), ours("next")], refusing={"stuck"})
     assert deleted == sent == ["next"]
+
+
+def made_by_go(name: str, created: str = "2026-01-01T00-00-00Z") -> PoolState:
+    """A pool the Go gpu-provisioner v0.3+ made for a NodeClaim (untagged; its node labels tell it)."""
+    node_labels = {"kaito.sh/workspace": "ws", "kaito.sh/workspacenamespace": "default",
+                   "karpenter.sh/nodepool": "kaito", "kaito.sh/machine-type": "gpu",
+                   "kaito.sh/creation-timestamp": created}
+    return PoolState(name, "Succeeded", "Standard_NC6s_v3", node_labels=node_labels)
+
+
+def test_old_pools_the_go_provisioner_made_for_nodeclaims_that_are_gone_are_deleted_as_its_own_sweep_did():
+    machine_era = made_by_go("machine")  # v0.2 (Machines): no creation time, no node pool label, no sweep of its own
+    del machine_era.node_labels["kaito.sh/creation-timestamp"], machine_era.node_labels["karpenter.sh/nodepool"]
+    not_kaitos = made_by_go("nokaito")
+    del not_kaitos.node_labels["kaito.sh/workspace"]
+    states = [made_by_go("orphan"), made_by_go("young", created="2999-01-01T00-00-00Z"), made_by_go("claimed"),
+              made_by_go("badtime", created="yesterday"), machine_era, not_kaitos]
+    deleted, sent, _ = sweep(states, live_claims={"claimed"})
+    assert deleted == sent == ["orphan"]
