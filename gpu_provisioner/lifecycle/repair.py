@@ -188,7 +188,8 @@ class NodeRepair:
         if pool is not None and pool.provisioning_state in IN_PROGRESS:
             return Blocked("AgentPoolBusy", f"AKS is working on agent pool {pool.name} "
                            f"({pool.provisioning_state.lower()}), which takes its node down for a while")
-        managed = [pool.name for pool in inventory.all() if pool.managed]
+        # The Go gpu-provisioner's pools too: replacing it, this controller took them over.
+        managed = [pool.name for pool in inventory.all() if pool.managed or pool.made_by_go_provisioner]
         # Nodes in service: those of our pools that were initialized (a node still coming up is the
         # initialization timeout's business, not a sign of a wide fault).
         fleet = [

@@ -96,14 +96,20 @@ class Fleet(Harness):
         self.nodes = Nodes()
         super().__init__(kube=NodeKube(self.nodes), nodes=self.nodes, **settings)
 
-    def pool(self, name: str, state: str = "Succeeded", api: ClaimApi = NODECLAIM) -> None:
-        tags = {MANAGED_TAG: MANAGED_VALUE, CLAIM_TAG: f"{api.plural}/{name}"}
-        self.pools.pools[name] = PoolState(name, state, SIZE, tags)
+    def pool(self, name: str, state: str = "Succeeded", api: ClaimApi = NODECLAIM, made_by_go: bool = False) -> None:
+        """`made_by_go`: untagged, with the node labels the Go gpu-provisioner copied from its claim."""
+        if made_by_go:
+            labels = {"kaito.sh/workspace": "ws", "kaito.sh/machine-type": "gpu"}
+            pool = PoolState(name, state, SIZE, node_labels=labels)
+        else:
+            pool = PoolState(name, state, SIZE, {MANAGED_TAG: MANAGED_VALUE, CLAIM_TAG: f"{api.plural}/{name}"})
+        self.pools.pools[name] = pool
         self.list()
 
-    def claim(self, api: ClaimApi, name: str, registered_at: datetime = START, initialized: bool = True) -> Claim:
+    def claim(self, api: ClaimApi, name: str, registered_at: datetime = START, initialized: bool = True,
+              made_by_go: bool = False) -> Claim:
         """A claim of ours whose pool succeeded and whose Node registered (and initialized) at `registered_at`."""
-        self.pool(name, api=api)
+        self.pool(name, api=api, made_by_go=made_by_go)
         claim = kaito(api, name=name)
         phases = api.phases if initialized else api.phases[:2]
         claim.obj["status"] = {"conditions": [
@@ -242,6 +248,18 @@ def test_no_repair_above_the_share_and_repair_once_within_it():
     fleet.nodes.nodes["aks-ws1-vmss000000"]["status"]["conditions"][0]["status"] = "True"
     fleet.reconcile(claims[0])
     assert fleet.kube.deleted_claims == ["ws0"]
+
+
+def test_the_go_provisioners_nodes_count_in_the_share_once_taken_over():
+    fleet = Fleet()
+    claims = [fleet.claim(NODECLAIM, f"ws{i}", made_by_go=i > 0) for i in range(5)]
+    for i in range(5):
+        fleet.nodes.add(f"ws{i}", ready="False" if i in (1, 2) else "True")
+    fleet.at(601)
+    fleet.reconcile_fresh(claims[1])
+    assert fleet.kube.deleted_claims == []
+    [blocked] = messages(fleet, "NodeRepairBlocked")
+    assert "2 of the 5 GPU nodes gpu-provisioner manages are unhealthy" in blocked
 
 
 @pytest.mark.parametrize("cause", ["api-server", "arm", "pool-upgrading", "switched-off"])
