@@ -150,6 +150,8 @@ class Termination:
             inventory.follow(pool.name)
             return inventory.interval_s
         try:
+            # On this worker, unlike termination's: a DELETE still on its way would be a write on the key that a new
+            # claim of the same name (same key) could meet, and launch onto the pool it deletes.
             inventory.delete(pool)
         except (AccessDeniedError, RequestFailedError) as error:
             log.warning("agent pool of a deleted claim not deleted yet", claim=key, pool=pool.name,
