@@ -174,8 +174,8 @@ class SizeCatalogue:
                                        lambda: parse_usages(compute.usages(location)), clock,
                                        fallback="no quota pre-flight (AKS judges each PUT)")
         self._quota_lock = threading.Lock()
-        # (when, quota names, vCPUs) of the pools reserved since the last usage read began.
-        self._in_flight: list[tuple[float, tuple[str, ...], int]] = []
+        # (when, quota names, vCPUs, holder) of the pools reserved since the last usage read began.
+        self._in_flight: list[tuple[float, tuple[str, ...], int, str]] = []
 
     def warm_up(self) -> None:
         """Read both once, so that the log and the metric say at start-up which data is in use."""
@@ -192,19 +192,21 @@ class SizeCatalogue:
         # A size the region does not list is still a size: the pre-flight says it is not offered here.
         return offer.size if offer is not None else lookup(name)
 
-    def reserve(self, size: VmSize) -> CapacityError | None:
-        """The pre-flight before a PUT: why the size cannot be had now, or None after counting it in flight
-        (`release` undoes that when the PUT is not carried out)."""
-        refusal = self._restriction(size) or self._reserve_quota(size)
+    def reserve(self, size: VmSize, holder: str) -> CapacityError | None:
+        """The pre-flight before the PUT of `holder` (a claim: one PUT of its at a time): why the size cannot be had
+        now, or None after counting it in flight (`release` undoes that when the PUT is not carried out)."""
+        refusal = self._restriction(size) or self._reserve_quota(size, holder)
         if refusal is not None:
             metrics.PREFLIGHT_REFUSALS.labels(reason=refusal.reason).inc()
         return refusal
 
-    def release(self, size: VmSize) -> None:
-        buckets = self._buckets(size)
+    def release(self, holder: str) -> None:
+        """Undo `holder`'s last reservation, if a usage read begun since has not dropped it: by holder, not by size, or
+        a refused PUT would free the vCPUs of another one still in flight, and let one PUT too many through. (An
+        earlier one of the holder stands: kept for a PUT that may have landed.)"""
         with self._quota_lock:
-            for index, (_, names, vcpus) in enumerate(self._in_flight):
-                if names == buckets and vcpus == size.vcpus:
+            for index in range(len(self._in_flight) - 1, -1, -1):
+                if self._in_flight[index][3] == holder:
                     del self._in_flight[index]
                     return
 
@@ -229,7 +231,7 @@ class SizeCatalogue:
     def _buckets(size: VmSize) -> tuple[str, ...]:
         return (size.family.casefold(), REGIONAL_VCPUS)
 
-    def _reserve_quota(self, size: VmSize) -> CapacityError | None:
+    def _reserve_quota(self, size: VmSize, holder: str) -> CapacityError | None:
         if self._usages is None:
             return None
         with self._quota_lock:
@@ -244,12 +246,12 @@ class SizeCatalogue:
                 usage = usages.get(bucket)
                 if usage is None:
                     continue
-                in_flight = sum(vcpus for _, names, vcpus in self._in_flight if bucket in names)
+                in_flight = sum(vcpus for _, names, vcpus, _ in self._in_flight if bucket in names)
                 if usage.current + in_flight + size.vcpus > usage.limit:
                     what = "regional vCPU" if bucket == REGIONAL_VCPUS else f"{usage.name} vCPU"
                     return QuotaExceededError(
                         f"{what} quota in {self.location} is used up for {size.name}: limit {usage.limit}, usage "
                         f"{usage.current}, in flight from gpu-provisioner {in_flight}, need {size.vcpus} "
                         "(Usages API); no request was sent", "QuotaExceeded")
-            self._in_flight.append((self._clock(), buckets, size.vcpus))
+            self._in_flight.append((self._clock(), buckets, size.vcpus, holder))
             return None

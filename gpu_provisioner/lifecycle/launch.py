@@ -184,7 +184,7 @@ class Launch:
             return self._all_unavailable(r)
         inventory, catalogue = self.deps.inventory, self.deps.catalogue
         # The pre-flight: a restricted size or a used-up quota costs no PUT, and the next size is tried.
-        refusal = catalogue.reserve(size)
+        refusal = catalogue.reserve(size, claim.key)
         if refusal is not None:
             log.info("pre-flight refused a size; no request sent", claim=claim.key, vm_size=size.name,
                      reason=refusal.reason, detail=refusal.message)
@@ -195,14 +195,14 @@ class Launch:
             if not cluster.accepts_pool_changes:
                 raise ClusterUnavailableError(f"cluster {self.deps.settings.cluster_name}: {cluster.describe()}")
         except CloudError as error:
-            catalogue.release(size)
+            catalogue.release(claim.key)
             return self._put_failed(r, put, error)
         if not self.deps.claims.claim_exists(claim):
             # Deleted while this reconcile ran (its DELETED event came in meanwhile): no pool for it.
-            catalogue.release(size)
+            catalogue.release(claim.key)
             return WAITING
         if (holder := inventory.reserve(put.reservation)) is not None:
-            catalogue.release(size)
+            catalogue.release(claim.key)
             self._fail(r, "AgentPoolNameTaken", f"agent pool {claim.name} belongs to claim {holder.claim_key}")
             return WAITING
         self.deps.arm_writes.start(claim.key, lambda: self._put(claim, put), put)
@@ -236,7 +236,7 @@ class Launch:
             metrics.LAUNCHES.labels(kind=claim.api.kind, result=error.reason).inc()
             if not _may_have_landed(error):
                 inventory.release(put.reservation)
-                self.deps.catalogue.release(put.size)
+                self.deps.catalogue.release(claim.key)
             # Otherwise the reservation (and the size's vCPUs counted in flight) stand for it, so that no other PUT
             # goes out before a LIST tells.
             raise
