@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import structlog
 
@@ -157,6 +157,13 @@ class _CachedRead:
                         retry_in_s=self.interval_s)
 
 
+class _Reservation(NamedTuple):
+    at: float  # the catalogue's clock
+    buckets: tuple[str, ...]  # the quotas it counts against
+    vcpus: int
+    holder: str  # the claim whose PUT it is for
+
+
 class SizeCatalogue:
     """VM sizes and the pre-flight for one region; without `compute`, the built-in table and no pre-flight."""
 
@@ -174,8 +181,8 @@ class SizeCatalogue:
                                        lambda: parse_usages(compute.usages(location)), clock,
                                        fallback="no quota pre-flight (AKS judges each PUT)")
         self._quota_lock = threading.Lock()
-        # (when, quota names, vCPUs, holder) of the pools reserved since the last usage read began.
-        self._in_flight: list[tuple[float, tuple[str, ...], int, str]] = []
+        # The pools reserved since the last usage read began.
+        self._in_flight: list[_Reservation] = []
 
     def warm_up(self) -> None:
         """Read both once, so that the log and the metric say at start-up which data is in use."""
@@ -206,7 +213,7 @@ class SizeCatalogue:
         earlier one of the holder stands: kept for a PUT that may have landed.)"""
         with self._quota_lock:
             for index in range(len(self._in_flight) - 1, -1, -1):
-                if self._in_flight[index][3] == holder:
+                if self._in_flight[index].holder == holder:
                     del self._in_flight[index]
                     return
 
@@ -240,18 +247,18 @@ class SizeCatalogue:
                 return None
             since = self._usages.started_at
             # A usage read that began after a reservation counts that pool itself.
-            self._in_flight = [entry for entry in self._in_flight if entry[0] >= since]
+            self._in_flight = [entry for entry in self._in_flight if entry.at >= since]
             buckets = self._buckets(size)
             for bucket in buckets:
                 usage = usages.get(bucket)
                 if usage is None:
                     continue
-                in_flight = sum(vcpus for _, names, vcpus, _ in self._in_flight if bucket in names)
+                in_flight = sum(entry.vcpus for entry in self._in_flight if bucket in entry.buckets)
                 if usage.current + in_flight + size.vcpus > usage.limit:
                     what = "regional vCPU" if bucket == REGIONAL_VCPUS else f"{usage.name} vCPU"
                     return QuotaExceededError(
                         f"{what} quota in {self.location} is used up for {size.name}: limit {usage.limit}, usage "
                         f"{usage.current}, in flight from gpu-provisioner {in_flight}, need {size.vcpus} "
                         "(Usages API); no request was sent", "QuotaExceeded")
-            self._in_flight.append((self._clock(), buckets, size.vcpus, holder))
+            self._in_flight.append(_Reservation(self._clock(), buckets, size.vcpus, holder))
             return None
