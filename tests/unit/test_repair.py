@@ -108,7 +108,8 @@ class Fleet(Harness):
 
     def claim(self, api: ClaimApi, name: str, registered_at: datetime = START, initialized: bool = True,
               made_by_go: bool = False) -> Claim:
-        """A claim of ours whose pool succeeded and whose Node registered (and initialized) at `registered_at`."""
+        """A claim whose pool (ours, or the Go gpu-provisioner's: `made_by_go`) succeeded and whose Node registered (and
+        initialized) at `registered_at`."""
         self.pool(name, api=api, made_by_go=made_by_go)
         claim = kaito(api, name=name)
         phases = api.phases if initialized else api.phases[:2]
