@@ -33,7 +33,7 @@ from gpu_provisioner.cloud.errors import INSUFFICIENT_CAPACITY_PHRASE
 from gpu_provisioner.devenv.controlplane import REPO_CRDS, ControlPlane, die_with_parent, free_port, install_crds
 from gpu_provisioner.devenv.tools import ensure_tools
 from gpu_provisioner.lifecycle.launch import CLAIM_REFUSALS
-from gpu_provisioner.signals import wait_for_interrupt
+from gpu_provisioner.signals import do_nothing, wait_for_interrupt
 from gpu_provisioner.sim import AksSimulator, Scenario
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -102,16 +102,12 @@ def ignore_stop_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def _swallow(*_: object) -> None:
-    pass
-
-
 def _interrupt(*_: object) -> None:
     # Only the first stops: a terminal's SIGHUP and a SIGTERM come together, and a second interrupt landing in the
-    # first one's `except` escaped it (exit 130, "interrupted" never said). The rest are swallowed, not SIG_IGN: one
+    # first one's `except` escaped it (exit 130, "interrupted" never said). The rest do nothing, not SIG_IGN: one
     # already pending when its handler became SIG_IGN makes Python print "Signal 15 ignored due to race condition".
     for sig in STOP_SIGNALS:
-        signal.signal(sig, _swallow)
+        signal.signal(sig, do_nothing)
     raise KeyboardInterrupt
 
 

@@ -6,6 +6,10 @@ import signal
 import socket
 
 
+def do_nothing(*_: object) -> None:
+    """A signal handler that only lets the signal interrupt a blocking call and wake the wakeup fd."""
+
+
 def wait_for_interrupt(signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
     """Block until one of `signals` comes (by default SIGINT or SIGTERM).
 
@@ -17,7 +21,7 @@ def wait_for_interrupt(signals: tuple[signal.Signals, ...] = (signal.SIGINT, sig
     previous_fd = signal.set_wakeup_fd(waker.fileno())
     try:
         for sig in signals:
-            signal.signal(sig, lambda *_: None)
+            signal.signal(sig, do_nothing)
         woken.recv(1)
     finally:
         signal.set_wakeup_fd(previous_fd)
